@@ -1,0 +1,21 @@
+"""keras_dp: differentially private training for Keras 3.
+
+```python
+model = keras_dp.make_private(model)
+model.compile(optimizer=keras_dp.DPAdam(auto_clip=True), loss=..., metrics=[...])
+model.fit(x, y, epochs=3)
+```
+"""
+
+from keras_dp.optimizers import DPAdam
+from keras_dp.optimizers import DPAdamW
+from keras_dp.optimizers import DPLamb
+from keras_dp.optimizers import DPOptimizerMixin
+from keras_dp.optimizers import DPSGD
+from keras_dp.optimizers import make_dp_optimizer
+from keras_dp.private_model import is_private
+from keras_dp.private_model import make_private
+
+DPLAMB = DPLamb
+
+__version__ = "0.1.0"

@@ -1,0 +1,27 @@
+"""Backend-specific pieces of the private train step: one module per backend.
+
+Each module provides `value_and_grad(fn)` (gradient of a scalar function with
+respect to its first argument, a list of tensors, with an auxiliary output)
+and `train_step(model, ...)`, the private replacement for its trainer's
+`train_step`. Everything else lives in backend-agnostic modules.
+"""
+
+import keras
+
+SUPPORTED_BACKENDS = ("tensorflow", "jax")
+
+
+def get_backend_module():
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        from keras_dp.backend import tensorflow as module
+    elif name == "jax":
+        from keras_dp.backend import jax as module
+    else:
+        raise NotImplementedError(
+            f"keras_dp does not support the {name!r} Keras backend yet; "
+            f"supported backends: {', '.join(SUPPORTED_BACKENDS)}. Set the "
+            "environment variable KERAS_BACKEND=jax or "
+            "KERAS_BACKEND=tensorflow before importing keras."
+        )
+    return module

@@ -1,0 +1,98 @@
+"""Private train step for the TensorFlow backend (`tf.vectorized_map`).
+
+Random ops with per-example seeds have no vectorized converter in TF's pfor,
+so `tf.vectorized_map` runs those few ops (dropout masks) in a loop and
+everything else vectorized.
+"""
+
+import logging
+import sys
+
+import tensorflow as tf
+from keras.src.trainers import data_adapters
+
+from keras_dp import per_example
+
+
+class _ExpectedFallbackFilter(logging.Filter):
+    """Hides pfor's notice for the random ops it loops over by design."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        return not (
+            message.startswith("Using a while_loop for converting")
+            and "StatelessRandom" in message
+        )
+
+
+tf.get_logger().addFilter(_ExpectedFallbackFilter())
+
+
+def value_and_grad(fn):
+    def wrapped(params, *args):
+        params = list(params)
+        with tf.GradientTape() as tape:
+            tape.watch(params)
+            value, aux = fn(params, *args)
+        grads = tape.gradient(
+            value, params, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
+        return (value, aux), grads
+
+    return wrapped
+
+
+def train_step(model, data):
+    x, y, sample_weight = data_adapters.data_adapter_utils.unpack_x_y_sample_weight(
+        data
+    )
+    trainable_variables = model.trainable_variables
+    trainable = [tf.convert_to_tensor(v.value) for v in trainable_variables]
+    non_trainable = [
+        tf.convert_to_tensor(v.value) for v in model.non_trainable_variables
+    ]
+    step = per_example.private_gradients(
+        model, sys.modules[__name__], trainable, non_trainable, x, y, sample_weight
+    )
+    optimizer = model.optimizer
+    with optimizer.private_update(step["expected_batch_size"]):
+        optimizer.apply(step["grads"], trainable_variables)
+    for variable, value in zip(
+        model.non_trainable_variables, step["non_trainable"]
+    ):
+        variable.assign(value)
+    model._loss_tracker.update_state(
+        step["loss"], sample_weight=tf.shape(tf.nest.flatten(x)[0])[0]
+    )
+    return model.compute_metrics(
+        x, y, step["y_pred"], sample_weight=sample_weight
+    )
+
+
+def scan(f, init, xs):
+    """`jax.lax.scan` semantics: `f(carry, x) -> (carry, y)`, ys stacked."""
+    xs_flat = [tf.convert_to_tensor(t) for t in tf.nest.flatten(xs)]
+    n = tf.shape(xs_flat[0])[0]
+
+    def read(i):
+        return tf.nest.pack_sequence_as(xs, [t[i] for t in xs_flat])
+
+    # The first step runs outside the loop: it gives the structure of `ys`
+    # that the TensorArrays need.
+    carry, ys = f(init, read(0))
+    ys_spec = ys
+    arrays = [
+        tf.TensorArray(y.dtype, size=n, element_shape=y.shape).write(0, y)
+        for y in tf.nest.flatten(ys)
+    ]
+
+    def body(i, carry, arrays):
+        carry, ys = f(carry, read(i))
+        arrays = [a.write(i, y) for a, y in zip(arrays, tf.nest.flatten(ys))]
+        return i + 1, carry, arrays
+
+    _, carry, arrays = tf.while_loop(
+        lambda i, *_: i < n, body, (tf.constant(1), carry, arrays)
+    )
+    ys = tf.nest.pack_sequence_as(ys_spec, [a.stack() for a in arrays])
+    return carry, ys

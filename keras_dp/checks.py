@@ -1,0 +1,33 @@
+"""Checks that stop a model from training silently without privacy."""
+
+import keras
+
+from keras_dp.optimizers import DPOptimizerMixin
+
+# Layers whose training-mode output for one example depends on the others,
+# so per-example gradients (and the privacy analysis) would be wrong.
+EXAMPLE_MIXING_LAYERS = (keras.layers.BatchNormalization,)
+
+
+def check_no_example_mixing_layers(model):
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, EXAMPLE_MIXING_LAYERS):
+            raise ValueError(
+                f"Layer {layer.name!r} ({type(layer).__name__}) normalizes "
+                "with statistics of the whole batch, so one example's output "
+                "depends on the others and per-example clipping cannot bound "
+                "its influence. Replace it with keras.layers."
+                "GroupNormalization or keras.layers.LayerNormalization, "
+                "which normalize each example on its own."
+            )
+
+
+def check_dp_optimizer(model):
+    optimizer = getattr(model, "optimizer", None)
+    if not isinstance(optimizer, DPOptimizerMixin):
+        raise TypeError(
+            "A model passed through keras_dp.make_private must be compiled "
+            "with a keras_dp DP optimizer (e.g. keras_dp.DPAdam, "
+            "keras_dp.DPSGD, or keras_dp.make_dp_optimizer(cls)(...)). "
+            f"Received: {type(optimizer).__name__}."
+        )

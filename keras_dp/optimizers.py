@@ -1,0 +1,259 @@
+"""Differentially private Keras optimizers.
+
+Each DP optimizer is a real subclass of the matching `keras.optimizers` class,
+so every Keras argument (learning-rate schedules, weight decay, EMA, gradient
+accumulation, ...) works unchanged. The DP part is the mechanism: clip each
+example's gradient, sum, add Gaussian noise once per logical batch and divide
+by the *expected* batch size.
+
+Per-example gradients cannot be recovered from the summed gradient that Keras
+passes to an optimizer, so a DP optimizer only trains models that went through
+`keras_dp.make_private(model)`, which installs a per-example train step.
+
+Example:
+
+```python
+model = keras_dp.make_private(model)
+model.compile(
+    optimizer=keras_dp.DPAdam(learning_rate=1e-3, noise_multiplier=1.1,
+                              auto_clip=True),
+    loss="sparse_categorical_crossentropy",
+    metrics=["accuracy"],
+)
+model.fit(x, y, batch_size=256, epochs=3)
+```
+"""
+
+import contextlib
+import numbers
+
+import keras
+from keras import ops
+
+from keras_dp import clipping as clipping_lib
+
+_NOT_PRIVATE_MESSAGE = (
+    "{name} received gradients that were already summed over the batch, so "
+    "it cannot clip per example and the update would not be private. Pass "
+    "the model through `keras_dp.make_private(model)` before `compile()`/"
+    "`fit()`: it installs the per-example train step that this optimizer "
+    "needs."
+)
+
+_DP_CONFIG_KEYS = (
+    "l2_norm_clip",
+    "noise_multiplier",
+    "clipping",
+    "global_clip_threshold",
+    "seed",
+)
+
+
+class DPOptimizerMixin:
+    """The DP mechanism shared by all DP optimizers.
+
+    Args:
+        l2_norm_clip: clipping threshold `C` (flat clipping) or scale `R`
+            (auto and global clipping). Every example's clipped gradient has
+            L2 norm at most this value, which is the sensitivity of the sum.
+            Defaults to 1.0.
+        noise_multiplier: `sigma`. The clipped sum receives Gaussian noise
+            of standard deviation `sigma * l2_norm_clip`. Defaults to 1.0.
+        clipping: `"flat"` (Abadi et al., the default), `"auto"` (AUTO-S,
+            Bu et al.: `c_i = R / (||g_i|| + 0.01)`, no threshold to tune) or
+            `"global"` (Bu et al. 2023: examples with `||g_i|| <= Z` are
+            kept with the same factor `R / Z`, larger ones are dropped).
+        auto_clip: shorthand for `clipping="auto"`.
+        global_clip_threshold: `Z` for `clipping="global"`; defaults to
+            `l2_norm_clip`.
+        seed: integer seed of the noise. The noise generator's state is an
+            optimizer variable, so it is saved and restored with the model.
+
+    All other arguments are those of the wrapped Keras optimizer.
+    """
+
+    def __init__(
+        self,
+        *args,
+        l2_norm_clip=1.0,
+        noise_multiplier=1.0,
+        clipping="flat",
+        auto_clip=False,
+        global_clip_threshold=None,
+        seed=None,
+        **kwargs,
+    ):
+        if auto_clip:
+            if clipping not in ("flat", "auto"):
+                raise ValueError(
+                    "`auto_clip=True` is shorthand for clipping='auto' and "
+                    f"conflicts with clipping={clipping!r}. Pass one of them."
+                )
+            clipping = "auto"
+        clipping_lib.validate_clipping(
+            clipping, l2_norm_clip, global_clip_threshold
+        )
+        if (
+            not isinstance(noise_multiplier, numbers.Real)
+            or noise_multiplier < 0
+        ):
+            raise ValueError(
+                "`noise_multiplier` (sigma) must be a non-negative number. "
+                f"Received: {noise_multiplier!r}."
+            )
+        if seed is not None and not isinstance(seed, int):
+            raise ValueError(f"`seed` must be an integer. Received: {seed!r}.")
+        if kwargs.get("loss_scale_factor") is not None:
+            raise ValueError(
+                "`loss_scale_factor` is not supported by DP optimizers: the "
+                "per-example gradients are clipped before any rescaling. "
+                "Remove the argument."
+            )
+        kwargs.setdefault("name", type(self).__name__)
+        super().__init__(*args, **kwargs)
+        self.l2_norm_clip = float(l2_norm_clip)
+        self.noise_multiplier = float(noise_multiplier)
+        self.clipping = clipping
+        self.global_clip_threshold = (
+            None
+            if global_clip_threshold is None
+            else float(global_clip_threshold)
+        )
+        self.seed = seed
+        # Set by the private train step for the duration of one update.
+        self._expected_batch_size = None
+
+    @property
+    def sensitivity(self):
+        """L2 sensitivity of the clipped sum (`l2_norm_clip` in every mode)."""
+        return clipping_lib.sensitivity(self.l2_norm_clip)
+
+    @property
+    def noise_stddev(self):
+        """Standard deviation of the noise added to the clipped sum."""
+        return self.noise_multiplier * self.sensitivity
+
+    def clip_factors(self, norms):
+        """Per-example clip factors `c_i` for gradient norms `norms`."""
+        return clipping_lib.clip_factors(
+            norms, self.clipping, self.l2_norm_clip, self.global_clip_threshold
+        )
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        # The noise generator's state is an optimizer variable: it is saved
+        # with the model and threaded through JAX's stateless steps.
+        self._noise_seed_generator = keras.random.SeedGenerator(
+            self.seed, name="dp_noise_seed"
+        )
+        self._track_variable(self._noise_seed_generator.state)
+
+    @contextlib.contextmanager
+    def private_update(self, expected_batch_size):
+        """Marks gradients applied inside as private train-step output.
+
+        Used by the train step that `make_private` installs: inside, the
+        gradients given to `apply`/`stateless_apply` are the clipped sums
+        divided by `expected_batch_size`, plus data-independent terms
+        (weight regularisation); the optimizer adds the noise.
+        """
+        self._expected_batch_size = expected_batch_size
+        try:
+            yield
+        finally:
+            self._expected_batch_size = None
+
+    def apply(self, grads, trainable_variables=None):
+        if self._expected_batch_size is None:
+            raise RuntimeError(
+                _NOT_PRIVATE_MESSAGE.format(name=type(self).__name__)
+            )
+        return super().apply(grads, trainable_variables)
+
+    def _clip_gradients(self, grads):
+        # Called once per actual update, also under gradient accumulation
+        # (on the averaged accumulated gradient), so noise is added once per
+        # logical batch: the accumulated mean of n micro-steps needs noise
+        # sigma * Delta / (B * n).
+        if self.noise_multiplier > 0:
+            steps = self.gradient_accumulation_steps or 1
+            stddev = self.noise_stddev / (
+                ops.cast(self._expected_batch_size, "float32") * steps
+            )
+            grads = [
+                g
+                if g is None
+                else g
+                + ops.cast(stddev, g.dtype)
+                * keras.random.normal(
+                    ops.shape(g), dtype=g.dtype, seed=self._noise_seed_generator
+                )
+                for g in grads
+            ]
+        # Keras's own clipnorm/clipvalue, if set, act on the noised gradient
+        # (post-processing, no privacy cost).
+        return super()._clip_gradients(grads)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({key: getattr(self, key) for key in _DP_CONFIG_KEYS})
+        return config
+
+
+_DP_CLASSES = {}
+
+
+def make_dp_optimizer(optimizer_class):
+    """Returns the DP version of a Keras optimizer class.
+
+    The returned class subclasses `optimizer_class`, takes all its arguments
+    plus the DP arguments of `DPOptimizerMixin`, and is registered for Keras
+    serialization as `keras_dp>DP<Name>`. To load a saved model that used it,
+    call `make_dp_optimizer` for the same class before `load_model`.
+
+    Example:
+
+    ```python
+    DPAdagrad = keras_dp.make_dp_optimizer(keras.optimizers.Adagrad)
+    optimizer = DPAdagrad(learning_rate=0.1, noise_multiplier=1.0)
+    ```
+    """
+    if not (
+        isinstance(optimizer_class, type)
+        and issubclass(optimizer_class, keras.optimizers.Optimizer)
+    ):
+        raise TypeError(
+            "make_dp_optimizer expects a keras.optimizers.Optimizer subclass, "
+            f"e.g. keras.optimizers.Adagrad. Received: {optimizer_class!r}."
+        )
+    if issubclass(optimizer_class, DPOptimizerMixin):
+        return optimizer_class
+    if optimizer_class not in _DP_CLASSES:
+        name = "DP" + optimizer_class.__name__
+        dp_class = type(
+            name,
+            (DPOptimizerMixin, optimizer_class),
+            {
+                "__doc__": (
+                    f"Differentially private `{optimizer_class.__name__}`.\n\n"
+                    + DPOptimizerMixin.__doc__
+                ),
+                "__module__": __name__,
+            },
+        )
+        _DP_CLASSES[optimizer_class] = keras.saving.register_keras_serializable(
+            package="keras_dp", name=name
+        )(dp_class)
+    return _DP_CLASSES[optimizer_class]
+
+
+DPSGD = make_dp_optimizer(keras.optimizers.SGD)
+DPAdam = make_dp_optimizer(keras.optimizers.Adam)
+DPAdamW = make_dp_optimizer(keras.optimizers.AdamW)
+DPLamb = make_dp_optimizer(keras.optimizers.Lamb)
+
+
+def is_dp_optimizer(optimizer):
+    return isinstance(optimizer, DPOptimizerMixin)

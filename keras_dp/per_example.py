@@ -1,0 +1,330 @@
+"""Vectorized per-example gradients and their clipped sum.
+
+The backend modules supply one function, `value_and_grad(fn)`, and the glue
+to their trainer's state; everything here is written with `keras.ops`:
+
+- each example runs through `model.stateless_call` as a batch of one, under
+  `ops.vectorized_map` (`jax.vmap` on JAX, `tf.vectorized_map` on TensorFlow);
+- the compiled loss (or an overridden `compute_loss`) and activity
+  regularizers are evaluated per example; weight regularizers are not part of
+  the per-example loss (they are data-independent and added outside the
+  clipped part by the train step);
+- every `SeedGenerator` in the model gets a different state per example, so
+  dropout and other random layers draw an independent mask per example;
+- with `microbatch_size`, the batch is processed in chunks under a scan
+  and only one chunk's per-example gradients exist at a time.
+"""
+
+import keras
+from keras import ops
+from keras import tree
+
+from keras_dp import checks
+from keras_dp import clipping as clipping_lib
+
+# Odd constant that spreads example indices over the first word of a
+# SeedGenerator state; the second word is the per-call counter, which must
+# stay aligned across examples.
+_SEED_STRIDE = 1_000_003
+
+
+def _seed_state_ids(model):
+    ids = set()
+    for layer in model._flatten_layers(include_self=True):
+        for generator in getattr(layer, "_seed_generators", []):
+            ids.add(id(generator.state))
+    return ids
+
+
+def _expand(structure):
+    return tree.map_structure(lambda t: ops.expand_dims(t, 0), structure)
+
+
+def _squeeze(structure):
+    return tree.map_structure(lambda t: ops.squeeze(t, 0), structure)
+
+
+def regularization_loss(model, trainable_values):
+    """Sum of weight-regularizer losses at `trainable_values` (no data)."""
+    mapping = list(zip(model.trainable_variables, trainable_values))
+    with keras.StatelessScope(state_mapping=mapping):
+        losses = model._get_regularization_losses()
+    if not losses:
+        return ops.zeros((), dtype="float32")
+    return ops.sum(
+        ops.stack([model._aggregate_additional_loss(l) for l in losses])
+    )
+
+
+def example_loss_fn(model):
+    """Returns `loss_fn(trainable, non_trainable, example) -> (loss, aux)`.
+
+    `example` is a dict with `x`, `y`, `sample_weight` (any may be absent)
+    and `index`, each without a batch axis. `aux` is `(y_pred, new
+    non-trainable values)`. An example whose sample weight is 0 everywhere
+    has loss exactly 0 (activity regularizers included), which is what makes
+    zero-weight padding rows contribute nothing.
+    """
+    seed_ids = _seed_state_ids(model)
+    seed_positions = [
+        k
+        for k, v in enumerate(model.non_trainable_variables)
+        if id(v) in seed_ids
+    ]
+    num_regularized = sum(
+        1 for v in model.trainable_weights if v.regularizer is not None
+    )
+    call_kwargs = {"training": True} if model._call_has_training_arg else {}
+
+    def loss_fn(trainable, non_trainable, example):
+        x = _expand(example["x"])
+        y = _expand(example["y"]) if "y" in example else None
+        sample_weight = (
+            _expand(example["sample_weight"])
+            if "sample_weight" in example
+            else None
+        )
+        non_trainable = list(non_trainable)
+        offsets = {}
+        for k in seed_positions:
+            state = non_trainable[k]
+            offset = ops.cast(
+                ops.stack(
+                    [(ops.cast(example["index"], "int32") + 1) * _SEED_STRIDE, 0]
+                ),
+                state.dtype,
+            )
+            offsets[k] = offset
+            non_trainable[k] = state + offset
+        y_pred, new_non_trainable, losses = model.stateless_call(
+            trainable,
+            non_trainable,
+            x,
+            return_losses=True,
+            **call_kwargs,
+        )
+        # `losses` lists activity losses first and weight-regularization
+        # losses last (Layer.losses); only the former depend on the example.
+        activity_losses = list(losses[: len(losses) - num_regularized])
+        mapping = list(zip(model.trainable_variables, trainable)) + list(
+            zip(model.non_trainable_variables, new_non_trainable)
+        )
+        # A non-empty override keeps compute_loss from adding the weight
+        # regularization terms, which the train step adds once, unclipped.
+        model._losses_override = activity_losses or [ops.zeros(())]
+        try:
+            with keras.StatelessScope(state_mapping=mapping):
+                loss = model._compute_loss(
+                    x=x,
+                    y=y,
+                    y_pred=y_pred,
+                    sample_weight=sample_weight,
+                    training=True,
+                )
+        finally:
+            model._losses_override = []
+        loss = ops.cast(loss, "float32")
+        if sample_weight is not None:
+            weights = [
+                ops.any(ops.not_equal(w, 0))
+                for w in tree.flatten(sample_weight)
+            ]
+            present = ops.any(ops.stack(weights))
+            loss = ops.where(present, loss, ops.zeros_like(loss))
+        new_non_trainable = list(new_non_trainable)
+        for k, offset in offsets.items():
+            new_non_trainable[k] = new_non_trainable[k] - offset
+        return loss, (_squeeze(y_pred), new_non_trainable)
+
+    return loss_fn
+
+
+def _pad_rows(structure, pad):
+    def pad_one(t):
+        widths = [(0, pad)] + [(0, 0)] * (len(t.shape) - 1)
+        return ops.pad(t, widths)
+
+    return tree.map_structure(pad_one, structure)
+
+
+def _reduce_non_trainable(model, stacked, mask):
+    """One value per non-trainable variable from its per-example values.
+
+    Seed states and other integer state take the first example's value (all
+    examples advance them alike). Float state (statistics kept by custom
+    layers) takes the mean over the real examples, which is what a batched
+    forward pass gives for mean-type statistics.
+    """
+    seed_ids = _seed_state_ids(model)
+    reduced = []
+    for variable, values in zip(model.non_trainable_variables, stacked):
+        if id(variable) in seed_ids or not keras.backend.is_float_dtype(
+            values.dtype
+        ):
+            reduced.append(values[0])
+        else:
+            weights = ops.reshape(
+                ops.cast(mask, values.dtype),
+                (-1,) + (1,) * (len(values.shape) - 1),
+            )
+            total = ops.maximum(ops.sum(mask), 1.0)
+            reduced.append(
+                ops.sum(values * weights, axis=0) / ops.cast(total, values.dtype)
+            )
+    return reduced
+
+
+def clipped_gradient_sum(
+    model,
+    optimizer,
+    backend_ops,
+    trainable,
+    non_trainable,
+    x,
+    y=None,
+    sample_weight=None,
+    microbatch_size=None,
+):
+    """Clipped per-example gradient sum of one batch.
+
+    Args:
+        model: the private model.
+        optimizer: a DP optimizer; its `clip_factors` turns norms into
+            per-example factors.
+        backend_ops: the backend module (`value_and_grad`, `scan`).
+        trainable, non_trainable: current variable values (lists).
+        x, y, sample_weight: the batch.
+        microbatch_size: examples whose per-example gradients exist at once.
+
+    Returns:
+        Dict with `clipped_sum` (list, one tensor per trainable variable),
+        `losses` (per-example losses, shape `(rows,)`), `y_pred` (batched)
+        and `non_trainable` (updated values).
+    """
+    rows = ops.shape(tree.flatten(x)[0])[0]
+    examples = {"x": x}
+    if y is not None:
+        examples["y"] = y
+    if sample_weight is not None:
+        examples["sample_weight"] = sample_weight
+    grad_fn = backend_ops.value_and_grad(example_loss_fn(model))
+
+    def chunk_fn(chunk):
+        def one_example(example):
+            (loss, aux), grads = grad_fn(trainable, non_trainable, example)
+            return grads, loss, aux
+
+        grads, losses, (y_pred, new_nt) = ops.vectorized_map(
+            one_example, chunk
+        )
+        grads = [ops.cast(g, "float32") for g in grads]
+        factors = optimizer.clip_factors(clipping_lib.per_example_norms(grads))
+        return clipping_lib.weighted_sum(grads, factors), losses, y_pred, new_nt
+
+    if microbatch_size is None:
+        examples["index"] = ops.arange(rows, dtype="int32")
+        clipped, losses, y_pred, new_nt = chunk_fn(examples)
+        mask = ops.ones((rows,), dtype="float32")
+        if sample_weight is not None:
+            mask = _row_mask(sample_weight)
+    else:
+        pad = (-rows) % microbatch_size
+        if sample_weight is None:
+            examples["sample_weight"] = ops.ones((rows,), dtype="float32")
+        examples = _pad_rows(examples, pad)
+        padded_rows = rows + pad
+        examples["index"] = ops.arange(padded_rows, dtype="int32")
+        chunks = tree.map_structure(
+            lambda t: ops.reshape(
+                t, (-1, microbatch_size) + tuple(t.shape[1:])
+            ),
+            examples,
+        )
+
+        def scan_fn(total, chunk):
+            clipped, losses, y_pred, new_nt = chunk_fn(chunk)
+            total = [a + b for a, b in zip(total, clipped)]
+            return total, (losses, y_pred, new_nt)
+
+        init = [ops.zeros(ops.shape(t), dtype="float32") for t in trainable]
+        clipped, stacked = backend_ops.scan(scan_fn, init, chunks)
+        losses, y_pred, new_nt = tree.map_structure(
+            lambda t: ops.reshape(t, (-1,) + tuple(t.shape[2:]))[:rows],
+            stacked,
+        )
+        mask = _row_mask(examples["sample_weight"])[:rows]
+    return {
+        "clipped_sum": clipped,
+        "losses": losses,
+        "y_pred": y_pred,
+        "non_trainable": _reduce_non_trainable(model, new_nt, mask),
+    }
+
+
+def _row_mask(sample_weight):
+    """1.0 for rows with any non-zero sample weight, else 0.0."""
+    flags = []
+    for w in tree.flatten(sample_weight):
+        w = ops.reshape(w, (ops.shape(w)[0], -1))
+        flags.append(ops.any(ops.not_equal(w, 0), axis=1))
+    present = flags[0]
+    for f in flags[1:]:
+        present = ops.logical_or(present, f)
+    return ops.cast(present, "float32")
+
+
+def private_gradients(
+    model,
+    backend_ops,
+    trainable,
+    non_trainable,
+    x,
+    y=None,
+    sample_weight=None,
+):
+    """Everything a DP train step needs except the noise.
+
+    Returns a dict with:
+        `grads`: clipped sum divided by the expected batch size `B`, plus the
+            weight-regularization gradient (data-independent, unclipped);
+            the optimizer adds `N(0, (sigma * Delta / B)^2)` to these.
+        `expected_batch_size`: `B`, the batch's own row count unless the
+            model's privacy settings fix it (Poisson sampling).
+        `loss`: mean per-example loss over `B` plus regularization, for logs.
+        `y_pred`, `non_trainable`: as in a normal step.
+    """
+    checks.check_dp_optimizer(model)
+    checks.check_no_example_mixing_layers(model)
+    settings = model._keras_dp
+    result = clipped_gradient_sum(
+        model,
+        model.optimizer,
+        backend_ops,
+        trainable,
+        non_trainable,
+        x,
+        y,
+        sample_weight,
+        microbatch_size=settings.microbatch_size,
+    )
+    if settings.expected_batch_size is not None:
+        expected = ops.cast(settings.expected_batch_size, "float32")
+    else:
+        expected = ops.cast(ops.shape(tree.flatten(x)[0])[0], "float32")
+    (reg_loss, _), reg_grads = backend_ops.value_and_grad(
+        lambda params: (regularization_loss(model, params), ())
+    )(trainable)
+    grads = [
+        ops.cast(s / expected, v.dtype) + ops.cast(r, v.dtype)
+        for s, r, v in zip(
+            result["clipped_sum"], reg_grads, model.trainable_variables
+        )
+    ]
+    loss = ops.sum(result["losses"]) / expected + reg_loss
+    return {
+        "grads": grads,
+        "expected_batch_size": expected,
+        "loss": loss,
+        "y_pred": result["y_pred"],
+        "non_trainable": result["non_trainable"],
+    }
