@@ -26,6 +26,7 @@ model.fit(x, y, batch_size=256, epochs=3)
 
 import contextlib
 import numbers
+import sys
 
 import keras
 from keras import ops
@@ -33,8 +34,9 @@ from keras import ops
 from keras_dp import clipping as clipping_lib
 
 _NOT_PRIVATE_MESSAGE = (
-    "{name} received gradients that were already summed over the batch, so "
-    "it cannot clip per example and the update would not be private. Pass "
+    "{name} needs per-example gradients, but this model's train step gives "
+    "it gradients already summed over the batch, so the update would not "
+    "be private. Pass "
     "the model through `keras_dp.make_private(model)` before `compile()`/"
     "`fit()`: it installs the per-example train step that this optimizer "
     "needs."
@@ -142,12 +144,14 @@ class DPOptimizerMixin:
     def build(self, variables):
         if self.built:
             return
+        _check_model_is_private(self)
         super().build(variables)
         # The noise generator's state is an optimizer variable: it is saved
         # with the model and threaded through JAX's stateless steps.
-        self._noise_seed_generator = keras.random.SeedGenerator(
-            self.seed, name="dp_noise_seed"
-        )
+        with keras.name_scope(self.name, caller=self):
+            self._noise_seed_generator = keras.random.SeedGenerator(
+                self.seed, name="dp_noise_seed"
+            )
         self._track_variable(self._noise_seed_generator.state)
 
     @contextlib.contextmanager
@@ -200,6 +204,39 @@ class DPOptimizerMixin:
         config = super().get_config()
         config.update({key: getattr(self, key) for key in _DP_CONFIG_KEYS})
         return config
+
+
+def _check_model_is_private(optimizer):
+    """Fails fast when a model is about to train without the private step.
+
+    Keras builds the optimizer from the model (`_symbolic_build` at the start
+    of `fit`/`train_on_batch`, `compile_from_config` in `load_model`) before
+    any step runs. The model is found on the call stack; raising here, rather
+    than when the first step is traced, leaves the model intact (JAX's
+    trainer has already detached the variables by then).
+    """
+    from keras_dp import private_model
+
+    frame = sys._getframe(1)
+    for _ in range(12):
+        if frame is None:
+            return
+        owner = frame.f_locals.get("self")
+        if (
+            isinstance(owner, keras.Model)
+            and getattr(owner, "optimizer", None) is optimizer
+        ):
+            if private_model.is_private(owner):
+                return
+            if frame.f_code.co_name == "compile_from_config":
+                # `load_model` of a model saved with a DP optimizer: it was
+                # private when saved, so it comes back private.
+                private_model.make_private(owner)
+                return
+            raise RuntimeError(
+                _NOT_PRIVATE_MESSAGE.format(name=type(optimizer).__name__)
+            )
+        frame = frame.f_back
 
 
 _DP_CLASSES = {}

@@ -19,7 +19,6 @@ import keras
 from keras import ops
 from keras import tree
 
-from keras_dp import checks
 from keras_dp import clipping as clipping_lib
 
 # Odd constant that spreads example indices over the first word of a
@@ -293,8 +292,6 @@ def private_gradients(
         `loss`: mean per-example loss over `B` plus regularization, for logs.
         `y_pred`, `non_trainable`: as in a normal step.
     """
-    checks.check_dp_optimizer(model)
-    checks.check_no_example_mixing_layers(model)
     settings = model._keras_dp
     result = clipped_gradient_sum(
         model,

@@ -80,12 +80,28 @@ def make_private(model, microbatch_size=None):
     settings = getattr(model, "_keras_dp", None)
     if settings is None:
         model._keras_dp = PrivacySettings(microbatch_size=microbatch_size)
+        model.make_train_function = types.MethodType(
+            _checked_make_train_function(type(model).make_train_function),
+            model,
+        )
     else:
         settings.microbatch_size = microbatch_size
     model.train_step = types.MethodType(backend_module.train_step, model)
     # A train function compiled before make_private would bypass the new step.
     model.train_function = None
     return model
+
+
+def _checked_make_train_function(make_train_function):
+    # Keras builds the train function before the first step (and, on JAX,
+    # before detaching the variables), so errors raised here leave the model
+    # intact.
+    def checked(model, force=False):
+        checks.check_dp_optimizer(model)
+        checks.check_no_example_mixing_layers(model)
+        return make_train_function(model, force=force)
+
+    return checked
 
 
 def is_private(model):
