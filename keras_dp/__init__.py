@@ -7,7 +7,21 @@ model.fit(x, y, epochs=3)
 ```
 """
 
+from keras_dp import accounting
+from keras_dp import data
+from keras_dp.accounting import calibrate_noise_multiplier
+from keras_dp.accounting import compute_epsilon
+from keras_dp.callbacks import EpsilonLogger
+from keras_dp.callbacks import PrivacyBudget
+from keras_dp.ledger import PrivacyLedger
 from keras_dp.optimizers import DPAdam
+from keras_dp import accounting
+from keras_dp import data
+from keras_dp.accounting import calibrate_noise_multiplier
+from keras_dp.accounting import compute_epsilon
+from keras_dp.callbacks import EpsilonLogger
+from keras_dp.callbacks import PrivacyBudget
+from keras_dp.ledger import PrivacyLedger
 from keras_dp.optimizers import DPAdamW
 from keras_dp.optimizers import DPLamb
 from keras_dp.optimizers import DPOptimizerMixin

@@ -413,7 +413,7 @@ def check_delta(delta, n=None):
 
 def _segment_event(noise_multiplier, sample_rate, steps):
     event = dp_accounting.GaussianDpEvent(noise_multiplier)
-    if sample_rate < 0.5:
+    if sample_rate < 1:
         event = dp_accounting.PoissonSampledDpEvent(sample_rate, event)
     return dp_accounting.SelfComposedDpEvent(event, steps)
 

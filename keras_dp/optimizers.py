@@ -31,7 +31,11 @@ import sys
 import keras
 from keras import ops
 
+from keras.src.utils import io_utils
+
+from keras_dp import accounting
 from keras_dp import clipping as clipping_lib
+from keras_dp import ledger as ledger_lib
 
 _NOT_PRIVATE_MESSAGE = (
     "{name} needs per-example gradients, but this model's train step gives "
@@ -60,7 +64,13 @@ class DPOptimizerMixin:
             L2 norm at most this value, which is the sensitivity of the sum.
             Defaults to 1.0.
         noise_multiplier: `sigma`. The clipped sum receives Gaussian noise
-            of standard deviation `sigma * l2_norm_clip`. Defaults to 1.0.
+            of standard deviation `sigma * l2_norm_clip`. Defaults to 1.0,
+            or to the value calibrated from `target_epsilon`.
+        target_epsilon, target_delta, epochs: instead of `noise_multiplier`:
+            the smallest `sigma` that keeps training for `epochs` epochs
+            within `(target_epsilon, target_delta)`-DP is calibrated when
+            `fit` first sees the dataset size, printed, and kept in
+            `optimizer.noise_multiplier`.
         clipping: `"flat"` (Abadi et al., the default), `"auto"` (AUTO-S,
             Bu et al.: `c_i = R / (||g_i|| + 0.01)`, no threshold to tune) or
             `"global"` (Bu et al. 2023: examples with `||g_i|| <= Z` are
@@ -70,6 +80,7 @@ class DPOptimizerMixin:
             `l2_norm_clip`.
         seed: integer seed of the noise. The noise generator's state is an
             optimizer variable, so it is saved and restored with the model.
+        privacy_ledger: restored from a saved config; leave it unset.
 
     All other arguments are those of the wrapped Keras optimizer.
     """
@@ -78,11 +89,15 @@ class DPOptimizerMixin:
         self,
         *args,
         l2_norm_clip=1.0,
-        noise_multiplier=1.0,
+        noise_multiplier=None,
         clipping="flat",
         auto_clip=False,
         global_clip_threshold=None,
         seed=None,
+        target_epsilon=None,
+        target_delta=None,
+        epochs=None,
+        privacy_ledger=None,
         **kwargs,
     ):
         if auto_clip:
@@ -95,7 +110,20 @@ class DPOptimizerMixin:
         clipping_lib.validate_clipping(
             clipping, l2_norm_clip, global_clip_threshold
         )
-        if (
+        if target_epsilon is None:
+            if target_delta is not None or epochs is not None:
+                raise ValueError(
+                    "`target_delta` and `epochs` calibrate the noise together "
+                    "with `target_epsilon`; pass all three, or "
+                    "`noise_multiplier` instead."
+                )
+            if noise_multiplier is None:
+                noise_multiplier = 1.0
+        else:
+            _check_calibration_target(
+                noise_multiplier, target_epsilon, target_delta, epochs
+            )
+        if noise_multiplier is not None and (
             not isinstance(noise_multiplier, numbers.Real)
             or noise_multiplier < 0
         ):
@@ -114,7 +142,13 @@ class DPOptimizerMixin:
         kwargs.setdefault("name", type(self).__name__)
         super().__init__(*args, **kwargs)
         self.l2_norm_clip = float(l2_norm_clip)
-        self.noise_multiplier = float(noise_multiplier)
+        self.noise_multiplier = (
+            None if noise_multiplier is None else float(noise_multiplier)
+        )
+        self.target_epsilon = target_epsilon
+        self.target_delta = target_delta
+        self.epochs = epochs
+        self.privacy_ledger = ledger_lib.PrivacyLedger(privacy_ledger)
         self.clipping = clipping
         self.global_clip_threshold = (
             None
@@ -124,6 +158,27 @@ class DPOptimizerMixin:
         self.seed = seed
         # Set by the private train step for the duration of one update.
         self._expected_batch_size = None
+
+    def calibrate_noise(self, sample_rate):
+        """Sets `noise_multiplier` from the target budget, once.
+
+        Called by `fit` on a private model when it knows the sampling rate.
+        Returns the noise multiplier in use.
+        """
+        if self.noise_multiplier is None:
+            self.noise_multiplier = accounting.calibrate_noise_multiplier(
+                self.target_epsilon,
+                self.target_delta,
+                sample_rate,
+                epochs=self.epochs,
+            )
+            io_utils.print_msg(
+                f"keras_dp: noise_multiplier={self.noise_multiplier:.4f} "
+                f"gives epsilon <= {self.target_epsilon} at delta="
+                f"{self.target_delta} for {self.epochs} epochs at sample "
+                f"rate {sample_rate:.4g}."
+            )
+        return self.noise_multiplier
 
     @property
     def sensitivity(self):
@@ -181,6 +236,15 @@ class DPOptimizerMixin:
         # (on the averaged accumulated gradient), so noise is added once per
         # logical batch: the accumulated mean of n micro-steps needs noise
         # sigma * Delta / (B * n).
+        if self.noise_multiplier is None:
+            raise ValueError(
+                f"{type(self).__name__} was given target_epsilon="
+                f"{self.target_epsilon} but has not calibrated its noise yet: "
+                "that needs the dataset size, which `fit` on in-memory "
+                "arrays provides. For other data, call "
+                "`optimizer.calibrate_noise(batch_size / n)` before fit, or "
+                "pass `noise_multiplier`."
+            )
         if self.noise_multiplier > 0:
             steps = self.gradient_accumulation_steps or 1
             stddev = self.noise_stddev / (
@@ -203,7 +267,35 @@ class DPOptimizerMixin:
     def get_config(self):
         config = super().get_config()
         config.update({key: getattr(self, key) for key in _DP_CONFIG_KEYS})
+        if self.noise_multiplier is None:
+            config.update(
+                target_epsilon=self.target_epsilon,
+                target_delta=self.target_delta,
+                epochs=self.epochs,
+            )
+        config["privacy_ledger"] = self.privacy_ledger.get_config()
         return config
+
+
+def _check_calibration_target(noise_multiplier, target_epsilon, target_delta, epochs):
+    if noise_multiplier is not None:
+        raise ValueError(
+            "Pass either `noise_multiplier` or `target_epsilon` (with "
+            "`target_delta` and `epochs`), not both."
+        )
+    if target_delta is None or epochs is None:
+        raise ValueError(
+            "`target_epsilon` needs `target_delta` and `epochs` to calibrate "
+            "the noise multiplier. Received: "
+            f"target_delta={target_delta!r}, epochs={epochs!r}."
+        )
+    if not target_epsilon > 0:
+        raise ValueError(
+            f"`target_epsilon` must be positive. Received: {target_epsilon!r}."
+        )
+    accounting.check_delta(target_delta)
+    if not epochs > 0:
+        raise ValueError(f"`epochs` must be positive. Received: {epochs!r}.")
 
 
 def _check_model_is_private(optimizer):

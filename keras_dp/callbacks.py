@@ -1,0 +1,168 @@
+"""Keras callbacks that report and enforce the privacy budget."""
+
+import keras
+from keras.src.utils import io_utils
+
+from keras_dp import accounting
+from keras_dp import ledger as ledger_lib
+from keras_dp import private_model
+
+
+def _check_private(model, callback):
+    if not private_model.is_private(model):
+        raise ValueError(
+            f"{type(callback).__name__} reports the privacy of DP training, "
+            "but this model is not private. Pass it through "
+            "keras_dp.make_private(model) and compile it with a keras_dp DP "
+            "optimizer."
+        )
+
+
+def _dataset_size(model):
+    ledger = model.optimizer.privacy_ledger
+    return None if not ledger.entries else ledger.entries[-1].get("n")
+
+
+class EpsilonLogger(keras.callbacks.Callback):
+    """Writes the privacy spent so far, `epsilon`, into the training logs.
+
+    The value appears in the progress bar, `History`, `CSVLogger` and
+    `TensorBoard` like any metric. It is computed with dp-accounting from the
+    optimizer's privacy ledger (noise multipliers and sampling rates, step by
+    step), so it stays right across repeated `fit` calls and save/load.
+    When batches were not Poisson sampled, the logs also carry
+    `epsilon_assumes_poisson = 1`: the value is what Poisson sampling at the
+    same rate would give.
+
+    Example:
+
+    ```python
+    model.fit(x, y, epochs=3, callbacks=[keras_dp.EpsilonLogger(delta=1e-5)])
+    ```
+
+    Args:
+        delta: the delta of the guarantee. Defaults to `1 / n**1.1` for a
+            training set of `n` examples; a warning is issued when
+            `delta >= 1 / n`.
+        accountant: `"rdp"` (default) or `"pld"` (tighter, slower).
+        every_n_batches: also log every this many batches (None: only at
+            the end of each epoch).
+    """
+
+    def __init__(self, delta=None, accountant="rdp", every_n_batches=None):
+        super().__init__()
+        if delta is not None:
+            accounting.check_delta(delta)
+        if accountant not in accounting.ACCOUNTANTS:
+            raise ValueError(
+                f"Unknown accountant {accountant!r}; use one of "
+                f"{accounting.ACCOUNTANTS}."
+            )
+        if every_n_batches is not None and (
+            not isinstance(every_n_batches, int) or every_n_batches <= 0
+        ):
+            raise ValueError(
+                "`every_n_batches` must be a positive integer or None. "
+                f"Received: {every_n_batches!r}."
+            )
+        self.delta = delta
+        self.accountant = accountant
+        self.every_n_batches = every_n_batches
+
+    def on_train_begin(self, logs=None):
+        _check_private(self.model, self)
+        n = _dataset_size(self.model)
+        if self.delta is None:
+            if n is None:
+                raise ValueError(
+                    "EpsilonLogger needs `delta` when keras_dp cannot see the "
+                    "training-set size n. Pass EpsilonLogger(delta=...), "
+                    "e.g. 1 / n**1.1."
+                )
+            self.delta = accounting.default_delta(n)
+        else:
+            accounting.check_delta(self.delta, n)
+
+    def epsilon(self):
+        """Epsilon of the training done so far, at `self.delta`."""
+        steps = ledger_lib.optimizer_steps(self.model)
+        return self.model.optimizer.privacy_ledger.epsilon(
+            steps, self.delta, self.accountant
+        )
+
+    def _write(self, logs):
+        if logs is None:
+            return
+        ledger = self.model.optimizer.privacy_ledger
+        logs["epsilon"] = self.epsilon()
+        logs["delta"] = self.delta
+        if ledger.assumes_poisson(ledger_lib.optimizer_steps(self.model)):
+            logs["epsilon_assumes_poisson"] = 1.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.every_n_batches and (batch + 1) % self.every_n_batches == 0:
+            self._write(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._write(logs)
+
+
+class PrivacyBudget(keras.callbacks.Callback):
+    """Stops training before the step that would exceed a privacy budget.
+
+    After every step it computes the epsilon that one more noisy update would
+    reach; if that exceeds `target_epsilon`, training stops and says so. A
+    `fit` that starts with the budget already spent trains no step at all.
+
+    Example:
+
+    ```python
+    model.fit(x, y, epochs=100,
+              callbacks=[keras_dp.PrivacyBudget(target_epsilon=3.0, delta=1e-5)])
+    ```
+
+    Args:
+        target_epsilon: the budget.
+        delta: the delta of the guarantee, in (0, 1).
+        accountant: `"rdp"` (default) or `"pld"`.
+    """
+
+    def __init__(self, target_epsilon, delta, accountant="rdp"):
+        super().__init__()
+        if not target_epsilon > 0:
+            raise ValueError(
+                f"`target_epsilon` must be positive. Received: {target_epsilon!r}."
+            )
+        accounting.check_delta(delta)
+        self.target_epsilon = target_epsilon
+        self.delta = delta
+        self.accountant = accountant
+        self.stopped_at_step = None
+
+    def next_step_epsilon(self, model):
+        """Epsilon after one more noisy update with the current setting."""
+        steps = ledger_lib.optimizer_steps(model)
+        return model.optimizer.privacy_ledger.epsilon(
+            steps + 1, self.delta, self.accountant
+        )
+
+    def check_before_fit(self, model):
+        """False (and a message) when even one more step is over budget."""
+        _check_private(model, self)
+        if self.next_step_epsilon(model) > self.target_epsilon:
+            self._stop(model)
+            return False
+        return True
+
+    def _stop(self, model):
+        self.stopped_at_step = ledger_lib.optimizer_steps(model)
+        io_utils.print_msg(
+            f"keras_dp.PrivacyBudget: stopping after {self.stopped_at_step} "
+            f"steps: one more step would exceed epsilon="
+            f"{self.target_epsilon} at delta={self.delta}."
+        )
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.next_step_epsilon(self.model) > self.target_epsilon:
+            self.model.stop_training = True
+            self._stop(self.model)

@@ -1,0 +1,143 @@
+"""Poisson sampling: the batch sampling that DP-SGD's accounting assumes.
+
+The privacy analysis of DP-SGD (and the accountants in `keras_dp.accounting`)
+assumes each example joins each batch independently with probability
+`q = batch_size / n`. Shuffled fixed-size batches are a different mechanism
+whose guarantee can be weaker. `PoissonSampler` draws batches the way the
+accountant assumes and pads them to a fixed number of rows, so compiled train
+steps keep one shape; padding rows have sample weight 0 and contribute exactly
+nothing to the clipped gradient sum.
+
+`fit` on a private model uses it automatically for in-memory data; build one
+yourself for a custom pipeline:
+
+```python
+sampler = keras_dp.data.PoissonSampler(x, y, batch_size=256, seed=0)
+model.fit(sampler, epochs=3)
+```
+"""
+
+import math
+import secrets
+
+import keras
+import numpy as np
+from keras import tree
+
+# Padded rows = expected batch + this many standard deviations of the
+# Binomial batch size. A larger batch (probability ~1e-3 per step) is padded
+# to the next multiple of 8 instead, costing one retrace, never truncated.
+PADDING_STDDEVS = 3.0
+
+
+def padded_batch_size(batch_size, sample_rate):
+    """Rows of a padded Poisson batch of expected size `batch_size`."""
+    stddev = math.sqrt(batch_size * (1.0 - sample_rate))
+    return _round_up(int(math.ceil(batch_size + PADDING_STDDEVS * stddev)), 8)
+
+
+def _round_up(value, multiple):
+    return max(multiple, -(-value // multiple) * multiple)
+
+
+def num_examples(x):
+    return int(tree.flatten(x)[0].shape[0])
+
+
+class PoissonSampler(keras.utils.PyDataset):
+    """Batches in which every example appears independently with rate `q`.
+
+    Args:
+        x: input arrays (array, or list/dict of arrays, all with `n` rows).
+        y: optional targets, same structure rules.
+        sample_weight: optional per-example weights (shape `(n,)`).
+        batch_size: the *expected* (logical) batch size `B`; `q = B / n`.
+        steps_per_epoch: optimizer steps per epoch; defaults to
+            `ceil(n / B)`, so an epoch sees each example once on average.
+        accumulation_steps: with the optimizer's
+            `gradient_accumulation_steps=k`, one logical batch (rate
+            `q = k * B / n`) is drawn per update and split into `k`
+            micro-batches of expected size `B`, so an example enters an
+            update at most once.
+        seed: seed of the sampling. None draws one from the OS entropy pool.
+            (NumPy's generator is not a cryptographic one; like other DP
+            libraries, this sampler does not defend against an adversary
+            who can predict its pseudo-random stream.)
+
+    Each item is `(x, y, sample_weight)` with `padded_batch_size` rows; rows
+    beyond the sampled examples are zeros with weight 0.
+    """
+
+    def __init__(
+        self,
+        x,
+        y=None,
+        sample_weight=None,
+        batch_size=32,
+        steps_per_epoch=None,
+        accumulation_steps=1,
+        seed=None,
+    ):
+        super().__init__()
+        self.x = x
+        self.y = y
+        self.n = num_examples(x)
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(
+                f"`batch_size` must be a positive integer. Received: {batch_size!r}."
+            )
+        self.batch_size = batch_size
+        self.accumulation_steps = int(accumulation_steps or 1)
+        logical = batch_size * self.accumulation_steps
+        if logical > self.n:
+            raise ValueError(
+                f"The sample rate q = batch_size * accumulation_steps / n = "
+                f"{logical} / {self.n} is above 1: the expected batch cannot "
+                "be larger than the dataset. Use a smaller batch_size."
+            )
+        self.sample_rate = logical / self.n
+        if sample_weight is None:
+            sample_weight = np.ones((self.n,), dtype="float32")
+        self.sample_weight = np.asarray(sample_weight, dtype="float32")
+        self.updates_per_epoch = steps_per_epoch or math.ceil(self.n / logical)
+        self.seed = secrets.randbits(63) if seed is None else int(seed)
+        self.padded_size = padded_batch_size(batch_size, batch_size / self.n)
+        self.epoch = 0
+
+    @property
+    def expected_batch_size(self):
+        return self.batch_size
+
+    def __len__(self):
+        return self.updates_per_epoch * self.accumulation_steps
+
+    def sample_indices(self, update):
+        """Indices of the logical batch of optimizer update `update`."""
+        rng = np.random.default_rng([self.seed, self.epoch, update])
+        chosen = np.flatnonzero(rng.random(self.n) < self.sample_rate)
+        return rng.permutation(chosen)
+
+    def __getitem__(self, index):
+        update, part = divmod(index, self.accumulation_steps)
+        chosen = np.array_split(
+            self.sample_indices(update), self.accumulation_steps
+        )[part]
+        rows = max(self.padded_size, _round_up(len(chosen), 8))
+        return (
+            _take_padded(self.x, chosen, rows),
+            None if self.y is None else _take_padded(self.y, chosen, rows),
+            _take_padded(self.sample_weight, chosen, rows),
+        )
+
+    def on_epoch_end(self):
+        self.epoch += 1
+
+
+def _take_padded(structure, indices, rows):
+    def take(array):
+        array = np.asarray(array)
+        out = np.zeros((rows,) + array.shape[1:], dtype=array.dtype)
+        out[: len(indices)] = array[indices]
+        return out
+
+    return tree.map_structure(take, structure)
