@@ -65,7 +65,9 @@ class PoissonSampler(keras.utils.PyDataset):
             who can predict its pseudo-random stream.)
 
     Each item is `(x, y, sample_weight)` with `padded_batch_size` rows; rows
-    beyond the sampled examples are zeros with weight 0.
+    beyond the sampled examples have weight 0 and repeat the dataset's first
+    example (real data keeps the padded loss finite, so its exactly-zero
+    gradient cannot turn into NaN).
     """
 
     def __init__(
@@ -79,6 +81,13 @@ class PoissonSampler(keras.utils.PyDataset):
         seed=None,
     ):
         super().__init__()
+        if y is None:
+            raise ValueError(
+                "PoissonSampler needs targets `y`: padding rows are marked by "
+                "sample weight 0, which Keras only passes along with targets. "
+                "For a model whose loss ignores targets, pass any array with "
+                "one row per example as `y`."
+            )
         self.x = x
         self.y = y
         self.n = num_examples(x)
@@ -125,18 +134,21 @@ class PoissonSampler(keras.utils.PyDataset):
         rows = max(self.padded_size, _round_up(len(chosen), 8))
         return (
             _take_padded(self.x, chosen, rows),
-            None if self.y is None else _take_padded(self.y, chosen, rows),
-            _take_padded(self.sample_weight, chosen, rows),
+            _take_padded(self.y, chosen, rows),
+            _take_padded(self.sample_weight, chosen, rows, weights=True),
         )
 
     def on_epoch_end(self):
         self.epoch += 1
 
 
-def _take_padded(structure, indices, rows):
+def _take_padded(structure, indices, rows, weights=False):
     def take(array):
         array = np.asarray(array)
-        out = np.zeros((rows,) + array.shape[1:], dtype=array.dtype)
+        if weights:
+            out = np.zeros((rows,) + array.shape[1:], dtype=array.dtype)
+        else:
+            out = np.repeat(array[:1], rows, axis=0)
         out[: len(indices)] = array[indices]
         return out
 

@@ -8,7 +8,7 @@ import numpy as np
 from keras import tree
 from keras.src.trainers.data_adapters import array_data_adapter
 from keras.src.trainers.data_adapters import array_slicing
-from keras.src.trainers.data_adapters import data_adapter_utils
+from keras.src.trainers import data_adapters
 
 from keras_dp import backend as backend_lib
 from keras_dp import checks
@@ -294,7 +294,7 @@ def _fixed_batch_sample_rate(model, x, y, batch_size, steps_per_epoch, accumulat
     batches = None
     if isinstance(x, keras.utils.PyDataset):
         batches = x.num_batches
-    elif data_adapter_utils.is_tf_dataset(x):
+    elif data_adapters.is_tf_dataset(x):
         cardinality = int(x.cardinality())
         batches = cardinality if cardinality > 0 else None
     if batches is None:
