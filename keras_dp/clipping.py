@@ -85,19 +85,40 @@ def sensitivity(l2_norm_clip):
     return float(l2_norm_clip)
 
 
+def per_example_squared_norms(per_example_grads):
+    """`||g_i^(v)||^2` of each example, one `(batch,)` tensor per variable.
+
+    Args:
+        per_example_grads: list of tensors, each with a leading batch axis.
+    """
+    return [
+        ops.sum(ops.reshape(ops.square(g), (ops.shape(g)[0], -1)), axis=1)
+        for g in per_example_grads
+    ]
+
+
 def per_example_norms(per_example_grads):
     """L2 norm of each example's full gradient (all variables concatenated).
 
     Args:
         per_example_grads: list of tensors, each with a leading batch axis.
     """
-    squares = [
-        ops.sum(ops.reshape(ops.square(g), (ops.shape(g)[0], -1)), axis=1)
-        for g in per_example_grads
-    ]
-    return ops.sqrt(sum(squares[1:], squares[0]))
+    return total_norms(per_example_squared_norms(per_example_grads))
+
+
+def total_norms(squared_norms):
+    """Norm of the concatenation from per-variable squared norms."""
+    return ops.sqrt(sum(squared_norms[1:], squared_norms[0]))
 
 
 def weighted_sum(per_example_grads, factors):
-    """`sum_i factors_i * g_i` for each variable's per-example gradients."""
-    return [ops.tensordot(factors, g, axes=1) for g in per_example_grads]
+    """`sum_i factors_i * g_i` for each variable's per-example gradients.
+
+    `factors` is one `(batch,)` tensor shared by all variables, or a list
+    with one per variable.
+    """
+    if not isinstance(factors, (list, tuple)):
+        factors = [factors] * len(per_example_grads)
+    return [
+        ops.tensordot(f, g, axes=1) for f, g in zip(factors, per_example_grads)
+    ]

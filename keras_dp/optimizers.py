@@ -196,6 +196,21 @@ class DPOptimizerMixin:
             norms, self.clipping, self.l2_norm_clip, self.global_clip_threshold
         )
 
+    def variable_clip_factors(self, squared_norms):
+        """Clip factors of each example for each trainable variable.
+
+        Args:
+            squared_norms: one `(batch,)` tensor per trainable variable (in
+                the model's `trainable_variables` order): each example's
+                squared gradient norm restricted to that variable.
+
+        Returns:
+            One `(batch,)` tensor of factors per variable. With one clipping
+            group every variable gets the factors of the total norm.
+        """
+        factors = self.clip_factors(clipping_lib.total_norms(squared_norms))
+        return [factors] * len(squared_norms)
+
     def build(self, variables):
         if self.built:
             return

@@ -188,8 +188,8 @@ def clipped_gradient_sum(
 
     Args:
         model: the private model.
-        optimizer: a DP optimizer; its `clip_factors` turns norms into
-            per-example factors.
+        optimizer: a DP optimizer; its `variable_clip_factors` turns
+            per-variable squared norms into per-example factors.
         backend_ops: the backend module (`value_and_grad`, `scan`).
         trainable, non_trainable: current variable values (lists).
         x, y, sample_weight: the batch.
@@ -217,7 +217,9 @@ def clipped_gradient_sum(
             one_example, chunk
         )
         grads = [ops.cast(g, "float32") for g in grads]
-        factors = optimizer.clip_factors(clipping_lib.per_example_norms(grads))
+        factors = optimizer.variable_clip_factors(
+            clipping_lib.per_example_squared_norms(grads)
+        )
         return clipping_lib.weighted_sum(grads, factors), losses, y_pred, new_nt
 
     if microbatch_size is None:
