@@ -63,6 +63,11 @@ def example_loss_fn(model):
     non-trainable values)`. An example whose sample weight is 0 everywhere
     has loss exactly 0 (activity regularizers included), which is what makes
     zero-weight padding rows contribute nothing.
+
+    Non-trainable variables that the call leaves untouched (frozen weights,
+    e.g. a LoRA backbone) come back as a 0-d placeholder instead of a copy,
+    so vectorizing does not stack one copy per example; their positions are
+    missing from `loss_fn.updated_positions`, filled in when traced.
     """
     seed_ids = _seed_state_ids(model)
     seed_positions = [
@@ -131,10 +136,18 @@ def example_loss_fn(model):
             present = ops.any(ops.stack(weights))
             loss = ops.where(present, loss, ops.zeros_like(loss))
         new_non_trainable = list(new_non_trainable)
+        for k, before in enumerate(non_trainable):
+            # Identity holds while tracing for state the call did not assign.
+            if new_non_trainable[k] is before:
+                new_non_trainable[k] = ops.zeros((), dtype=before.dtype)
+            else:
+                loss_fn.updated_positions.add(k)
         for k, offset in offsets.items():
-            new_non_trainable[k] = new_non_trainable[k] - offset
+            if k in loss_fn.updated_positions:
+                new_non_trainable[k] = new_non_trainable[k] - offset
         return loss, (_squeeze(y_pred), new_non_trainable)
 
+    loss_fn.updated_positions = set()
     return loss_fn
 
 
@@ -146,18 +159,23 @@ def _pad_rows(structure, pad):
     return tree.map_structure(pad_one, structure)
 
 
-def _reduce_non_trainable(model, stacked, mask):
+def _reduce_non_trainable(model, stacked, mask, updated_positions, before):
     """One value per non-trainable variable from its per-example values.
 
-    Seed states and other integer state take the first example's value (all
-    examples advance them alike). Float state (statistics kept by custom
-    layers) takes the mean over the real examples, which is what a batched
-    forward pass gives for mean-type statistics.
+    State no example updated keeps its value `before`. Seed states and other
+    integer state take the first example's value (all examples advance them
+    alike). Float state (statistics kept by custom layers) takes the mean
+    over the real examples, which is what a batched forward pass gives for
+    mean-type statistics.
     """
     seed_ids = _seed_state_ids(model)
     reduced = []
-    for variable, values in zip(model.non_trainable_variables, stacked):
-        if id(variable) in seed_ids or not keras.backend.is_float_dtype(
+    for k, (variable, values) in enumerate(
+        zip(model.non_trainable_variables, stacked)
+    ):
+        if k not in updated_positions:
+            reduced.append(before[k])
+        elif id(variable) in seed_ids or not keras.backend.is_float_dtype(
             values.dtype
         ):
             reduced.append(values[0])
@@ -206,7 +224,8 @@ def clipped_gradient_sum(
         examples["y"] = y
     if sample_weight is not None:
         examples["sample_weight"] = sample_weight
-    grad_fn = backend_ops.value_and_grad(example_loss_fn(model))
+    loss_fn = example_loss_fn(model)
+    grad_fn = backend_ops.value_and_grad(loss_fn)
 
     def chunk_fn(chunk):
         def one_example(example):
@@ -258,7 +277,9 @@ def clipped_gradient_sum(
         "clipped_sum": clipped,
         "losses": losses,
         "y_pred": y_pred,
-        "non_trainable": _reduce_non_trainable(model, new_nt, mask),
+        "non_trainable": _reduce_non_trainable(
+            model, new_nt, mask, loss_fn.updated_positions, non_trainable
+        ),
     }
 
 
