@@ -158,6 +158,7 @@ class DPOptimizerMixin:
         self.seed = seed
         # Set by the private train step for the duration of one update.
         self._expected_batch_size = None
+        self._noise_spaces = None
 
     def calibrate_noise(self, sample_rate):
         """Sets `noise_multiplier` from the target budget, once.
@@ -225,19 +226,32 @@ class DPOptimizerMixin:
         self._track_variable(self._noise_seed_generator.state)
 
     @contextlib.contextmanager
-    def private_update(self, expected_batch_size):
+    def private_update(self, expected_batch_size, noise_spaces=None):
         """Marks gradients applied inside as private train-step output.
 
         Used by the train step that `make_private` installs: inside, the
         gradients given to `apply`/`stateless_apply` are the clipped sums
         divided by `expected_batch_size`, plus data-independent terms
         (weight regularisation); the optimizer adds the noise.
+
+        `noise_spaces` (optional) has one entry per trainable variable: None
+        for noise on every coordinate, or `draw(standard_normal)` returning
+        the variable-shaped image of standard noise drawn in a smaller
+        privatised space (`keras_dp.LowRankSparse` carriers), where
+        `standard_normal(shape, dtype)` samples the optimizer's noise.
         """
         self._expected_batch_size = expected_batch_size
+        self._noise_spaces = noise_spaces
         try:
             yield
         finally:
             self._expected_batch_size = None
+            self._noise_spaces = None
+
+    def _standard_normal(self, shape, dtype):
+        return keras.random.normal(
+            shape, dtype=dtype, seed=self._noise_seed_generator
+        )
 
     def apply(self, grads, trainable_variables=None):
         if self._expected_batch_size is None:
@@ -265,15 +279,18 @@ class DPOptimizerMixin:
             stddev = self.noise_stddev / (
                 ops.cast(self._expected_batch_size, "float32") * steps
             )
+            spaces = getattr(self, "_noise_spaces", None) or [None] * len(grads)
             grads = [
                 g
                 if g is None
                 else g
                 + ops.cast(stddev, g.dtype)
-                * keras.random.normal(
-                    ops.shape(g), dtype=g.dtype, seed=self._noise_seed_generator
+                * (
+                    self._standard_normal(ops.shape(g), g.dtype)
+                    if space is None
+                    else ops.cast(space(self._standard_normal), g.dtype)
                 )
-                for g in grads
+                for g, space in zip(grads, spaces)
             ]
         # Keras's own clipnorm/clipvalue, if set, act on the noised gradient
         # (post-processing, no privacy cost).
