@@ -226,6 +226,8 @@ def clipped_gradient_sum(
         examples["sample_weight"] = sample_weight
     loss_fn = example_loss_fn(model)
     grad_fn = backend_ops.value_and_grad(loss_fn)
+    space = gradient_space(model, non_trainable)
+    part_shapes = space.part_shapes()
 
     def chunk_fn(chunk):
         def one_example(example):
@@ -235,11 +237,18 @@ def clipped_gradient_sum(
         grads, losses, (y_pred, new_nt) = ops.vectorized_map(
             one_example, chunk
         )
-        grads = [ops.cast(g, "float32") for g in grads]
-        factors = optimizer.variable_clip_factors(
-            clipping_lib.per_example_squared_norms(grads)
-        )
-        return clipping_lib.weighted_sum(grads, factors), losses, y_pred, new_nt
+        parts = space.project([ops.cast(g, "float32") for g in grads])
+        squared_norms = [
+            sum(clipping_lib.per_example_squared_norms(variable_parts))
+            for variable_parts in parts
+        ]
+        factors = optimizer.variable_clip_factors(squared_norms)
+        clipped = [
+            part
+            for variable_parts, f in zip(parts, factors)
+            for part in clipping_lib.weighted_sum(variable_parts, f)
+        ]
+        return clipped, losses, y_pred, new_nt
 
     if microbatch_size is None:
         examples["index"] = ops.arange(rows, dtype="int32")
@@ -266,7 +275,11 @@ def clipped_gradient_sum(
             total = [a + b for a, b in zip(total, clipped)]
             return total, (losses, y_pred, new_nt)
 
-        init = [ops.zeros(ops.shape(t), dtype="float32") for t in trainable]
+        init = [
+            ops.zeros(shape, dtype="float32")
+            for shapes in part_shapes
+            for shape in shapes
+        ]
         clipped, stacked = backend_ops.scan(scan_fn, init, chunks)
         losses, y_pred, new_nt = tree.map_structure(
             lambda t: ops.reshape(t, (-1,) + tuple(t.shape[2:]))[:rows],
@@ -274,13 +287,56 @@ def clipped_gradient_sum(
         )
         mask = _row_mask(examples["sample_weight"])[:rows]
     return {
-        "clipped_sum": clipped,
+        "clipped_sum": space.reconstruct(_unflatten_parts(clipped, part_shapes)),
+        "noise_spaces": space.noise_spaces(),
         "losses": losses,
         "y_pred": y_pred,
         "non_trainable": _reduce_non_trainable(
             model, new_nt, mask, loss_fn.updated_positions, non_trainable
         ),
     }
+
+
+class GradientSpace:
+    """The coordinates in which per-example gradients are clipped and noised.
+
+    This default is the identity: every coordinate of every trainable
+    variable. A model may define `private_gradient_space(non_trainable)`
+    returning another space (`keras_dp.LowRankSparse` does: low-rank
+    carriers). A space maps each variable's per-example gradient to a list
+    of parts (`project`), maps summed parts back (`reconstruct`, linear), and
+    tells the optimizer how to draw noise in the parts (`noise_spaces`).
+    """
+
+    def __init__(self, trainable_variables):
+        self.shapes = [tuple(v.shape) for v in trainable_variables]
+
+    def part_shapes(self):
+        return [[shape] for shape in self.shapes]
+
+    def project(self, per_example_grads):
+        return [[g] for g in per_example_grads]
+
+    def reconstruct(self, summed_parts):
+        return [parts[0] for parts in summed_parts]
+
+    def noise_spaces(self):
+        return None
+
+
+def gradient_space(model, non_trainable):
+    make_space = getattr(model, "private_gradient_space", None)
+    if make_space is None:
+        return GradientSpace(model.trainable_variables)
+    return make_space(non_trainable)
+
+
+def _unflatten_parts(flat, part_shapes):
+    parts, k = [], 0
+    for shapes in part_shapes:
+        parts.append(list(flat[k : k + len(shapes)]))
+        k += len(shapes)
+    return parts
 
 
 def _row_mask(sample_weight):
@@ -343,6 +399,7 @@ def private_gradients(
     loss = ops.sum(result["losses"]) / expected + reg_loss
     return {
         "grads": grads,
+        "noise_spaces": result["noise_spaces"],
         "expected_batch_size": expected,
         "loss": loss,
         "y_pred": result["y_pred"],

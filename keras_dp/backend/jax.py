@@ -25,7 +25,9 @@ def train_step(model, state, data):
         model, sys.modules[__name__], trainable, non_trainable, x, y, sample_weight
     )
     optimizer = model.optimizer
-    with optimizer.private_update(step["expected_batch_size"]):
+    with optimizer.private_update(
+        step["expected_batch_size"], step["noise_spaces"]
+    ):
         trainable, optimizer_variables = optimizer.stateless_apply(
             optimizer_variables, step["grads"], trainable
         )

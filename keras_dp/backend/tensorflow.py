@@ -55,7 +55,9 @@ def train_step(model, data):
         model, sys.modules[__name__], trainable, non_trainable, x, y, sample_weight
     )
     optimizer = model.optimizer
-    with optimizer.private_update(step["expected_batch_size"]):
+    with optimizer.private_update(
+        step["expected_batch_size"], step["noise_spaces"]
+    ):
         optimizer.apply(step["grads"], trainable_variables)
     for variable, value in zip(
         model.non_trainable_variables, step["non_trainable"]
