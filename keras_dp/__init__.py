@@ -14,6 +14,7 @@ from keras_dp.accounting import compute_epsilon
 from keras_dp.callbacks import EpsilonLogger
 from keras_dp.callbacks import PrivacyBudget
 from keras_dp.ledger import PrivacyLedger
+from keras_dp.low_rank import LowRankSparse
 from keras_dp.optimizers import DPAdam
 from keras_dp import accounting
 from keras_dp import data
@@ -22,6 +23,7 @@ from keras_dp.accounting import compute_epsilon
 from keras_dp.callbacks import EpsilonLogger
 from keras_dp.callbacks import PrivacyBudget
 from keras_dp.ledger import PrivacyLedger
+from keras_dp.low_rank import LowRankSparse
 from keras_dp.optimizers import DPAdamW
 from keras_dp.optimizers import DPLamb
 from keras_dp.optimizers import DPOptimizerMixin

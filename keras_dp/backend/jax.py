@@ -31,12 +31,16 @@ def train_step(model, state, data):
         trainable, optimizer_variables = optimizer.stateless_apply(
             optimizer_variables, step["grads"], trainable
         )
+    non_trainable = step["non_trainable"]
+    after_update = getattr(model, "after_private_update", None)
+    if after_update is not None:
+        non_trainable = after_update(trainable, non_trainable)
     logs, metrics_variables = model._update_metrics_variables(
         metrics_variables, step["loss"], x, y, step["y_pred"], sample_weight
     )
     state = (
         trainable,
-        step["non_trainable"],
+        non_trainable,
         optimizer_variables,
         metrics_variables,
     )

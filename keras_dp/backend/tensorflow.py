@@ -59,9 +59,13 @@ def train_step(model, data):
         step["expected_batch_size"], step["noise_spaces"]
     ):
         optimizer.apply(step["grads"], trainable_variables)
-    for variable, value in zip(
-        model.non_trainable_variables, step["non_trainable"]
-    ):
+    non_trainable = step["non_trainable"]
+    after_update = getattr(model, "after_private_update", None)
+    if after_update is not None:
+        non_trainable = after_update(
+            [v.value for v in trainable_variables], non_trainable
+        )
+    for variable, value in zip(model.non_trainable_variables, non_trainable):
         variable.assign(value)
     model._loss_tracker.update_state(
         step["loss"], sample_weight=tf.shape(tf.nest.flatten(x)[0])[0]

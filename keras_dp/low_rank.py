@@ -1,0 +1,376 @@
+"""Low-rank and sparse private updates: RGP and LSG as a model wrapper.
+
+For large models the noise grows with the number of noised coordinates.
+`LowRankSparse` privatises, for every matrix-like kernel (Dense, EinsumDense
+and convolution kernels, through their matrix view `W` of shape `(p, d)`),
+only the per-example *carrier gradients* of a rank-`r` reparametrisation
+`W = L R + W~` (Yu et al., "Do not let privacy overbill utility: gradient
+embedding perturbation", RGP, ICML 2021):
+
+    dL_i = G_i R^T   (p x r),        dR_i = L^T G_i   (r x d)
+
+optionally restricted to a sparse support (LSG, Ito et al. 2022). The clipped
+vector of an example is the concatenation of its carrier gradients and the
+gradients of all other trainable variables (biases, norms, excluded heads);
+noise is drawn in that space only, and each kernel's update is reconstructed
+with the projection
+
+    dW = dL R + L dR - L L^T dL R  =  P_L G + G P_R - P_L G P_R.
+
+(The released RGP language-model code adds the last term; only the minus
+gives the projection.) Everything the carriers and the support depend on is
+public: the weights already released by earlier private steps and public
+randomness, never the current batch. So the accounting is exactly that of
+plain DP-SGD with the same noise multiplier, sampling rate and steps.
+
+Example:
+
+```python
+model = keras_dp.LowRankSparse(model, rank=8, sparsity=0.9, refresh_every=100)
+model = keras_dp.make_private(model)
+model.compile(optimizer=keras_dp.DPAdam(auto_clip=True, noise_multiplier=0.8),
+              loss="sparse_categorical_crossentropy")
+model.fit(x, y, epochs=3)
+print(model.noise_dimension, "noised coordinates")
+```
+
+Decisions where the spec is open (LSG has no public code):
+- Carriers come from one power iteration on the current kernel `W` (the
+  weights released so far) with fresh public Gaussian randomness, refreshed
+  every `refresh_every` train steps.
+- The support keeps, in each carrier matrix, the `ceil((1 - sparsity) * size)`
+  coordinates where the projection of the released kernel (`W R^T` for
+  `dL`, `L^T W` for `dR`) is largest in magnitude, chosen when the carriers
+  are refreshed. Coordinates outside the support are exactly zero and get no
+  noise.
+"""
+
+import math
+
+import keras
+import keras.src.backend
+import numpy as np
+from keras import ops
+
+_MATRIX_LAYERS = (
+    keras.layers.Dense,
+    keras.layers.EinsumDense,
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+)
+
+
+def matrix_split(shape):
+    """Axis before which a kernel is flattened into its `(p, d)` view.
+
+    The split that makes the smaller side largest: `(d_model, heads * dim)`
+    for attention projections, `(kh * kw * c_in, c_out)` for convolutions.
+    """
+    best, best_side = 1, -1
+    for k in range(1, len(shape)):
+        p, d = math.prod(shape[:k]), math.prod(shape[k:])
+        if min(p, d) > best_side:
+            best, best_side = k, min(p, d)
+    return best
+
+
+class _FixedSeed(keras.random.SeedGenerator):
+    """A seed given as a tensor (Keras random ops accept only generators)."""
+
+    def __init__(self, seed):
+        self._seed = seed
+
+    def next(self, ordered=True):
+        return self._seed
+
+
+def _support_mask(scores, keep):
+    flat = ops.reshape(ops.abs(scores), (-1,))
+    _, indices = ops.top_k(flat, keep)
+    mask = ops.scatter(
+        ops.expand_dims(indices, 1),
+        ops.ones((keep,), dtype=flat.dtype),
+        (flat.shape[0],),
+    )
+    return ops.reshape(mask, scores.shape)
+
+
+class _Carrier:
+    """Carriers of one kernel: its position and the carrier variables."""
+
+    def __init__(self, kernel, split, rank, variables):
+        self.kernel = kernel
+        self.shape = tuple(kernel.shape)
+        self.p = math.prod(self.shape[:split])
+        self.d = math.prod(self.shape[split:])
+        self.rank = rank
+        self.variables = variables  # L, R, mask_L, mask_R
+
+
+@keras.saving.register_keras_serializable(package="keras_dp")
+class LowRankSparse(keras.Model):
+    """Wraps a model so DP training privatises low-rank (sparse) carriers.
+
+    Args:
+        model: the model to train (any Keras model, built).
+        rank: carrier rank `r` (capped at each kernel's smaller side).
+        sparsity: fraction of carrier coordinates left out (0 gives RGP).
+        refresh_every: train steps between carrier refreshes.
+        exclude: names of layers whose kernels are privatised in full
+            (e.g. a classification head).
+        seed: seed of the public randomness of the power iteration.
+
+    The wrapper calls `model` unchanged; only `make_private`'s train step
+    sees the difference. `noise_dimension` is the number of noised
+    coordinates.
+    """
+
+    def __init__(
+        self,
+        model,
+        rank=8,
+        sparsity=0.0,
+        refresh_every=100,
+        exclude=(),
+        seed=0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"`rank` must be a positive integer. Received: {rank!r}.")
+        if not 0 <= sparsity < 1:
+            raise ValueError(
+                f"`sparsity` must be in [0, 1). Received: {sparsity!r}."
+            )
+        if not isinstance(refresh_every, int) or refresh_every < 1:
+            raise ValueError(
+                "`refresh_every` must be a positive integer. Received: "
+                f"{refresh_every!r}."
+            )
+        if not model.built:
+            raise ValueError(
+                "LowRankSparse needs a built model (its kernels must exist). "
+                "Build it first, e.g. with keras.Input or model.build(shape)."
+            )
+        self.inner = model
+        self.rank = rank
+        self.sparsity = float(sparsity)
+        self.refresh_every = refresh_every
+        self.exclude = tuple(exclude)
+        self.seed = int(seed)
+        self._carriers = self._create_carriers()
+        self._refresh_count = self.add_weight(
+            shape=(), initializer="zeros", dtype="int32", trainable=False,
+            name="carrier_steps",
+        )
+        self.built = True
+        self._initialize_carriers()
+
+    def call(self, inputs, training=None):
+        return self.inner(inputs, training=training)
+
+    def _create_carriers(self):
+        known = set(self.exclude)
+        carriers = []
+        for layer in self.inner._flatten_layers(include_self=False):
+            if not isinstance(layer, _MATRIX_LAYERS) or not layer.trainable:
+                continue
+            known.discard(layer.name)
+            if layer.name in self.exclude or getattr(layer, "lora_enabled", False):
+                continue
+            for kernel in layer.trainable_weights:
+                if not kernel.path.endswith("kernel") or len(kernel.shape) < 2:
+                    continue
+                split = matrix_split(tuple(kernel.shape))
+                p = math.prod(kernel.shape[:split])
+                d = math.prod(kernel.shape[split:])
+                r = min(self.rank, p, d)
+                name = kernel.path.replace("/", "_")
+                variables = [
+                    self.add_weight(shape=shape, initializer="zeros",
+                                    trainable=False, name=f"{name}_{suffix}")
+                    for shape, suffix in (
+                        ((p, r), "carrier_l"),
+                        ((r, d), "carrier_r"),
+                        ((p, r), "support_l"),
+                        ((r, d), "support_r"),
+                    )
+                ]
+                carriers.append(_Carrier(kernel, split, r, variables))
+        if known:
+            raise ValueError(
+                f"`exclude` names layers that have no matrix kernel: "
+                f"{sorted(known)}."
+            )
+        return carriers
+
+    def _initialize_carriers(self):
+        values = self._carrier_values(
+            [v.value for v in self.trainable_variables], ops.convert_to_tensor(0)
+        )
+        for carrier, new in zip(self._carriers, values):
+            for variable, value in zip(carrier.variables, new):
+                variable.assign(value)
+
+    def _carrier_values(self, trainable_values, refresh_index):
+        """New `(L, R, mask_L, mask_R)` of each kernel, from public state."""
+        position = {id(v): k for k, v in enumerate(self.trainable_variables)}
+        seed_dtype = keras.src.backend.random_seed_dtype()
+        values = []
+        for k, carrier in enumerate(self._carriers):
+            w = ops.reshape(
+                ops.cast(trainable_values[position[id(carrier.kernel)]], "float32"),
+                (carrier.p, carrier.d),
+            )
+            seed = ops.cast(
+                ops.stack([self.seed + 7919 * k, ops.cast(refresh_index, "int32")]),
+                seed_dtype,
+            )
+            r0 = keras.random.normal((carrier.d, carrier.rank), seed=_FixedSeed(seed))
+            left, _ = ops.linalg.qr(ops.matmul(w, r0))
+            q, _ = ops.linalg.qr(ops.matmul(ops.transpose(w), left))
+            right = ops.transpose(q)
+            masks = [
+                _support_mask(scores, self._support_size(scores.shape))
+                for scores in (
+                    ops.matmul(w, ops.transpose(right)),
+                    ops.matmul(ops.transpose(left), w),
+                )
+            ]
+            values.append([left, right] + masks)
+        return values
+
+    def _support_size(self, shape):
+        return int(math.ceil((1.0 - self.sparsity) * math.prod(shape)))
+
+    @property
+    def noise_dimension(self):
+        """Number of coordinates that receive noise in each private step."""
+        covered = {id(c.kernel) for c in self._carriers}
+        total = sum(
+            math.prod(v.shape)
+            for v in self.trainable_variables
+            if id(v) not in covered
+        )
+        for c in self._carriers:
+            total += self._support_size((c.p, c.rank))
+            total += self._support_size((c.rank, c.d))
+        return total
+
+    # Hooks used by keras_dp's private train step.
+
+    def private_gradient_space(self, non_trainable):
+        position = {id(v): k for k, v in enumerate(self.non_trainable_variables)}
+        carrier_values = [
+            [non_trainable[position[id(v)]] for v in c.variables]
+            for c in self._carriers
+        ]
+        return _LowRankSpace(self.trainable_variables, self._carriers, carrier_values)
+
+    def after_private_update(self, trainable_values, non_trainable):
+        """Counts the step and refreshes the carriers every `refresh_every`.
+
+        Uses only the weights just released, so no privacy is spent.
+        """
+        position = {id(v): k for k, v in enumerate(self.non_trainable_variables)}
+        non_trainable = list(non_trainable)
+        count = non_trainable[position[id(self._refresh_count)]] + 1
+        non_trainable[position[id(self._refresh_count)]] = count
+        if not self._carriers:
+            return non_trainable
+        refresh_index = count // self.refresh_every
+        old = [
+            [non_trainable[position[id(v)]] for v in c.variables]
+            for c in self._carriers
+        ]
+        new = ops.cond(
+            ops.equal(count % self.refresh_every, 0),
+            lambda: self._carrier_values(trainable_values, refresh_index),
+            lambda: old,
+        )
+        for c, values in zip(self._carriers, new):
+            for variable, value in zip(c.variables, values):
+                non_trainable[position[id(variable)]] = value
+        return non_trainable
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            model=keras.saving.serialize_keras_object(self.inner),
+            rank=self.rank,
+            sparsity=self.sparsity,
+            refresh_every=self.refresh_every,
+            exclude=list(self.exclude),
+            seed=self.seed,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["model"] = keras.saving.deserialize_keras_object(config["model"])
+        return cls(**config)
+
+
+class _LowRankSpace:
+    """Gradient space of `LowRankSparse` (see `per_example.GradientSpace`)."""
+
+    def __init__(self, trainable_variables, carriers, carrier_values):
+        by_kernel = {id(c.kernel): (c, v) for c, v in zip(carriers, carrier_values)}
+        self.entries = [
+            (tuple(var.shape), by_kernel.get(id(var))) for var in trainable_variables
+        ]
+
+    def part_shapes(self):
+        return [
+            [shape] if entry is None else [(entry[0].p, entry[0].rank), (entry[0].rank, entry[0].d)]
+            for shape, entry in self.entries
+        ]
+
+    def project(self, per_example_grads):
+        parts = []
+        for g, (shape, entry) in zip(per_example_grads, self.entries):
+            if entry is None:
+                parts.append([g])
+                continue
+            carrier, (left, right, mask_l, mask_r) = entry
+            g = ops.reshape(g, (-1, carrier.p, carrier.d))
+            d_left = ops.einsum("bpd,rd->bpr", g, right) * mask_l
+            d_right = ops.einsum("pr,bpd->brd", left, g) * mask_r
+            parts.append([d_left, d_right])
+        return parts
+
+    def reconstruct(self, summed_parts):
+        return [
+            parts[0] if entry is None else self._reconstruct(entry, *parts)
+            for parts, (shape, entry) in zip(summed_parts, self.entries)
+        ]
+
+    @staticmethod
+    def _reconstruct(entry, d_left, d_right):
+        carrier, (left, right, _, _) = entry
+        d_w = (
+            ops.matmul(d_left, right)
+            + ops.matmul(left, d_right)
+            - ops.matmul(left, ops.matmul(ops.matmul(ops.transpose(left), d_left), right))
+        )
+        return ops.reshape(d_w, carrier.shape)
+
+    def noise_spaces(self):
+        spaces = []
+        for shape, entry in self.entries:
+            if entry is None:
+                spaces.append(None)
+                continue
+
+            def draw(standard_normal, entry=entry):
+                carrier, (_, _, mask_l, mask_r) = entry
+                return self._reconstruct(
+                    entry,
+                    standard_normal((carrier.p, carrier.rank), "float32") * mask_l,
+                    standard_normal((carrier.rank, carrier.d), "float32") * mask_r,
+                )
+
+            spaces.append(draw)
+        return spaces
