@@ -9,6 +9,8 @@ of the clipped sum. This module computes `c_i` from the per-example gradient
 norms and states `Delta` for each mode; the optimizers own the settings.
 """
 
+import math
+
 from keras import ops
 
 CLIPPING_MODES = ("flat", "auto", "global")
@@ -85,16 +87,41 @@ def sensitivity(l2_norm_clip):
     return float(l2_norm_clip)
 
 
-def per_example_squared_norms(per_example_grads):
+def per_example_squared_norms(per_example_grads, partitions=None):
     """`||g_i^(v)||^2` of each example, one `(batch,)` tensor per variable.
 
     Args:
         per_example_grads: list of tensors, each with a leading batch axis.
+        partitions: optional list with, per variable, None or `(axis,
+            shards)`: then that variable's entry is `(batch, shards)`, the
+            squared norm of each of `shards` equal pieces along `axis` (of
+            the variable, not counting the batch axis). Per-device groups
+            use it: each piece is reduced where it lives.
     """
-    return [
-        ops.sum(ops.reshape(ops.square(g), (ops.shape(g)[0], -1)), axis=1)
-        for g in per_example_grads
-    ]
+    partitions = partitions or [None] * len(per_example_grads)
+    result = []
+    for g, part in zip(per_example_grads, partitions):
+        if part is None:
+            result.append(
+                ops.sum(ops.reshape(ops.square(g), (ops.shape(g)[0], -1)), axis=1)
+            )
+            continue
+        split = _split_shape(g, part)
+        squares = ops.square(ops.reshape(g, split))
+        axis, _ = part
+        reduce_axes = tuple(
+            a for a in range(1, len(split)) if a != axis + 1
+        )
+        result.append(ops.sum(squares, axis=reduce_axes))
+    return result
+
+
+def _split_shape(g, part):
+    """Shape of `g` with variable axis `axis` split into `(shards, rest)`."""
+    axis, shards = part
+    shape = list(g.shape)
+    size = shape[axis + 1]
+    return tuple(shape[: axis + 1] + [shards, size // shards] + shape[axis + 2 :])
 
 
 def per_example_norms(per_example_grads):
@@ -111,14 +138,177 @@ def total_norms(squared_norms):
     return ops.sqrt(sum(squared_norms[1:], squared_norms[0]))
 
 
-def weighted_sum(per_example_grads, factors):
+def weighted_sum(per_example_grads, factors, partitions=None):
     """`sum_i factors_i * g_i` for each variable's per-example gradients.
 
     `factors` is one `(batch,)` tensor shared by all variables, or a list
-    with one per variable.
+    with one per variable. With `partitions` (see
+    `per_example_squared_norms`), a partitioned variable's factors are
+    `(batch, shards)`: piece `j` of example `i` is scaled by `f[i, j]`.
     """
     if not isinstance(factors, (list, tuple)):
         factors = [factors] * len(per_example_grads)
-    return [
-        ops.tensordot(f, g, axes=1) for f, g in zip(factors, per_example_grads)
-    ]
+    partitions = partitions or [None] * len(per_example_grads)
+    result = []
+    for f, g, part in zip(factors, per_example_grads, partitions):
+        if part is None or len(f.shape) == 1:
+            result.append(ops.tensordot(f, g, axes=1))
+            continue
+        axis, shards = part
+        split = _split_shape(g, part)
+        pieces = ops.reshape(g, split)
+        scale = ops.reshape(
+            f,
+            (split[0],) + (1,) * axis + (shards,) + (1,) * (len(split) - axis - 2),
+        )
+        summed = ops.sum(pieces * ops.cast(scale, pieces.dtype), axis=0)
+        result.append(ops.reshape(summed, tuple(g.shape[1:])))
+    return result
+
+
+def group_clip_factors(group_norms, clipping, thresholds, scale_ratio=1.0):
+    """Clip factors of each group: `clip_factors` with group thresholds.
+
+    Args:
+        group_norms: list of `(batch,)` norms, one per group.
+        clipping: `"flat"`, `"auto"` or `"global"`.
+        thresholds: `C_k` (or `R_k`) per group: floats or scalar tensors.
+        scale_ratio: for global clipping, `Z / R`: group `k` keeps examples
+            with norm at most `Z_k = R_k * Z / R`.
+    """
+    factors = []
+    for norms, threshold in zip(group_norms, thresholds):
+        zk = None
+        if clipping == "global":
+            zk = threshold * scale_ratio
+        factors.append(clip_factors(norms, clipping, threshold, zk))
+    return factors
+
+
+def group_sensitivity(thresholds):
+    """`sqrt(sum_k C_k^2)`: the L2 sensitivity with group thresholds."""
+    return math.sqrt(sum(float(c) ** 2 for c in thresholds))
+
+
+def adaptive_noise_multipliers(noise_multiplier, count_stddev, num_groups):
+    """Gradient noise multiplier that keeps the total at `noise_multiplier`.
+
+    The gradient (multiplier `sigma_g`) and the `K` centred counts (noise
+    `sigma_b`, sensitivity 1/2 each) compose into one Gaussian mechanism
+    with `sigma^-2 = sigma_g^-2 + K (2 sigma_b)^-2` (Andrew et al. 2021), so
+    `sigma_g = (sigma^-2 - K (2 sigma_b)^-2)^(-1/2)`, which needs
+    `sigma < 2 sigma_b / sqrt(K)`. Python floats only.
+
+    Returns:
+        `sigma_g`.
+    """
+    sigma = float(noise_multiplier)
+    if sigma == 0:
+        return 0.0
+    limit = 2.0 * float(count_stddev) / math.sqrt(num_groups)
+    if not sigma < limit:
+        raise ValueError(
+            f"noise_multiplier={sigma:.4g} is too large for adaptive "
+            f"clipping of {num_groups} group(s) with count noise "
+            f"sigma_b={float(count_stddev):.4g}: the counts alone would "
+            f"spend more than the budget (it needs sigma < 2 sigma_b / "
+            f"sqrt(K) = {limit:.4g}). Use a larger batch (sigma_b = "
+            "count_stddev_fraction * B), a larger count_stddev, fewer "
+            "groups, or fixed thresholds."
+        )
+    return (sigma**-2 - num_groups * (2.0 * float(count_stddev)) ** -2) ** -0.5
+
+
+class AdaptiveClipping:
+    """Adaptive clipping thresholds (Andrew et al. 2021), one per group.
+
+    After each step, group `k`'s threshold moves toward the
+    `target_quantile` of its examples' gradient norms:
+
+        b_i = 1{||g_i^(k)|| <= C_k}
+        b_tilde = (sum_i (b_i - 1/2) + N(0, sigma_b^2)) / B + 1/2
+        C_k <- C_k * exp(-learning_rate * (b_tilde - target_quantile))
+
+    The count is centred, so one example changes it by at most 1/2. The
+    total privacy cost stays the optimizer's `noise_multiplier` `sigma`:
+    the gradient gets the smaller multiplier
+    `sigma_g = (sigma^-2 - K (2 sigma_b)^-2)^(-1/2)`, and the ledger records
+    `sigma`. Thresholds start at the group thresholds and are optimizer
+    variables (saved, resumed); the train step logs them as
+    `clip_threshold/<group>`.
+
+    Args:
+        target_quantile: `q`, the fraction of examples to leave unclipped.
+        learning_rate: `eta_C` of the geometric update.
+        count_stddev_fraction: `sigma_b = count_stddev_fraction * B`, with
+            `B` the expected batch size (default 1/20).
+        count_stddev: a fixed `sigma_b` instead (0 only with
+            `noise_multiplier=0`, for tests).
+    """
+
+    def __init__(
+        self,
+        target_quantile=0.5,
+        learning_rate=0.2,
+        count_stddev_fraction=0.05,
+        count_stddev=None,
+    ):
+        if not 0 < target_quantile < 1:
+            raise ValueError(
+                "`target_quantile` must be in (0, 1). Received: "
+                f"{target_quantile!r}."
+            )
+        if not learning_rate > 0:
+            raise ValueError(
+                f"`learning_rate` must be positive. Received: {learning_rate!r}."
+            )
+        if count_stddev is None and not count_stddev_fraction > 0:
+            raise ValueError(
+                "`count_stddev_fraction` must be positive. Received: "
+                f"{count_stddev_fraction!r}."
+            )
+        if count_stddev is not None and not count_stddev >= 0:
+            raise ValueError(
+                f"`count_stddev` must be >= 0. Received: {count_stddev!r}."
+            )
+        self.target_quantile = float(target_quantile)
+        self.learning_rate = float(learning_rate)
+        self.count_stddev_fraction = float(count_stddev_fraction)
+        self.count_stddev = None if count_stddev is None else float(count_stddev)
+
+    def count_noise_stddev(self, expected_batch_size):
+        """`sigma_b` for expected batch size `B` (a float)."""
+        if self.count_stddev is not None:
+            return self.count_stddev
+        return self.count_stddev_fraction * float(expected_batch_size)
+
+    def get_config(self):
+        return {
+            "target_quantile": self.target_quantile,
+            "learning_rate": self.learning_rate,
+            "count_stddev_fraction": self.count_stddev_fraction,
+            "count_stddev": self.count_stddev,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"AdaptiveClipping({args})"
+
+
+def centred_counts(group_norms, thresholds, mask=None):
+    """`sum_i mask_i (1{||g_i^(k)|| <= C_k} - 1/2)` per group: shape `(K,)`.
+
+    Rows with `mask_i = 0` (padding) contribute nothing; every real example
+    contributes exactly +-1/2 to each group's count.
+    """
+    counts = []
+    for norms, threshold in zip(group_norms, thresholds):
+        below = ops.cast(ops.less_equal(norms, threshold), "float32") - 0.5
+        if mask is not None:
+            below = below * ops.cast(mask, "float32")
+        counts.append(ops.sum(below))
+    return ops.stack(counts)

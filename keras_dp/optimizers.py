@@ -25,16 +25,20 @@ model.fit(x, y, batch_size=256, epochs=3)
 """
 
 import contextlib
+import math
 import numbers
 import sys
+import weakref
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras.src.utils import io_utils
 
 from keras_dp import accounting
 from keras_dp import clipping as clipping_lib
+from keras_dp import groups as groups_lib
 from keras_dp import ledger as ledger_lib
 
 _NOT_PRIVATE_MESSAGE = (
@@ -81,6 +85,22 @@ class DPOptimizerMixin:
         seed: integer seed of the noise. The noise generator's state is an
             optimizer variable, so it is saved and restored with the model.
         privacy_ledger: restored from a saved config; leave it unset.
+        clip_groups: group-wise clipping (He et al.; see `keras_dp.groups`):
+            `"flat"` (one group), `"layers"` (groups named on layers with
+            `keras_dp.set_clip_group`; unnamed layers form `"default"`),
+            `"per_layer"`, `"per_variable"` or `"per_device"`. Default
+            (None): `"layers"` if some layer of the model carries a group,
+            else `"flat"`. Group `k` is clipped to `C_k` (its threshold, else
+            `l2_norm_clip / sqrt(K)`); the sensitivity is
+            `sqrt(sum_k C_k^2)` and the noise one isotropic Gaussian.
+        clip_thresholds: optional `{group name: C_k}`; thresholds set on
+            layers take precedence.
+        adaptive_clipping: `True` or a `keras_dp.AdaptiveClipping`: each
+            group's threshold follows a quantile of its gradient norms
+            (Andrew et al.), at the same total privacy cost `sigma`.
+            Flat clipping only.
+        layer_clip_groups: restored from a saved config (the groups of the
+            model's layers); leave it unset.
 
     All other arguments are those of the wrapped Keras optimizer.
     """
@@ -98,6 +118,10 @@ class DPOptimizerMixin:
         target_delta=None,
         epochs=None,
         privacy_ledger=None,
+        clip_groups=None,
+        clip_thresholds=None,
+        adaptive_clipping=None,
+        layer_clip_groups=None,
         **kwargs,
     ):
         if auto_clip:
@@ -159,6 +183,68 @@ class DPOptimizerMixin:
         # Set by the private train step for the duration of one update.
         self._expected_batch_size = None
         self._noise_spaces = None
+        self._init_clip_groups(
+            clip_groups, clip_thresholds, adaptive_clipping, layer_clip_groups
+        )
+
+    def _init_clip_groups(
+        self, clip_groups, clip_thresholds, adaptive_clipping, layer_clip_groups
+    ):
+        if clip_groups is not None and clip_groups not in (
+            groups_lib.CLIP_GROUP_MODES
+        ):
+            raise ValueError(
+                f"Unknown clip_groups={clip_groups!r}. Use one of "
+                f"{', '.join(repr(m) for m in groups_lib.CLIP_GROUP_MODES)}, "
+                "or None."
+            )
+        if clip_thresholds is not None:
+            if not isinstance(clip_thresholds, dict):
+                raise ValueError(
+                    "`clip_thresholds` must be a dict {group name: threshold}. "
+                    f"Received: {clip_thresholds!r}."
+                )
+            clip_thresholds = {
+                str(k): groups_lib._check_threshold(v, k)
+                for k, v in clip_thresholds.items()
+            }
+        if adaptive_clipping is True:
+            adaptive_clipping = clipping_lib.AdaptiveClipping()
+        elif adaptive_clipping is False:
+            adaptive_clipping = None
+        elif isinstance(adaptive_clipping, dict):
+            adaptive_clipping = clipping_lib.AdaptiveClipping.from_config(
+                adaptive_clipping
+            )
+        if adaptive_clipping is not None:
+            if not isinstance(adaptive_clipping, clipping_lib.AdaptiveClipping):
+                raise ValueError(
+                    "`adaptive_clipping` must be True, False or a "
+                    "keras_dp.AdaptiveClipping. Received: "
+                    f"{adaptive_clipping!r}."
+                )
+            if self.clipping != "flat":
+                raise ValueError(
+                    "Adaptive clipping thresholds need clipping='flat' (with "
+                    f"clipping={self.clipping!r} the threshold is only a "
+                    "scale). Use clipping='flat'."
+                )
+            if self.gradient_accumulation_steps:
+                raise ValueError(
+                    "Adaptive clipping does not support "
+                    "gradient_accumulation_steps yet."
+                )
+        self.clip_groups = clip_groups
+        self.clip_thresholds = clip_thresholds
+        self.adaptive_clipping = adaptive_clipping
+        self._layer_clip_groups = dict(layer_clip_groups or {})
+        self._clip_assignment = None
+        self._group_thresholds = None
+        self._clip_thresholds_variable = None
+        self._bound_model_ref = None
+        self._step_values = None
+        self._clip_counts = None
+        self._static_batch_size = None
 
     def calibrate_noise(self, sample_rate):
         """Sets `noise_multiplier` from the target budget, once.
@@ -183,8 +269,37 @@ class DPOptimizerMixin:
 
     @property
     def sensitivity(self):
-        """L2 sensitivity of the clipped sum (`l2_norm_clip` in every mode)."""
-        return clipping_lib.sensitivity(self.l2_norm_clip)
+        """L2 sensitivity of the clipped sum.
+
+        `l2_norm_clip` in every mode with one group; `sqrt(sum_k C_k^2)`
+        with clipping groups (the current thresholds, when adaptive).
+        """
+        if self._group_thresholds is None:
+            return clipping_lib.sensitivity(self.l2_norm_clip)
+        if self._clip_thresholds_variable is not None:
+            return clipping_lib.group_sensitivity(
+                keras.ops.convert_to_numpy(self._clip_thresholds_variable)
+            )
+        return clipping_lib.group_sensitivity(self._group_thresholds)
+
+    @property
+    def clip_group_names(self):
+        """Names of the clipping groups (known once the optimizer is built)."""
+        if self._clip_assignment is None:
+            return None
+        return list(self._clip_assignment.names)
+
+    @property
+    def group_thresholds(self):
+        """`{group: C_k}`: the current thresholds (None before build)."""
+        if self._clip_assignment is None:
+            return None
+        values = self._group_thresholds
+        if self._clip_thresholds_variable is not None:
+            values = keras.ops.convert_to_numpy(self._clip_thresholds_variable)
+        return {
+            name: float(c) for name, c in zip(self._clip_assignment.names, values)
+        }
 
     @property
     def noise_stddev(self):
@@ -207,15 +322,271 @@ class DPOptimizerMixin:
 
         Returns:
             One `(batch,)` tensor of factors per variable. With one clipping
-            group every variable gets the factors of the total norm.
+            group every variable gets the factors of the total norm; with
+            groups, each variable gets the factors of its group's norm.
+
+        With per-device groups of sharded variables (see
+        `variable_partitions`), a sharded variable's entry is `(batch,
+        shards)` (one squared norm per shard) and so are its factors.
         """
-        factors = self.clip_factors(clipping_lib.total_norms(squared_norms))
-        return [factors] * len(squared_norms)
+        if not self._is_grouped():
+            factors = self.clip_factors(clipping_lib.total_norms(squared_norms))
+            return [factors] * len(squared_norms)
+        group_norms = self._group_norms(squared_norms)
+        global_ratio = (
+            self.global_clip_threshold or self.l2_norm_clip
+        ) / self.l2_norm_clip
+        group_factors = clipping_lib.group_clip_factors(
+            group_norms, self.clipping, self._thresholds_in_step(), global_ratio
+        )
+        factors = []
+        for spec in self._clip_assignment.variable_groups:
+            if isinstance(spec, int):
+                factors.append(group_factors[spec])
+            else:
+                first, _, shards = spec
+                factors.append(
+                    ops.stack(
+                        [group_factors[first + j] for j in range(shards)], axis=1
+                    )
+                )
+        return factors
+
+    def clip_counts(self, squared_norms, mask=None):
+        """Centred counts of adaptive clipping for one (micro)batch.
+
+        Returns the `(K,)` tensor `sum_i mask_i (1{||g_i^(k)|| <= C_k} - 1/2)`
+        (one example moves each entry by exactly 1/2), or None without
+        adaptive clipping. `mask` marks real rows (padding: 0).
+        """
+        if self.adaptive_clipping is None:
+            return None
+        return clipping_lib.centred_counts(
+            self._group_norms(squared_norms), self._thresholds_in_step(), mask
+        )
+
+    def _is_grouped(self):
+        if self._clip_assignment is None:
+            if self.clip_groups not in (None, "flat") or self.adaptive_clipping:
+                raise RuntimeError(
+                    f"{type(self).__name__}(clip_groups={self.clip_groups!r}"
+                    f", adaptive_clipping={self.adaptive_clipping!r}) has not "
+                    "resolved its clipping groups: they are resolved when "
+                    "the optimizer is built for a model (model.fit does "
+                    "this). In a custom loop call "
+                    "optimizer.bind_clip_groups(model) before "
+                    "optimizer.build(model.trainable_variables)."
+                )
+            return False
+        return (
+            self._clip_assignment.num_groups > 1
+            or self.adaptive_clipping is not None
+            or self.variable_partitions() is not None
+            or self._group_thresholds[0] != self.l2_norm_clip
+        )
+
+    def _group_norms(self, squared_norms):
+        assignment = self._clip_assignment
+        sums = [None] * assignment.num_groups
+
+        def add(k, value):
+            sums[k] = value if sums[k] is None else sums[k] + value
+
+        for sq, spec in zip(squared_norms, assignment.variable_groups):
+            if isinstance(spec, int):
+                if len(sq.shape) != 1:
+                    sq = ops.sum(sq, axis=1)
+                add(spec, sq)
+            else:
+                first, _, shards = spec
+                if len(sq.shape) != 2:
+                    raise ValueError(
+                        "clip_groups='per_device' needs per-shard squared "
+                        "norms of sharded variables (batch, shards); this "
+                        "per-example method gave one norm per variable."
+                    )
+                for j in range(shards):
+                    add(first + j, sq[:, j])
+        return [ops.sqrt(s) for s in sums]
+
+    def variable_partitions(self):
+        """Per variable, None or `(axis, shards)`; None if nothing is split.
+
+        Per-device groups of sharded variables need each example's squared
+        norm per shard (`clipping.per_example_squared_norms(grads,
+        partitions)`).
+        """
+        if self._clip_assignment is None:
+            return None
+        partitions = self._clip_assignment.partitions()
+        return partitions if any(partitions) else None
+
+    @property
+    def needs_vmap_path(self):
+        """Whether clipping needs more than per-variable norms.
+
+        Per-device groups clip shards of variables, which needs per-shard
+        norms that only the vmap path computes.
+        """
+        return self.variable_partitions() is not None
+
+    @property
+    def num_count_groups(self):
+        """`K` when adaptive clipping needs counts from the step, else 0."""
+        if self.adaptive_clipping is None or self._clip_assignment is None:
+            return 0
+        return self._clip_assignment.num_groups
+
+    def _thresholds_in_step(self):
+        """`C_k` per group: floats, or scalar tensors when adaptive.
+
+        Inside a JAX step they come from the step's optimizer-variable
+        values (`step_state`); inside `stateless_apply` from its scope; on
+        TensorFlow from the variable.
+        """
+        variable = self._clip_thresholds_variable
+        if variable is None:
+            return list(self._group_thresholds)
+        value = None
+        if self._step_values is not None:
+            for v, val in zip(self.variables, self._step_values):
+                if v is variable:
+                    value = val
+                    break
+        if value is None:
+            value = variable.value
+        value = ops.convert_to_tensor(value)
+        return [value[k] for k in range(self._clip_assignment.num_groups)]
+
+    @contextlib.contextmanager
+    def step_state(self, optimizer_variables):
+        """Reads optimizer state from `optimizer_variables` inside.
+
+        The JAX train step passes the optimizer variables as values; clip
+        factors computed inside (adaptive thresholds) use them.
+        """
+        self._step_values = list(optimizer_variables)
+        try:
+            yield
+        finally:
+            self._step_values = None
+
+    def took_update(self, optimizer_variables=None):
+        """Whether the step just applied updated the weights (bool tensor).
+
+        False on the micro-steps of a `gradient_accumulation_steps` window
+        that only accumulate. `optimizer_variables`: the JAX step's values.
+        """
+        if optimizer_variables is None:
+            iterations = self._iterations.value
+        else:
+            (iterations,) = [
+                value
+                for v, value in zip(self.variables, optimizer_variables)
+                if v is self._iterations
+            ]
+        steps = self.gradient_accumulation_steps or 1
+        return ops.equal(iterations % steps, 0)
+
+    def clip_threshold_logs(self, optimizer_variables=None):
+        """`{"clip_threshold/<group>": C_k}` with adaptive clipping, else {}."""
+        variable = self._clip_thresholds_variable
+        if variable is None:
+            return {}
+        value = None
+        if optimizer_variables is not None:
+            for v, val in zip(self.variables, optimizer_variables):
+                if v is variable:
+                    value = val
+        if value is None:
+            value = variable.value
+        return {
+            f"clip_threshold/{name}": value[k]
+            for k, name in enumerate(self._clip_assignment.names)
+        }
+
+    def gradient_noise_multiplier(self, expected_batch_size):
+        """`sigma_g`, the multiplier of the gradient noise.
+
+        `noise_multiplier` without adaptive clipping; with it,
+        `(sigma^-2 - K (2 sigma_b)^-2)^(-1/2)` so that gradient and counts
+        together cost `sigma` (error if `sigma >= 2 sigma_b / sqrt(K)`).
+        """
+        if self.adaptive_clipping is None:
+            return self.noise_multiplier
+        num_groups = self._clip_assignment.num_groups if (
+            self._clip_assignment is not None
+        ) else 1
+        return clipping_lib.adaptive_noise_multipliers(
+            self.noise_multiplier,
+            self.adaptive_clipping.count_noise_stddev(expected_batch_size),
+            num_groups,
+        )
+
+    def bind_clip_groups(self, model):
+        """Resolves clipping groups from `model`'s layers at the next build.
+
+        `model.fit` does this itself (the optimizer finds its model when
+        Keras builds it); call it in custom training loops.
+        """
+        if self.built:
+            if self._bound_model() is model:
+                return
+            raise RuntimeError(
+                "bind_clip_groups must be called before the optimizer is "
+                "built: groups and thresholds are fixed at build."
+            )
+        self._bound_model_ref = weakref.ref(model)
+
+    def build_for_model(self, model):
+        """Builds the optimizer for `model`'s trainable variables, once.
+
+        The private train steps call it before computing clip factors,
+        which need the clipping groups (TensorFlow's trainer would
+        otherwise build the optimizer only inside `apply`).
+        """
+        if not self.built:
+            self.bind_clip_groups(model)
+            self.build(model.trainable_variables)
+
+    def _bound_model(self):
+        # A weak reference: the model must not become part of the
+        # optimizer's saved state.
+        ref = getattr(self, "_bound_model_ref", None)
+        return None if ref is None else ref()
+
+    def _resolve_clip_groups(self, variables, model):
+        if model is None:
+            model = self._bound_model()
+        if model is not None:
+            self._bound_model_ref = weakref.ref(model)
+            groups_lib.apply_layer_groups(model, self._layer_clip_groups)
+            self._layer_clip_groups = groups_lib.collect_layer_groups(model)
+        assignment = groups_lib.resolve_groups(
+            self.clip_groups,
+            variables,
+            model,
+            keras.distribution.distribution(),
+        )
+        given = dict(self.clip_thresholds or {})
+        unknown = set(given) - set(assignment.names)
+        if unknown:
+            raise ValueError(
+                f"clip_thresholds names groups {sorted(unknown)} that this "
+                f"model does not have. Its groups: {assignment.names}."
+            )
+        given.update(assignment.thresholds)
+        split = self.l2_norm_clip / math.sqrt(assignment.num_groups)
+        self._group_thresholds = [
+            given.get(name, split) for name in assignment.names
+        ]
+        self._clip_assignment = assignment
 
     def build(self, variables):
         if self.built:
             return
-        _check_model_is_private(self)
+        model = _check_model_is_private(self)
+        self._resolve_clip_groups(variables, model)
         super().build(variables)
         # The noise generator's state is an optimizer variable: it is saved
         # with the model and threaded through JAX's stateless steps.
@@ -224,9 +595,28 @@ class DPOptimizerMixin:
                 self.seed, name="dp_noise_seed"
             )
         self._track_variable(self._noise_seed_generator.state)
+        if self.adaptive_clipping is not None:
+            # Adaptive thresholds are optimizer state: saved and resumed.
+            initial = np.asarray(self._group_thresholds, dtype="float32")
+            # An initializer, not an assign: TensorFlow may build the
+            # optimizer inside the traced train step.
+            self._clip_thresholds_variable = self.add_variable(
+                shape=(self._clip_assignment.num_groups,),
+                initializer=lambda shape, dtype=None: ops.cast(
+                    ops.convert_to_tensor(initial), dtype or "float32"
+                ),
+                dtype="float32",
+                name="clip_thresholds",
+            )
 
     @contextlib.contextmanager
-    def private_update(self, expected_batch_size, noise_spaces=None):
+    def private_update(
+        self,
+        expected_batch_size,
+        noise_spaces=None,
+        clip_counts=None,
+        static_expected_batch_size=None,
+    ):
         """Marks gradients applied inside as private train-step output.
 
         Used by the train step that `make_private` installs: inside, the
@@ -239,14 +629,23 @@ class DPOptimizerMixin:
         the variable-shaped image of standard noise drawn in a smaller
         privatised space (`keras_dp.LowRankSparse` carriers), where
         `standard_normal(shape, dtype)` samples the optimizer's noise.
+
+        With adaptive clipping, `clip_counts` is the batch's `(K,)` centred
+        count (`clip_counts()` summed over the batch) and
+        `static_expected_batch_size` the Python value of `B` when known
+        (for `sigma_b = B / 20`).
         """
         self._expected_batch_size = expected_batch_size
         self._noise_spaces = noise_spaces
+        self._clip_counts = clip_counts
+        self._static_batch_size = static_expected_batch_size
         try:
             yield
         finally:
             self._expected_batch_size = None
             self._noise_spaces = None
+            self._clip_counts = None
+            self._static_batch_size = None
 
     def _standard_normal(self, shape, dtype):
         return keras.random.normal(
@@ -274,7 +673,9 @@ class DPOptimizerMixin:
                 "`optimizer.calibrate_noise(batch_size / n)` before fit, or "
                 "pass `noise_multiplier`."
             )
-        if self.noise_multiplier > 0:
+        if self.adaptive_clipping is not None:
+            grads = self._adaptive_noise_and_update(grads)
+        elif self.noise_multiplier > 0:
             steps = self.gradient_accumulation_steps or 1
             stddev = self.noise_stddev / (
                 ops.cast(self._expected_batch_size, "float32") * steps
@@ -296,6 +697,59 @@ class DPOptimizerMixin:
         # (post-processing, no privacy cost).
         return super()._clip_gradients(grads)
 
+    def _adaptive_noise_and_update(self, grads):
+        """Gradient noise at `sigma_g`, then the noisy threshold update."""
+        if self._clip_counts is None:
+            raise RuntimeError(
+                "Adaptive clipping got no clip counts from the train step: "
+                "train the model through keras_dp.make_private."
+            )
+        adaptive = self.adaptive_clipping
+        num_groups = self._clip_assignment.num_groups
+        batch = ops.cast(self._expected_batch_size, "float32")
+        static = _static_float(self._static_batch_size)
+        if static is not None or adaptive.count_stddev is not None:
+            sigma_b = adaptive.count_noise_stddev(static)
+            sigma_g = clipping_lib.adaptive_noise_multipliers(
+                self.noise_multiplier, sigma_b, num_groups
+            )
+        else:
+            # B only known when the step runs: the same formula in tensors;
+            # a noise multiplier too large for sigma_b gives NaN updates.
+            sigma_b = adaptive.count_stddev_fraction * batch
+            sigma = float(self.noise_multiplier)
+            if sigma == 0:
+                sigma_g = 0.0
+            else:
+                inverse = sigma**-2 - num_groups * (2.0 * sigma_b) ** -2
+                sigma_g = ops.where(
+                    inverse > 0, ops.rsqrt(ops.maximum(inverse, 1e-30)), np.nan
+                )
+        thresholds = ops.stack(self._thresholds_in_step())
+        if not (isinstance(sigma_g, float) and sigma_g == 0):
+            stddev = sigma_g * ops.sqrt(ops.sum(ops.square(thresholds))) / batch
+            spaces = self._noise_spaces or [None] * len(grads)
+            grads = [
+                g
+                if g is None
+                else g
+                + ops.cast(stddev, g.dtype)
+                * (
+                    self._standard_normal(ops.shape(g), g.dtype)
+                    if space is None
+                    else ops.cast(space(self._standard_normal), g.dtype)
+                )
+                for g, space in zip(grads, spaces)
+            ]
+        counts = ops.cast(self._clip_counts, "float32")
+        noisy = counts + sigma_b * self._standard_normal((num_groups,), "float32")
+        fraction = noisy / batch + 0.5
+        new = thresholds * ops.exp(
+            -adaptive.learning_rate * (fraction - adaptive.target_quantile)
+        )
+        self._clip_thresholds_variable.assign(new)
+        return grads
+
     def get_config(self):
         config = super().get_config()
         config.update({key: getattr(self, key) for key in _DP_CONFIG_KEYS})
@@ -306,6 +760,21 @@ class DPOptimizerMixin:
                 epochs=self.epochs,
             )
         config["privacy_ledger"] = self.privacy_ledger.get_config()
+        # Group settings only when used, so plain configs stay unchanged.
+        if self.clip_groups is not None:
+            config["clip_groups"] = self.clip_groups
+        if self.clip_thresholds:
+            config["clip_thresholds"] = dict(self.clip_thresholds)
+        if self.adaptive_clipping is not None:
+            config["adaptive_clipping"] = self.adaptive_clipping.get_config()
+        model = self._bound_model() or _find_model(self)
+        layer_groups = (
+            groups_lib.collect_layer_groups(model)
+            if model is not None
+            else self._layer_clip_groups
+        )
+        if layer_groups:
+            config["layer_clip_groups"] = layer_groups
         return config
 
 
@@ -344,23 +813,52 @@ def _check_model_is_private(optimizer):
     frame = sys._getframe(1)
     for _ in range(12):
         if frame is None:
-            return
+            return None
         owner = frame.f_locals.get("self")
         if (
             isinstance(owner, keras.Model)
             and getattr(owner, "optimizer", None) is optimizer
         ):
             if private_model.is_private(owner):
-                return
+                return owner
             if frame.f_code.co_name == "compile_from_config":
                 # `load_model` of a model saved with a DP optimizer: it was
                 # private when saved, so it comes back private.
                 private_model.make_private(owner)
-                return
+                return owner
             raise RuntimeError(
                 _NOT_PRIVATE_MESSAGE.format(name=type(optimizer).__name__)
             )
         frame = frame.f_back
+    return None
+
+
+def _find_model(optimizer, depth=40):
+    """The model whose `optimizer` this is, from the call stack (saving)."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if (
+            isinstance(owner, keras.Model)
+            and getattr(owner, "optimizer", None) is optimizer
+        ):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def _static_float(value):
+    """`value` as a Python float when known at trace time, else None."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    try:
+        return float(keras.ops.convert_to_numpy(value))
+    except Exception:
+        return None
 
 
 _DP_CLASSES = {}
