@@ -15,6 +15,8 @@ to their trainer's state; everything here is written with `keras.ops`:
   and only one chunk's per-example gradients exist at a time.
 """
 
+import contextlib
+
 import keras
 from keras import ops
 from keras import tree
@@ -117,7 +119,9 @@ def example_loss_fn(model):
         # regularization terms, which the train step adds once, unclipped.
         model._losses_override = activity_losses or [ops.zeros(())]
         try:
-            with keras.StatelessScope(state_mapping=mapping):
+            with keras.StatelessScope(
+                state_mapping=mapping
+            ), loss_trackers_paused(model):
                 loss = model._compute_loss(
                     x=x,
                     y=y,
@@ -217,7 +221,49 @@ def clipped_gradient_sum(
         Dict with `clipped_sum` (list, one tensor per trainable variable),
         `losses` (per-example losses, shape `(rows,)`), `y_pred` (batched)
         and `non_trainable` (updated values).
+
+    With the model's `per_example` setting "auto" (the default) the fast
+    path of `keras_dp.fast_norms` (ghost norms, book-keeping) is used when
+    it supports the model, else the vmap path below; "vmap" forces the
+    latter, "fast" the former (error if unsupported).
     """
+    settings = getattr(model, "_keras_dp", None)
+    mode = getattr(settings, "per_example", "auto")
+    # Models with their own gradient space (LowRankSparse) use the vmap path.
+    # Per-shard norms (per-device groups) and adaptive-clipping counts are
+    # computed on the vmap path only.
+    needs_vmap = getattr(optimizer, "needs_vmap_path", False)
+    if (
+        mode != "vmap"
+        and not needs_vmap
+        and not hasattr(model, "private_gradient_space")
+    ):
+        from keras_dp import fast_norms
+
+        try:
+            result = fast_norms.clipped_gradient_sum(
+                model,
+                optimizer,
+                backend_ops,
+                trainable,
+                non_trainable,
+                x,
+                y,
+                sample_weight,
+                microbatch_size=microbatch_size,
+            )
+        except fast_norms.Unsupported as error:
+            if mode == "fast":
+                raise ValueError(
+                    "make_private(..., per_example='fast'): the fast "
+                    f"per-example path does not support this model: {error}"
+                ) from None
+            if settings is not None:
+                settings.per_example_path = ("vmap", str(error))
+        else:
+            if settings is not None:
+                settings.per_example_path = ("fast", None)
+            return result
     rows = ops.shape(tree.flatten(x)[0])[0]
     examples = {"x": x}
     if y is not None:
@@ -228,6 +274,10 @@ def clipped_gradient_sum(
     grad_fn = backend_ops.value_and_grad(loss_fn)
     space = gradient_space(model, non_trainable)
     part_shapes = space.part_shapes()
+    # Group-wise clipping (keras_dp.groups): per-shard norms of variables
+    # split across devices, and the optimizer's adaptive-clipping counts.
+    partitions = _clip_partitions(model, optimizer, part_shapes)
+    count_groups = getattr(optimizer, "num_count_groups", 0)
 
     def chunk_fn(chunk):
         def one_example(example):
@@ -239,15 +289,28 @@ def clipped_gradient_sum(
         )
         parts = space.project([ops.cast(g, "float32") for g in grads])
         squared_norms = [
-            sum(clipping_lib.per_example_squared_norms(variable_parts))
-            for variable_parts in parts
+            sum(
+                clipping_lib.per_example_squared_norms(
+                    variable_parts, [p] * len(variable_parts)
+                )
+            )
+            for variable_parts, p in zip(parts, partitions)
         ]
         factors = optimizer.variable_clip_factors(squared_norms)
         clipped = [
             part
-            for variable_parts, f in zip(parts, factors)
-            for part in clipping_lib.weighted_sum(variable_parts, f)
+            for variable_parts, f, p in zip(parts, factors, partitions)
+            for part in clipping_lib.weighted_sum(
+                variable_parts, f, [p] * len(variable_parts)
+            )
         ]
+        if count_groups:
+            mask = (
+                _row_mask(chunk["sample_weight"])
+                if "sample_weight" in chunk
+                else None
+            )
+            clipped.append(optimizer.clip_counts(squared_norms, mask))
         return clipped, losses, y_pred, new_nt
 
     if microbatch_size is None:
@@ -280,13 +343,19 @@ def clipped_gradient_sum(
             for shapes in part_shapes
             for shape in shapes
         ]
+        if count_groups:
+            init.append(ops.zeros((count_groups,), dtype="float32"))
         clipped, stacked = backend_ops.scan(scan_fn, init, chunks)
         losses, y_pred, new_nt = tree.map_structure(
             lambda t: ops.reshape(t, (-1,) + tuple(t.shape[2:]))[:rows],
             stacked,
         )
         mask = _row_mask(examples["sample_weight"])[:rows]
+    clip_counts = None
+    if count_groups:
+        clipped, clip_counts = list(clipped[:-1]), clipped[-1]
     return {
+        "clip_counts": clip_counts,
         "clipped_sum": space.reconstruct(_unflatten_parts(clipped, part_shapes)),
         "noise_spaces": space.noise_spaces(),
         "losses": losses,
@@ -295,6 +364,123 @@ def clipped_gradient_sum(
             model, new_nt, mask, loss_fn.updated_positions, non_trainable
         ),
     }
+
+
+@contextlib.contextmanager
+def loss_trackers_paused(model):
+    """Keeps the per-output loss trackers out of per-example losses.
+
+    With several outputs, Keras's compiled loss updates one `Mean` tracker
+    per output (`label_loss`, ...) each time it runs. Per-example losses
+    run it once per example inside a stateless (on JAX: vectorized) scope
+    where those updates would be lost or read detached variables; the
+    trackers are updated once per batch by `step_metrics` instead.
+    """
+    compile_loss = getattr(model, "_compile_loss", None)
+    if compile_loss is None or not compile_loss.built or not compile_loss.metrics:
+        yield
+        return
+    trackers = compile_loss._metrics
+    # `CompileLoss.call` zips the trackers with the losses and skips Nones.
+    compile_loss._metrics = [None] * len(trackers)
+    try:
+        yield
+    finally:
+        compile_loss._metrics = trackers
+
+
+def _update_loss_trackers(model, y, y_pred, sample_weight, expected_batch_size):
+    """Per-output losses of the batch, on the scale of the logged `loss`.
+
+    The logged loss is the per-example sum over the expected batch size
+    `B`; Keras's default reduction divides by the row count, so the values
+    are rescaled by `rows / B` (1 for fixed-size batches).
+    """
+    compile_loss = getattr(model, "_compile_loss", None)
+    if compile_loss is None or not compile_loss.built or not compile_loss.metrics:
+        return
+    rows = ops.cast(ops.shape(tree.flatten(y_pred)[0])[0], "float32")
+    scale = rows / ops.cast(expected_batch_size, "float32")
+    trackers = compile_loss._metrics
+    compile_loss._metrics = [_ScaledTracker(t, scale) for t in trackers]
+    try:
+        # Keras's own call resolves the output structure; its total is unused.
+        compile_loss(y, y_pred, sample_weight)
+    finally:
+        compile_loss._metrics = trackers
+
+
+class _ScaledTracker:
+    def __init__(self, tracker, scale):
+        self.tracker = tracker
+        self.scale = scale
+
+    def update_state(self, value, sample_weight=None):
+        self.tracker.update_state(
+            ops.cast(value, "float32") * self.scale, sample_weight=sample_weight
+        )
+
+
+@contextlib.contextmanager
+def step_metrics(model, step):
+    """The context in which a private train step updates its metrics.
+
+    Inside it, `model.compute_metrics` also updates the per-output loss
+    trackers once for the batch (see `loss_trackers_paused`), and compiled
+    unweighted metrics skip Poisson padding rows: Keras passes no sample
+    weight to `compile(metrics=...)` metrics, so padding rows (weight 0)
+    would count as examples; they get the row mask as their sample weight.
+    """
+    compute_metrics = model.compute_metrics
+
+    def compute_metrics_with_loss_trackers(x, y_true, y_pred, sample_weight=None):
+        _update_loss_trackers(
+            model, y_true, y_pred, sample_weight, step["expected_batch_size"]
+        )
+        return compute_metrics(x, y_true, y_pred, sample_weight=sample_weight)
+
+    model.compute_metrics = compute_metrics_with_loss_trackers
+    try:
+        with _real_rows_only(model, step["row_mask"]):
+            yield
+    finally:
+        del model.compute_metrics
+
+
+@contextlib.contextmanager
+def _real_rows_only(model, row_mask):
+    metrics = getattr(model, "_compile_metrics", None)
+    if metrics is None or row_mask is None:
+        yield
+        return
+    update_state = metrics.update_state
+
+    def masked_update_state(y_true, y_pred, sample_weight=None):
+        if not metrics.built:
+            metrics.build(y_true, y_pred)
+        flat = metrics._flat_metrics
+        metrics._flat_metrics = [
+            None if m is None else _RowMaskedMetric(m, row_mask) for m in flat
+        ]
+        try:
+            update_state(y_true, y_pred, sample_weight)
+        finally:
+            metrics._flat_metrics = flat
+
+    metrics.update_state = masked_update_state
+    try:
+        yield
+    finally:
+        del metrics.update_state
+
+
+class _RowMaskedMetric:
+    def __init__(self, metric, row_mask):
+        self.metric = metric
+        self.row_mask = row_mask
+
+    def update_state(self, y_true, y_pred):
+        self.metric.update_state(y_true, y_pred, sample_weight=self.row_mask)
 
 
 class GradientSpace:
@@ -337,6 +523,19 @@ def _unflatten_parts(flat, part_shapes):
         parts.append(list(flat[k : k + len(shapes)]))
         k += len(shapes)
     return parts
+
+
+def _clip_partitions(model, optimizer, part_shapes):
+    """Per variable: None, or `(axis, shards)` for per-shard norms."""
+    partitions = getattr(optimizer, "variable_partitions", lambda: None)()
+    if not partitions or not any(partitions):
+        return [None] * len(part_shapes)
+    if hasattr(model, "private_gradient_space"):
+        raise ValueError(
+            "clip_groups='per_device' with sharded variables is not "
+            "supported for models with their own gradient space."
+        )
+    return list(partitions)
 
 
 def _row_mask(sample_weight):
@@ -384,8 +583,10 @@ def private_gradients(
         microbatch_size=settings.microbatch_size,
     )
     if settings.expected_batch_size is not None:
+        static_expected = settings.expected_batch_size
         expected = ops.cast(settings.expected_batch_size, "float32")
     else:
+        static_expected = tree.flatten(x)[0].shape[0]
         expected = ops.cast(ops.shape(tree.flatten(x)[0])[0], "float32")
     (reg_loss, _), reg_grads = backend_ops.value_and_grad(
         lambda params: (regularization_loss(model, params), ())
@@ -397,10 +598,16 @@ def private_gradients(
         )
     ]
     loss = ops.sum(result["losses"]) / expected + reg_loss
+    padded = settings.expected_batch_size is not None and sample_weight is not None
     return {
+        "row_mask": _row_mask(sample_weight) if padded else None,
         "grads": grads,
-        "noise_spaces": result["noise_spaces"],
+        "noise_spaces": result.get("noise_spaces"),
         "expected_batch_size": expected,
+        # Python number when known at trace time (adaptive clipping's
+        # count noise), and the noisy-count inputs (None without it).
+        "static_expected_batch_size": static_expected,
+        "clip_counts": result.get("clip_counts"),
         "loss": loss,
         "y_pred": result["y_pred"],
         "non_trainable": result["non_trainable"],

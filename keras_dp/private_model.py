@@ -29,10 +29,21 @@ class PrivacySettings:
         expected_batch_size: the `B` that clipped sums are divided by.
             None means each batch's own size (fixed-size batches); Poisson
             sampling sets it to the expected size `q * n`.
+        per_example: "auto", "fast" or "vmap" (see `make_private`).
+        per_example_path: set when a train step is traced: `("fast", None)`
+            or `("vmap", reason the fast path was not used)`.
     """
 
-    def __init__(self, microbatch_size=None, poisson_sampling=True, sample_rate=None):
+    def __init__(
+        self,
+        microbatch_size=None,
+        poisson_sampling=True,
+        sample_rate=None,
+        per_example="auto",
+    ):
         self.microbatch_size = microbatch_size
+        self.per_example = per_example
+        self.per_example_path = None
         self.poisson_sampling = poisson_sampling
         self.sample_rate = sample_rate
         self.expected_batch_size = None
@@ -43,7 +54,11 @@ class PrivacySettings:
 
 
 def make_private(
-    model, microbatch_size=None, poisson_sampling=True, sample_rate=None
+    model,
+    microbatch_size=None,
+    poisson_sampling=True,
+    sample_rate=None,
+    per_example="auto",
 ):
     """Installs a differentially private train step on `model`.
 
@@ -79,6 +94,20 @@ def make_private(
         sample_rate: `batch_size / n` for data whose size `fit` cannot see
             (Python generators). Not needed for arrays, `PyDataset`s and
             `tf.data` datasets of known cardinality.
+        per_example: how per-example gradient norms and the clipped sum are
+            computed. `"auto"` (default): the fast path of
+            `keras_dp.fast_norms` (ghost norms and book-keeping from one
+            batched forward/backward pass, for Dense, EinsumDense, Conv,
+            Embedding; other weighted layers such as LayerNormalization get
+            per-example gradients layer by layer) when it supports the
+            model, else the general vmap path. The fast path falls back
+            automatically for shared layers (a layer called twice per
+            step), activity regularizers or `add_loss` in `call`, layers
+            that own weights and have weighted sublayers, and weights not
+            owned by a layer; it assumes a layer's weights are only used
+            inside its own `call`. `"vmap"`: always the general path
+            (per-example gradients of the whole model). `"fast"`: the fast
+            path or an error. Both give the same clipped sums.
 
     `fit` also records each step's noise multiplier and sampling rate in the
     optimizer's privacy ledger (saved with the model), and calibrates the
@@ -92,6 +121,11 @@ def make_private(
         raise TypeError(
             "make_private expects a keras.Model. Received: "
             f"{type(model).__name__}."
+        )
+    if per_example not in ("auto", "fast", "vmap"):
+        raise ValueError(
+            "`per_example` must be 'auto', 'fast' or 'vmap'. Received: "
+            f"{per_example!r}."
         )
     if microbatch_size is not None and (
         not isinstance(microbatch_size, int) or microbatch_size <= 0
@@ -117,7 +151,7 @@ def make_private(
     settings = getattr(model, "_keras_dp", None)
     if settings is None:
         model._keras_dp = PrivacySettings(
-            microbatch_size, poisson_sampling, sample_rate
+            microbatch_size, poisson_sampling, sample_rate, per_example
         )
         model.make_train_function = types.MethodType(
             _checked_make_train_function(type(model).make_train_function),
@@ -128,6 +162,7 @@ def make_private(
         settings.microbatch_size = microbatch_size
         settings.poisson_sampling = poisson_sampling
         settings.sample_rate = sample_rate
+        settings.per_example = per_example
     model.train_step = types.MethodType(backend_module.train_step, model)
     # A train function compiled before make_private would bypass the new step.
     model.train_function = None
@@ -141,6 +176,17 @@ def _checked_make_train_function(make_train_function):
     def checked(model, force=False):
         checks.check_dp_optimizer(model)
         checks.check_no_example_mixing_layers(model)
+        settings = model._keras_dp
+        # The traced step bakes in the divisor B and the noise multiplier:
+        # retrace when either changed (a Poisson `fit` followed by
+        # `train_on_batch`, a re-calibrated sigma).
+        trace_key = (
+            settings.expected_batch_size,
+            model.optimizer.noise_multiplier,
+        )
+        if settings.traced_with != trace_key:
+            force = force or model.train_function is not None
+            settings.traced_with = trace_key
         return make_train_function(model, force=force)
 
     return checked
@@ -224,34 +270,38 @@ def _private_fit(fit):
             poisson,
             n,
         )
-        settings.expected_batch_size = expected_batch_size
-        # The train function bakes these in when traced.
-        trace_key = (expected_batch_size, noise_multiplier)
-        if settings.traced_with != trace_key:
-            model.train_function = None
-            settings.traced_with = trace_key
         for callback in _as_list(callbacks):
             if hasattr(callback, "check_before_fit") and not (
                 callback.check_before_fit(model)
             ):
                 return keras.callbacks.History()
-        return fit(
-            model,
-            x=x,
-            y=y,
-            batch_size=batch_size,
-            epochs=epochs,
-            verbose=verbose,
-            callbacks=callbacks,
-            validation_split=validation_split,
-            validation_data=validation_data,
-            shuffle=shuffle,
-            class_weight=class_weight,
-            sample_weight=sample_weight,
-            initial_epoch=initial_epoch,
-            steps_per_epoch=steps_per_epoch,
-            **kwargs,
-        )
+        if poisson:
+            # The sampler's batches are already random; Keras shuffling its
+            # items would split the parts of one logical batch (gradient
+            # accumulation) across updates.
+            shuffle = False
+        settings.expected_batch_size = expected_batch_size
+        try:
+            return fit(
+                model,
+                x=x,
+                y=y,
+                batch_size=batch_size,
+                epochs=epochs,
+                verbose=verbose,
+                callbacks=callbacks,
+                validation_split=validation_split,
+                validation_data=validation_data,
+                shuffle=shuffle,
+                class_weight=class_weight,
+                sample_weight=sample_weight,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps_per_epoch,
+                **kwargs,
+            )
+        finally:
+            # `train_on_batch` divides by each batch's own size.
+            settings.expected_batch_size = None
 
     private_fit.__doc__ = fit.__doc__
     return private_fit

@@ -21,12 +21,19 @@ def train_step(model, state, data):
     x, y, sample_weight = data_adapters.data_adapter_utils.unpack_x_y_sample_weight(
         data
     )
-    step = per_example.private_gradients(
-        model, sys.modules[__name__], trainable, non_trainable, x, y, sample_weight
-    )
     optimizer = model.optimizer
+    # Optimizer state read while clipping (adaptive thresholds) comes from
+    # this step's values, not from the detached variables.
+    with optimizer.step_state(optimizer_variables):
+        step = per_example.private_gradients(
+            model, sys.modules[__name__], trainable, non_trainable, x, y,
+            sample_weight,
+        )
     with optimizer.private_update(
-        step["expected_batch_size"], step["noise_spaces"]
+        step["expected_batch_size"],
+        step["noise_spaces"],
+        clip_counts=step["clip_counts"],
+        static_expected_batch_size=step["static_expected_batch_size"],
     ):
         trainable, optimizer_variables = optimizer.stateless_apply(
             optimizer_variables, step["grads"], trainable
@@ -34,10 +41,14 @@ def train_step(model, state, data):
     non_trainable = step["non_trainable"]
     after_update = getattr(model, "after_private_update", None)
     if after_update is not None:
-        non_trainable = after_update(trainable, non_trainable)
-    logs, metrics_variables = model._update_metrics_variables(
-        metrics_variables, step["loss"], x, y, step["y_pred"], sample_weight
-    )
+        non_trainable = after_update(
+            trainable, non_trainable, optimizer.took_update(optimizer_variables)
+        )
+    with per_example.step_metrics(model, step):
+        logs, metrics_variables = model._update_metrics_variables(
+            metrics_variables, step["loss"], x, y, step["y_pred"], sample_weight
+        )
+    logs.update(optimizer.clip_threshold_logs(optimizer_variables))
     state = (
         trainable,
         non_trainable,

@@ -51,28 +51,38 @@ def train_step(model, data):
     non_trainable = [
         tf.convert_to_tensor(v.value) for v in model.non_trainable_variables
     ]
+    optimizer = model.optimizer
+    # Clip factors need the optimizer's clipping groups (resolved at build).
+    optimizer.build_for_model(model)
     step = per_example.private_gradients(
         model, sys.modules[__name__], trainable, non_trainable, x, y, sample_weight
     )
-    optimizer = model.optimizer
     with optimizer.private_update(
-        step["expected_batch_size"], step["noise_spaces"]
+        step["expected_batch_size"],
+        step["noise_spaces"],
+        clip_counts=step["clip_counts"],
+        static_expected_batch_size=step["static_expected_batch_size"],
     ):
         optimizer.apply(step["grads"], trainable_variables)
     non_trainable = step["non_trainable"]
     after_update = getattr(model, "after_private_update", None)
     if after_update is not None:
         non_trainable = after_update(
-            [v.value for v in trainable_variables], non_trainable
+            [v.value for v in trainable_variables],
+            non_trainable,
+            optimizer.took_update(),
         )
     for variable, value in zip(model.non_trainable_variables, non_trainable):
         variable.assign(value)
     model._loss_tracker.update_state(
         step["loss"], sample_weight=tf.shape(tf.nest.flatten(x)[0])[0]
     )
-    return model.compute_metrics(
-        x, y, step["y_pred"], sample_weight=sample_weight
-    )
+    with per_example.step_metrics(model, step):
+        logs = model.compute_metrics(
+            x, y, step["y_pred"], sample_weight=sample_weight
+        )
+    logs.update(optimizer.clip_threshold_logs())
+    return logs
 
 
 def scan(f, init, xs):

@@ -1,0 +1,1008 @@
+"""Fast per-example gradient norms and clipped sums (spec section 9).
+
+One batched forward pass computes every per-example quantity that clipping
+needs, instead of one forward/backward per example (`per_example.py`):
+
+1. Every leaf layer that owns trainable variables is intercepted for the
+   duration of the pass: its `call` is wrapped on the instance to record its
+   inputs, and a "tap" marks the tensor whose gradient the layer needs (the
+   pre-activation output of Dense, EinsumDense and Conv layers, the output
+   of any other layer).
+2. The per-example losses `L_i` are evaluated per row from the batched
+   predictions (`model._compute_loss` on batch-of-one slices under
+   `vectorized_map`). Rows are independent (batch-mixing layers are
+   banned), so the gradient of `sum_i L_i` with respect to a tap holds
+   each example's own output gradient `B_i` in its row. This backward pass
+   computes no weight gradients at all.
+3. Per layer and per variable, each example's squared gradient norm:
+   - Dense / EinsumDense / Conv1D/2D/3D (via patches): with inputs `A_i`
+     (T x d) and output gradients `B_i` (T x p), `G_i = A_i^T B_i`;
+     either "ghost" `||G_i||^2 = <A_i A_i^T, B_i B_i^T>` (`||a|| ||b||` when
+     T = 1) or instantiate `G_i` (see `choose_method`); bias from `B_i`.
+   - Embedding: `||G_i||^2 = sum_{t,s} 1{x_t = x_s} b_t . b_s`.
+   - any other leaf layer (LayerNormalization, GroupNormalization, custom
+     layers): per-example gradients instantiated by a layer-local
+     vector-Jacobian product under `vectorized_map`.
+4. `optimizer.variable_clip_factors` turns the per-variable squared norms
+   into per-variable factors `c_i` (every clipping mode, clipping groups).
+5. Clipped sums by book-keeping (no second backward pass):
+   `sum_i c_i G_i = einsum(A, c * B)` for ghost layers, or
+   `tensordot(c, G)` where `G` was instantiated. A second weighted backward
+   pass would redo these same contractions plus the whole activation
+   backward pass, so book-keeping is never slower; it is the only method.
+
+The model must satisfy (checked; otherwise `Unsupported` is raised and the
+caller falls back to the general vmap path):
+- every trainable variable belongs to exactly one leaf layer (a layer with
+  no weighted sublayers), and the model itself owns none;
+- each such layer is called at most once per step (no shared layers);
+- no activity regularizers or `add_loss` inside `call` (per-example losses
+  that a batched pass cannot separate);
+- layers that are neither Dense, EinsumDense, Conv nor Embedding have no
+  random state of their own.
+Assumed, not checkable: a layer's weights are only used inside its own
+`call` (a layer reading another layer's kernel would get a wrong norm).
+"""
+
+import string
+
+import keras
+from keras import ops
+from keras import tree
+
+from keras_dp import per_example as per_example_lib
+
+
+class Unsupported(Exception):
+    """The fast path does not handle this model; use the vmap path."""
+
+
+# Tests may force "ghost" or "instantiate" for every linear layer.
+_FORCE_METHOD = None
+
+
+def choose_method(T, d, p):
+    """How to get a linear layer's per-example kernel norms.
+
+    `T`: rows of the layer's input per example (sequence length or output
+    positions, None if unknown), `d` input features, `p` output features.
+
+    Ghost norms cost `O(T^2 (d + p))` per example and `O(T^2)` memory;
+    instantiating `G_i` costs `O(T d p)` and `O(d p)` memory, but then also
+    gives the clipped sum as `tensordot(c, G)` instead of a second
+    `O(T d p)` contraction. So instantiate iff `2 T^2 >= p d` (spec), or
+    when `G_i` is no larger than the activations `A_i`, `B_i` that are
+    held anyway (`d p <= T (d + p)`): then it is faster at no extra memory
+    order. T = 1 is always ghost (`||a|| ||b||`).
+    """
+    if _FORCE_METHOD is not None and T != 1:
+        return _FORCE_METHOD
+    if T is None:
+        return "ghost"
+    if T == 1:
+        return "ghost"
+    if 2 * T * T >= p * d or d * p <= T * (d + p):
+        return "instantiate"
+    return "ghost"
+
+
+# --------------------------------------------------------------------------
+# Plan: which layers, which handler.
+
+
+def _own_trainable(layer):
+    own = {id(v) for v in layer._trainable_variables}
+    own |= {id(v) for v in layer._non_trainable_variables}
+    return [v for v in layer.trainable_variables if id(v) in own]
+
+
+def _layer_kind(layer):
+    L = keras.layers
+    if getattr(layer, "lora_enabled", False):
+        return "generic"
+    try:
+        if layer.quantization_mode is not None:
+            return "generic"
+    except AttributeError:
+        pass
+    t = type(layer)
+    if isinstance(layer, L.Dense) and t.call is L.Dense.call:
+        return "dense"
+    if isinstance(layer, L.EinsumDense) and t.call is L.EinsumDense.call:
+        return "einsum"
+    if isinstance(layer, (L.Conv1D, L.Conv2D, L.Conv3D)):
+        base = L.Conv1D.call if isinstance(layer, L.Conv1D) else None
+        from keras.src.layers.convolutional.base_conv import BaseConv
+
+        if t.call is (base or BaseConv.call):
+            return "conv"
+    if isinstance(layer, L.Embedding) and t.call is L.Embedding.call:
+        return "embedding"
+    return "generic"
+
+
+class _Entry:
+    def __init__(self, index, layer, kind, positions):
+        self.index = index
+        self.layer = layer
+        self.kind = kind
+        # Positions of the layer's trainable variables in the model's
+        # `trainable_variables`, in `layer.trainable_variables` order.
+        self.positions = positions
+        self.tap_pre_activation = kind in ("dense", "einsum", "conv")
+
+
+def build_plan(model):
+    """Leaf layers that own the model's trainable variables, with handlers.
+
+    Raises `Unsupported` when the model breaks an assumption of the fast
+    path (see the module docstring).
+    """
+    variables = model.trainable_variables
+    positions = {id(v): k for k, v in enumerate(variables)}
+    if _own_trainable(model):
+        raise Unsupported("the model itself owns trainable variables")
+    covered = set()
+    entries = []
+    for layer in model._flatten_layers(include_self=False):
+        if getattr(layer, "activity_regularizer", None) is not None:
+            raise Unsupported(f"layer {layer.name!r} has an activity regularizer")
+        own = [v for v in _own_trainable(layer) if id(v) in positions]
+        if not own:
+            continue
+        for sub in layer._flatten_layers(include_self=False):
+            if sub.trainable_variables:
+                raise Unsupported(
+                    f"layer {layer.name!r} owns weights and has sublayers "
+                    "with weights"
+                )
+        kind = _layer_kind(layer)
+        if kind == "einsum" and _einsum_structure(layer, None) is None:
+            kind = "generic"
+        if kind == "generic" and getattr(layer, "_seed_generators", None):
+            raise Unsupported(
+                f"layer {layer.name!r} has weights and random state"
+            )
+        for v in own:
+            if id(v) in covered:
+                raise Unsupported(f"variable {v.path!r} is shared by layers")
+            covered.add(id(v))
+        entries.append(
+            _Entry(len(entries), layer, kind, [positions[id(v)] for v in own])
+        )
+    if covered != set(positions):
+        missing = [v.path for v in variables if id(v) not in covered]
+        raise Unsupported(
+            f"trainable variables not owned by a leaf layer: {missing}"
+        )
+    return entries
+
+
+# --------------------------------------------------------------------------
+# Interception of layer calls.
+
+
+def _is_float_tensor(t):
+    return ops.is_tensor(t) and keras.backend.is_float_dtype(
+        keras.backend.standardize_dtype(t.dtype)
+    )
+
+
+class _Record:
+    def __init__(self):
+        self.count = 0
+        self.args = None  # (args, kwargs) as given to `call`
+        self.tapped = False
+        self.tap_keys = []
+
+
+class _Recorder:
+    """Wraps `call` (and `activation`) of each entry's layer on the instance.
+
+    `tap(key, z)` returns the tensor to use in place of `z` (JAX adds a
+    zero probe, TensorFlow watches `z`).
+    """
+
+    def __init__(self, entries, tap):
+        self.entries = entries
+        self.tap = tap
+        self.records = [_Record() for _ in entries]
+        self._saved = []
+
+    def __enter__(self):
+        try:
+            for entry in self.entries:
+                self._install(entry)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._restore()
+        return False
+
+    def _install(self, entry):
+        layer = entry.layer
+        record = self.records[entry.index]
+        original_call = layer.call
+        tap = self.tap
+
+        def wrapped_call(*args, **kwargs):
+            record.count += 1
+            if record.count > 1:
+                raise Unsupported(
+                    f"layer {layer.name!r} is called more than once per step "
+                    "(shared weights)"
+                )
+            record.args = (args, kwargs)
+            outputs = original_call(*args, **kwargs)
+            if entry.tap_pre_activation:
+                if not record.tapped:
+                    raise Unsupported(
+                        f"layer {layer.name!r} did not apply its activation"
+                    )
+                return outputs
+            leaves = tree.flatten(outputs)
+            new_leaves = []
+            for j, leaf in enumerate(leaves):
+                if _is_float_tensor(leaf):
+                    key = f"{entry.index}_{j}"
+                    record.tap_keys.append((j, key))
+                    leaf = tap(key, leaf)
+                new_leaves.append(leaf)
+            return tree.pack_sequence_as(outputs, new_leaves)
+
+        self._saved.append((layer, "call", layer.__dict__.get("call", _MISSING)))
+        object.__setattr__(layer, "call", wrapped_call)
+        if entry.tap_pre_activation:
+            original_activation = layer.activation
+
+            def activation(z):
+                if record.tapped:
+                    raise Unsupported(
+                        f"layer {layer.name!r} applied its activation twice"
+                    )
+                record.tapped = True
+                key = f"{entry.index}_z"
+                record.tap_keys.append((0, key))
+                z = tap(key, z)
+                if original_activation is None:
+                    return z
+                return original_activation(z)
+
+            self._saved.append(
+                (layer, "activation", layer.__dict__.get("activation", _MISSING))
+            )
+            object.__setattr__(layer, "activation", activation)
+
+    def _restore(self):
+        while self._saved:
+            layer, name, value = self._saved.pop()
+            if value is _MISSING:
+                layer.__dict__.pop(name, None)
+            else:
+                object.__setattr__(layer, name, value)
+
+
+_MISSING = object()
+
+
+# --------------------------------------------------------------------------
+# The batched pass: per-example losses and per-example output gradients.
+
+
+def _per_example_losses(model, trainable, new_non_trainable, x, y, y_pred, sw):
+    mapping = list(zip(model.trainable_variables, trainable)) + list(
+        zip(model.non_trainable_variables, new_non_trainable)
+    )
+    rows = {"x": x, "y_pred": y_pred}
+    if y is not None:
+        rows["y"] = y
+    if sw is not None:
+        rows["sample_weight"] = sw
+
+    def one(row):
+        expand = per_example_lib._expand
+        with keras.StatelessScope(
+            state_mapping=mapping
+        ), per_example_lib.loss_trackers_paused(model):
+            loss = model._compute_loss(
+                x=expand(row["x"]),
+                y=expand(row["y"]) if "y" in row else None,
+                y_pred=expand(row["y_pred"]),
+                sample_weight=(
+                    expand(row["sample_weight"])
+                    if "sample_weight" in row
+                    else None
+                ),
+                training=True,
+            )
+        loss = ops.cast(loss, "float32")
+        if "sample_weight" in row:
+            present = ops.any(
+                ops.stack(
+                    [
+                        ops.any(ops.not_equal(w, 0))
+                        for w in tree.flatten(row["sample_weight"])
+                    ]
+                )
+            )
+            loss = ops.where(present, loss, ops.zeros_like(loss))
+        return loss
+
+    # A non-empty override keeps compute_loss from adding the weight
+    # regularization terms (the train step adds them once, unclipped).
+    model._losses_override = [ops.zeros(())]
+    try:
+        return ops.vectorized_map(one, rows)
+    finally:
+        model._losses_override = []
+
+
+def _make_run(model, trainable, non_trainable, x, y, sw):
+    num_regularized = sum(
+        1 for v in model.trainable_weights if v.regularizer is not None
+    )
+    call_kwargs = {"training": True} if model._call_has_training_arg else {}
+
+    def run():
+        y_pred, new_nt, losses = model.stateless_call(
+            trainable, non_trainable, x, return_losses=True, **call_kwargs
+        )
+        if len(losses) > num_regularized:
+            raise Unsupported(
+                "the model adds losses in call (activity regularization)"
+            )
+        new_nt = list(new_nt)
+        losses = _per_example_losses(model, trainable, new_nt, x, y, y_pred, sw)
+        return losses, y_pred, new_nt
+
+    return run
+
+
+def _tensor_leaves(structure):
+    return [t for t in tree.flatten(structure) if ops.is_tensor(t)]
+
+
+def _replace_tensor_leaves(structure, new):
+    new = iter(new)
+    return tree.pack_sequence_as(
+        structure,
+        [next(new) if ops.is_tensor(t) else t for t in tree.flatten(structure)],
+    )
+
+
+def _batched_pass(entries, run):
+    """Runs the model once; returns (losses, y_pred, new_nt, records, grads).
+
+    `grads` maps each tap key to the gradient of `sum_i L_i` at the tap.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        def shape_pass():
+            taps = {}
+
+            def tap(key, z):
+                taps[key] = z
+                return z
+
+            with _Recorder(entries, tap):
+                run()
+            return taps
+
+        shapes = jax.eval_shape(shape_pass)
+        probes = {
+            k: jax.numpy.zeros(s.shape, s.dtype) for k, s in shapes.items()
+        }
+        recorders = []
+
+        def f(probes):
+            recorder = _Recorder(entries, lambda key, z: z + probes[key])
+            with recorder:
+                losses, y_pred, new_nt = run()
+            recorders.append(recorder)
+            args = [_tensor_leaves(r.args) for r in recorder.records]
+            return ops.sum(losses), (losses, y_pred, new_nt, args)
+
+        (_, aux), grads = jax.value_and_grad(f, has_aux=True)(probes)
+        losses, y_pred, new_nt, args = aux
+        records = recorders[-1].records
+        for record, leaves in zip(records, args):
+            if record.args is not None:
+                record.args = _replace_tensor_leaves(record.args, leaves)
+        return losses, y_pred, new_nt, records, grads
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        taps = {}
+        with tf.GradientTape() as tape:
+
+            def tap(key, z):
+                tape.watch(z)
+                taps[key] = z
+                return z
+
+            recorder = _Recorder(entries, tap)
+            with recorder:
+                losses, y_pred, new_nt = run()
+            total = tf.reduce_sum(losses)
+        keys = list(taps)
+        values = tape.gradient(
+            total,
+            [taps[k] for k in keys],
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        return losses, y_pred, new_nt, recorder.records, dict(zip(keys, values))
+    raise Unsupported(f"backend {backend!r}")
+
+
+# --------------------------------------------------------------------------
+# Per-layer handlers. Each returns (squared norms, clipped_fn): one `(n,)`
+# tensor per variable of the entry, and `clipped_fn(factors)` giving the
+# clipped sums (one per variable) from one `(n,)` factor tensor per variable.
+
+
+def _f32(t):
+    return ops.cast(t, "float32")
+
+
+def _static_prod(dims):
+    total = 1
+    for d in dims:
+        if d is None:
+            return None
+        total *= int(d)
+    return total
+
+
+def _linear(A, B, method):
+    """A: (n, T, d), B: (n, T, p). Per-example `||A_i^T B_i||^2` and sums."""
+    T = A.shape[1]
+    if T == 1:
+        a = A[:, 0, :]
+        b = B[:, 0, :]
+        sq = ops.sum(ops.square(a), axis=1) * ops.sum(ops.square(b), axis=1)
+
+        def clipped(c):
+            return ops.matmul(ops.transpose(a), b * c[:, None])
+
+        return sq, clipped
+    if method == "ghost":
+        aa = ops.einsum("ntd,nsd->nts", A, A)
+        bb = ops.einsum("ntp,nsp->nts", B, B)
+        sq = ops.maximum(ops.sum(aa * bb, axis=(1, 2)), 0.0)
+        d = ops.shape(A)[-1]
+        p = ops.shape(B)[-1]
+
+        def clipped(c):
+            return ops.matmul(
+                ops.transpose(ops.reshape(A, (-1, d))),
+                ops.reshape(B * c[:, None, None], (-1, p)),
+            )
+
+        return sq, clipped
+    G = ops.matmul(ops.transpose(A, (0, 2, 1)), B)
+    sq = ops.sum(ops.square(G), axis=(1, 2))
+
+    def clipped(c):
+        return ops.tensordot(c, G, axes=1)
+
+    return sq, clipped
+
+
+def _bias_grads(B, bias_shape):
+    """Per-example gradient of a bias broadcast (right-aligned) to `B[1:]`."""
+    out_rank = len(B.shape) - 1
+    r = len(bias_shape)
+    lead = list(range(1, 1 + out_rank - r))
+    if lead:
+        B = ops.sum(B, axis=lead)
+    for j, size in enumerate(bias_shape):
+        if size == 1 and B.shape[1 + j] != 1:
+            B = ops.sum(B, axis=1 + j, keepdims=True)
+    return ops.reshape(B, (-1,) + tuple(bias_shape))
+
+
+def _bias_terms(layer, bias_var, B):
+    g = _bias_grads(B, tuple(bias_var.shape))
+    n_axes = tuple(range(1, len(g.shape)))
+    sq = ops.sum(ops.square(g), axis=n_axes) if n_axes else ops.square(g)
+    return sq, (lambda c: ops.tensordot(c, g, axes=1))
+
+
+def _finish(entry, named):
+    """Orders (variable, sq, clipped_fn) triples as the entry's positions."""
+    by_id = {id(v): (sq, fn) for v, sq, fn in named}
+    own = [v for v in entry.layer.trainable_variables]
+    out = []
+    for v in own:
+        if id(v) in by_id:
+            out.append(by_id[id(v)])
+    if len(out) != len(entry.positions):
+        raise Unsupported(f"layer {entry.layer.name!r}: unexpected variables")
+    return out
+
+
+def _handle_dense(entry, record, grads):
+    layer = entry.layer
+    (inputs,), _ = _call_args(record, 1)
+    A = _f32(inputs)
+    B = _f32(grads[f"{entry.index}_z"])
+    d = A.shape[-1]
+    p = B.shape[-1]
+    T = _static_prod(A.shape[1:-1])
+    A3 = ops.reshape(A, (-1, T if T is not None else -1, d))
+    B3 = ops.reshape(B, (-1, T if T is not None else -1, p))
+    sq, fn = _linear(A3, B3, choose_method(T, d, p))
+    named = [(layer.kernel, sq, fn)]
+    if layer.bias is not None:
+        bsq, bfn = _bias_terms(layer, layer.bias, B)
+        named.append((layer.bias, bsq, bfn))
+    return _finish(entry, named)
+
+
+def _call_args(record, n):
+    args, kwargs = record.args
+    return tuple(args[:n]), kwargs
+
+
+_LETTERS = string.ascii_letters
+
+
+def _einsum_structure(layer, input_rank):
+    """Letters of an EinsumDense equation, or None if not Dense-like.
+
+    Returns dict with `inp`, `ker`, `out` (ellipsis expanded when
+    `input_rank` is given), `batch`, `T`, `D`, `P` letter strings.
+    """
+    equation = layer.equation.replace(" ", "")
+    try:
+        lhs, out = equation.split("->")
+        inp, ker = lhs.split(",")
+    except ValueError:
+        return None
+    if "..." in ker:
+        return None
+    if "..." in inp or "..." in out:
+        if "..." not in inp or "..." not in out:
+            return None
+        if input_rank is None:
+            # Cannot expand yet; structure is checked at trace time.
+            return {"deferred": True}
+        used = set(equation)
+        free = [c for c in _LETTERS if c not in used]
+        n_ell = input_rank - (len(inp) - 3)
+        if n_ell < 0:
+            return None
+        fill = "".join(free[:n_ell])
+        inp = inp.replace("...", fill)
+        out = out.replace("...", fill)
+    for s in (inp, ker, out):
+        if len(set(s)) != len(s):
+            return None
+    if not inp or not out or inp[0] != out[0] or inp[0] in ker:
+        return None
+    batch = inp[0]
+    T = "".join(c for c in out[1:] if c in inp and c not in ker)
+    D = "".join(c for c in ker if c in inp and c not in out)
+    P = "".join(c for c in ker if c in out and c not in inp)
+    if len(D) + len(P) != len(ker):  # letters shared by all three, or
+        return None  # kernel-only letters: not a product A^T B
+    if any(c not in inp and c not in ker for c in out):
+        return None
+    return {"inp": inp, "ker": ker, "out": out, "batch": batch,
+            "T": T, "D": D, "P": P}
+
+
+def _handle_einsum(entry, record, grads):
+    layer = entry.layer
+    (inputs,), _ = _call_args(record, 1)
+    A = _f32(inputs)
+    B = _f32(grads[f"{entry.index}_z"])
+    s = _einsum_structure(layer, len(A.shape))
+    if s is None or s.get("deferred"):
+        raise Unsupported(f"EinsumDense {layer.name!r}: equation")
+    sizes = {}
+    for c, n in zip(s["inp"], A.shape):
+        sizes[c] = n
+    for c, n in zip(s["ker"], layer.kernel.shape):
+        sizes[c] = n
+    for c, n in zip(s["out"], B.shape):
+        sizes[c] = n
+    b = s["batch"]
+    T = _static_prod(sizes[c] for c in s["T"])
+    d = _static_prod(sizes[c] for c in s["D"])
+    p = _static_prod(sizes[c] for c in s["P"])
+    if d is None or p is None:
+        raise Unsupported(f"EinsumDense {layer.name!r}: unknown kernel size")
+    A2 = ops.einsum(f"{s['inp']}->{b}{s['T']}{s['D']}", A)
+    B2 = ops.einsum(f"{s['out']}->{b}{s['T']}{s['P']}", B)
+    Tr = T if T is not None else -1
+    A2 = ops.reshape(A2, (-1, Tr, d))
+    B2 = ops.reshape(B2, (-1, Tr, p))
+    sq, fn = _linear(A2, B2, choose_method(T, d, p))
+    dp_shape = tuple(sizes[c] for c in s["D"] + s["P"])
+    eq = f"{s['D']}{s['P']}->{s['ker']}"
+
+    def kernel_clipped(c):
+        return ops.einsum(eq, ops.reshape(fn(c), dp_shape))
+
+    named = [(layer.kernel, sq, kernel_clipped)]
+    if layer.bias is not None:
+        bsq, bfn = _bias_terms(layer, layer.bias, B)
+        named.append((layer.bias, bsq, bfn))
+    return _finish(entry, named)
+
+
+def _conv_patches(x, kernel_size, strides, dilation, padding, out_spatial):
+    """(n, *out_spatial, K, C) patches of channels-last `x`."""
+    rank = len(kernel_size)
+    if padding in ("same", "causal"):
+        pads = [(0, 0)]
+        for i in range(rank):
+            size = x.shape[1 + i]
+            k, s, dl = kernel_size[i], strides[i], dilation[i]
+            total = max((out_spatial[i] - 1) * s + (k - 1) * dl + 1 - size, 0)
+            if padding == "causal":
+                pads.append((total, 0))
+            else:
+                pads.append((total // 2, total - total // 2))
+        pads.append((0, 0))
+        if any(p != (0, 0) for p in pads):
+            x = ops.pad(x, pads)
+    slices = []
+    import itertools
+
+    for offset in itertools.product(*[range(k) for k in kernel_size]):
+        index = [slice(None)]
+        for i in range(rank):
+            start = offset[i] * dilation[i]
+            stop = start + (out_spatial[i] - 1) * strides[i] + 1
+            index.append(slice(start, stop, strides[i]))
+        index.append(slice(None))
+        slices.append(x[tuple(index)])
+    return ops.stack(slices, axis=-2)
+
+
+def _conv_per_example_kernel_grads(layer, x, B, backend_ops):
+    """`(n, *kernel_shape)` per-example kernel gradients (channels last)."""
+    rank = layer.rank
+    padding = layer.padding
+    if padding == "causal":
+        total = (layer.kernel_size[0] - 1) * layer.dilation_rate[0]
+        x = ops.pad(x, [(0, 0), (total, 0), (0, 0)])
+        padding = "valid"
+    kernel = ops.zeros(tuple(layer.kernel.shape), "float32")
+
+    def one(elems):
+        xi, bi = elems
+
+        def f(params):
+            out = ops.conv(
+                ops.expand_dims(xi, 0),
+                params[0],
+                strides=tuple(layer.strides),
+                padding=padding,
+                dilation_rate=tuple(layer.dilation_rate),
+                data_format="channels_last",
+            )
+            return ops.sum(out[0] * bi), ()
+
+        _, g = backend_ops.value_and_grad(f)([kernel])
+        return g[0]
+
+    del rank
+    return ops.vectorized_map(one, (x, B))
+
+
+def _handle_conv(entry, record, grads, backend_ops):
+    layer = entry.layer
+    (inputs,), _ = _call_args(record, 1)
+    x = _f32(inputs)
+    B = _f32(grads[f"{entry.index}_z"])
+    rank = layer.rank
+    if layer.data_format == "channels_first":
+        perm = (0,) + tuple(range(2, rank + 2)) + (1,)
+        x = ops.transpose(x, perm)
+        B = ops.transpose(B, perm)
+    out_spatial = tuple(B.shape[1:-1])
+    if any(s is None for s in out_spatial) or any(
+        s is None for s in x.shape[1:]
+    ):
+        raise Unsupported(f"conv {layer.name!r}: unknown spatial shape")
+    padding = layer.padding
+    K = _static_prod(layer.kernel_size)
+    C = x.shape[-1]
+    F = B.shape[-1]
+    groups = layer.groups
+    Cg, Fg = C // groups, F // groups
+    T = _static_prod(out_spatial)
+    if (
+        choose_method(T, K * Cg, Fg) == "instantiate"
+        and _FORCE_METHOD is None
+        and keras.backend.backend() == "jax"
+    ):
+        # Per-example kernel gradients straight from a per-example
+        # convolution vjp (jax.vmap batches it into one grouped
+        # convolution): no patches in memory (T*K*C per example). On
+        # TensorFlow, pfor runs that vjp slowly, so patches are used.
+        kernel_grads = _conv_per_example_kernel_grads(layer, x, B, backend_ops)
+        sq = ops.sum(ops.square(kernel_grads), axis=tuple(range(1, rank + 3)))
+        named = [
+            (layer.kernel, sq, lambda c: ops.tensordot(c, kernel_grads, axes=1))
+        ]
+        if layer.use_bias:
+            bsq, bfn = _bias_terms(layer, layer.bias, B)
+            named.append((layer.bias, bsq, bfn))
+        return _finish(entry, named)
+    P = _conv_patches(
+        x,
+        tuple(layer.kernel_size),
+        tuple(layer.strides),
+        tuple(layer.dilation_rate),
+        padding,
+        out_spatial,
+    )
+    P = ops.reshape(P, (-1, T, K, C))
+    B = ops.reshape(B, (-1, T, F))
+    method = choose_method(T, K * Cg, Fg)
+    parts = []
+    for g in range(groups):
+        Pg = P[:, :, :, g * Cg:(g + 1) * Cg] if groups > 1 else P
+        Bg = B[:, :, g * Fg:(g + 1) * Fg] if groups > 1 else B
+        parts.append(_linear(ops.reshape(Pg, (-1, T, K * Cg)), Bg, method))
+    sq = parts[0][0]
+    for part in parts[1:]:
+        sq = sq + part[0]
+    kshape = tuple(layer.kernel.shape)
+
+    def kernel_clipped(c):
+        pieces = [
+            ops.reshape(fn(c), kshape[:-1] + (Fg,)) for _, fn in parts
+        ]
+        return pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, -1)
+
+    named = [(layer.kernel, sq, kernel_clipped)]
+    if layer.use_bias:
+        bsq, bfn = _bias_terms(layer, layer.bias, B)
+        named.append((layer.bias, bsq, bfn))
+    return _finish(entry, named)
+
+
+def _handle_embedding(entry, record, grads):
+    layer = entry.layer
+    (ids,), _ = _call_args(record, 1)
+    ids = ops.cast(ids, "int32")
+    B = _f32(grads[f"{entry.index}_0"])
+    D = B.shape[-1]
+    T = _static_prod(ids.shape[1:])
+    ids = ops.reshape(ids, (-1, T if T is not None else -1))
+    B = ops.reshape(B, (-1, T if T is not None else -1, D))
+    if T == 1:
+        sq = ops.sum(ops.square(B), axis=(1, 2))
+    else:
+        same = ops.equal(ids[:, :, None], ids[:, None, :])
+        bb = ops.einsum("ntd,nsd->nts", B, B)
+        sq = ops.sum(ops.where(same, bb, ops.zeros_like(bb)), axis=(1, 2))
+        sq = ops.maximum(sq, 0.0)
+    vocab = layer.embeddings.shape[0]
+
+    def clipped(c):
+        weighted = ops.reshape(B * c[:, None, None], (-1, D))
+        return ops.segment_sum(
+            weighted, ops.reshape(ids, (-1,)), num_segments=vocab
+        )
+
+    return _finish(entry, [(layer.embeddings, sq, clipped)])
+
+
+def _handle_generic(entry, record, grads, backend_ops, trainable, non_trainable, model):
+    layer = entry.layer
+    args, kwargs = record.args
+    original_call = layer.call
+    structure = (args, kwargs)
+    flat = tree.flatten(structure)
+    tensor_pos = [k for k, t in enumerate(flat) if ops.is_tensor(t)]
+    tensors = [flat[k] for k in tensor_pos]
+    tap_keys = record.tap_keys
+    cotangents = [_f32(grads[key]) for _, key in tap_keys]
+    out_index = [j for j, _ in tap_keys]
+    variables = [model.trainable_variables[k] for k in entry.positions]
+    params = [trainable[k] for k in entry.positions]
+    nt_pos = {id(v): k for k, v in enumerate(model.non_trainable_variables)}
+    nt_mapping = [
+        (v, non_trainable[nt_pos[id(v)]])
+        for v in layer.non_trainable_variables
+        if id(v) in nt_pos
+    ]
+
+    def one_example(elems):
+        leaves, cots = elems
+        flat_i = list(flat)
+        for k, t in zip(tensor_pos, leaves):
+            flat_i[k] = ops.expand_dims(t, 0)
+        args_i, kwargs_i = tree.pack_sequence_as(structure, flat_i)
+
+        def f(values):
+            mapping = list(zip(variables, values)) + nt_mapping
+            with keras.StatelessScope(state_mapping=mapping):
+                out = original_call(*args_i, **kwargs_i)
+            out_leaves = tree.flatten(out)
+            total = ops.zeros((), "float32")
+            for j, cot in zip(out_index, cots):
+                total = total + ops.sum(_f32(out_leaves[j])[0] * cot)
+            return total, ()
+
+        _, g = backend_ops.value_and_grad(f)(params)
+        return [_f32(t) for t in g]
+
+    per_example = ops.vectorized_map(one_example, (tensors, cotangents))
+    out = []
+    for g in per_example:
+        axes = tuple(range(1, len(g.shape)))
+        sq = ops.sum(ops.square(g), axis=axes) if axes else ops.square(g)
+        out.append((sq, (lambda g: lambda c: ops.tensordot(c, g, axes=1))(g)))
+    return out
+
+
+_HANDLERS = {
+    "dense": _handle_dense,
+    "einsum": _handle_einsum,
+    "embedding": _handle_embedding,
+}
+
+
+# --------------------------------------------------------------------------
+# Public entry points.
+
+
+def per_example_norms_and_sums(
+    model, backend_ops, trainable, non_trainable, x, y=None, sample_weight=None,
+    entries=None,
+):
+    """Per-variable per-example squared norms from one batched pass.
+
+    Returns `(squared_norms, clipped_fn, losses, y_pred, new_non_trainable)`
+    where `squared_norms` has one `(n,)` tensor per trainable variable and
+    `clipped_fn(factors)` the clipped sums for per-variable factors.
+    """
+    if entries is None:
+        entries = build_plan(model)
+    run = _make_run(model, trainable, non_trainable, x, y, sample_weight)
+    losses, y_pred, new_nt, records, grads = _batched_pass(entries, run)
+    n = ops.shape(losses)[0]
+    num_vars = len(trainable)
+    squared = [None] * num_vars
+    fns = [None] * num_vars
+    for entry, record in zip(entries, records):
+        if record.count == 0:
+            for k in entry.positions:
+                squared[k] = ops.zeros((n,), "float32")
+                fns[k] = (
+                    lambda k: lambda c: ops.zeros(ops.shape(trainable[k]), "float32")
+                )(k)
+            continue
+        if entry.kind == "generic":
+            terms = _handle_generic(
+                entry, record, grads, backend_ops, trainable, non_trainable, model
+            )
+        elif entry.kind == "conv":
+            terms = _handle_conv(entry, record, grads, backend_ops)
+        else:
+            terms = _HANDLERS[entry.kind](entry, record, grads)
+        for k, (sq, fn) in zip(entry.positions, terms):
+            squared[k] = sq
+            fns[k] = fn
+
+    def clipped_fn(factors):
+        return [
+            ops.reshape(_f32(fn(ops.cast(c, "float32"))), ops.shape(t))
+            for fn, c, t in zip(fns, factors, trainable)
+        ]
+
+    return squared, clipped_fn, losses, y_pred, new_nt
+
+
+def clipped_gradient_sum(
+    model,
+    optimizer,
+    backend_ops,
+    trainable,
+    non_trainable,
+    x,
+    y=None,
+    sample_weight=None,
+    microbatch_size=None,
+):
+    """Fast-path equivalent of `per_example.clipped_gradient_sum`.
+
+    Raises `Unsupported` (at trace time) when the model needs the general
+    vmap path.
+    """
+    entries = build_plan(model)
+    rows = ops.shape(tree.flatten(x)[0])[0]
+
+    count_groups = optimizer.num_count_groups
+
+    def chunk_fn(nt, cx, cy, csw):
+        squared, clipped_fn, losses, y_pred, new_nt = per_example_norms_and_sums(
+            model, backend_ops, trainable, nt, cx, cy, csw, entries=entries
+        )
+        factors = optimizer.variable_clip_factors(squared)
+        clipped = clipped_fn(factors)
+        if count_groups:
+            # Adaptive clipping's centred counts; padding rows count 0.
+            mask = None if csw is None else per_example_lib._row_mask(csw)
+            clipped.append(optimizer.clip_counts(squared, mask))
+        return clipped, losses, y_pred, new_nt
+
+    def result(clipped, losses, y_pred, new_nt):
+        out = {
+            "clipped_sum": clipped[: len(trainable)],
+            "losses": losses,
+            "y_pred": y_pred,
+            "non_trainable": new_nt,
+        }
+        if count_groups:
+            out["clip_counts"] = clipped[len(trainable)]
+        return out
+
+    if microbatch_size is None:
+        return result(*chunk_fn(non_trainable, x, y, sample_weight))
+
+    examples = {"x": x}
+    if y is not None:
+        examples["y"] = y
+    examples["sample_weight"] = (
+        sample_weight
+        if sample_weight is not None
+        else ops.ones((rows,), dtype="float32")
+    )
+    pad = (-rows) % microbatch_size
+    examples = per_example_lib._pad_rows(examples, pad)
+    chunks = tree.map_structure(
+        lambda t: ops.reshape(t, (-1, microbatch_size) + tuple(t.shape[1:])),
+        examples,
+    )
+    num_chunks = ops.shape(tree.flatten(chunks)[0])[0]
+    chunks["chunk"] = ops.arange(num_chunks, dtype="int32")
+    seed_ids = per_example_lib._seed_state_ids(model)
+    seed_positions = [
+        k
+        for k, v in enumerate(model.non_trainable_variables)
+        if id(v) in seed_ids
+    ]
+
+    def scan_fn(total, chunk):
+        # Each chunk draws its own random masks: offset the seed states by
+        # the chunk number (undone after, so the state advances as once).
+        nt = list(non_trainable)
+        offsets = {}
+        for k in seed_positions:
+            offset = ops.cast(
+                ops.stack([(chunk["chunk"] + 1) * per_example_lib._SEED_STRIDE, 0]),
+                nt[k].dtype,
+            )
+            offsets[k] = offset
+            nt[k] = nt[k] + offset
+        clipped, losses, y_pred, new_nt = chunk_fn(
+            nt, chunk["x"], chunk.get("y"), chunk["sample_weight"]
+        )
+        for k, offset in offsets.items():
+            new_nt[k] = new_nt[k] - offset
+        total = [a + b for a, b in zip(total, clipped)]
+        return total, (losses, y_pred, new_nt)
+
+    init = [ops.zeros(ops.shape(t), dtype="float32") for t in trainable]
+    if count_groups:
+        init.append(ops.zeros((count_groups,), dtype="float32"))
+    clipped, (losses, y_pred, new_nt) = backend_ops.scan(scan_fn, init, chunks)
+    losses, y_pred = tree.map_structure(
+        lambda t: ops.reshape(t, (-1,) + tuple(t.shape[2:]))[:rows],
+        (losses, y_pred),
+    )
+    new_nt = [t[0] for t in new_nt]
+    return result(clipped, losses, y_pred, new_nt)

@@ -1,0 +1,362 @@
+"""Fast per-example norms (keras_dp.fast_norms) against brute force.
+
+References are per-example loops: one GradientTape / jax.grad call per
+example, using plain Keras only.
+"""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from keras import layers as L
+from keras import ops
+
+import keras_dp
+from keras_dp import backend as backend_lib
+from keras_dp import fast_norms
+
+RTOL = 2e-4
+
+
+def _loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def brute_force_grads(model, x, y):
+    """Per-example gradients, one backward pass per example (no keras_dp)."""
+    loss_fn = _loss()
+    variables = model.trainable_variables
+    per_example = []
+    for i in range(len(y)):
+        xi, yi = x[i : i + 1], y[i : i + 1]
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            with tf.GradientTape() as tape:
+                loss = loss_fn(yi, model(xi, training=True))
+            grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
+        else:
+            import jax
+
+            non_trainable = [v.value for v in model.non_trainable_variables]
+
+            def f(values):
+                y_pred, _ = model.stateless_call(
+                    values, non_trainable, xi, training=True
+                )
+                return loss_fn(yi, y_pred)
+
+            grads = jax.grad(f)([v.value for v in variables])
+        per_example.append([np.asarray(g) for g in grads])
+    return [np.stack([p[k] for p in per_example]) for k in range(len(variables))]
+
+
+def fast(model, x, y):
+    model.compile(loss=_loss())
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    return fast_norms.per_example_norms_and_sums(
+        model,
+        backend_lib.get_backend_module(),
+        trainable,
+        non_trainable,
+        ops.convert_to_tensor(x),
+        ops.convert_to_tensor(y),
+    )
+
+
+def assert_matches_brute_force(model, x, y):
+    reference = brute_force_grads(model, x, y)
+    squared, clipped_fn, losses, _, _ = fast(model, x, y)
+    n = len(y)
+    factors = np.linspace(0.25, 1.5, n).astype("float32")
+    sums = clipped_fn([ops.convert_to_tensor(factors)] * len(reference))
+    # Absolute tolerances on the scale of the whole gradient: some
+    # gradients are exactly zero in theory (attention key bias) and only
+    # rounding noise in practice.
+    scale = max(np.abs(r).max() for r in reference)
+    for variable, ref, sq, total in zip(
+        model.trainable_variables, reference, squared, sums
+    ):
+        ref_sq = (ref.reshape(n, -1) ** 2).sum(axis=1)
+        np.testing.assert_allclose(
+            np.asarray(sq), ref_sq, rtol=RTOL, atol=1e-6 * scale**2,
+            err_msg=f"squared norms of {variable.path}",
+        )
+        ref_sum = np.tensordot(factors, ref, axes=1)
+        np.testing.assert_allclose(
+            np.asarray(total), ref_sum, rtol=RTOL,
+            atol=1e-5 * scale,
+            err_msg=f"clipped sum of {variable.path}",
+        )
+    ref_losses = [
+        float(_loss()(y[i : i + 1], model(x[i : i + 1]))) for i in range(n)
+    ]
+    np.testing.assert_allclose(np.asarray(losses), ref_losses, rtol=1e-5)
+
+
+@pytest.fixture(params=["auto", "ghost", "instantiate"])
+def method(request):
+    fast_norms._FORCE_METHOD = None if request.param == "auto" else request.param
+    yield request.param
+    fast_norms._FORCE_METHOD = None
+
+
+def _labels(n, classes=3):
+    return np.random.RandomState(1).randint(0, classes, n)
+
+
+def test_dense_2d_and_sequence(method):
+    rng = np.random.RandomState(0)
+    model = keras.Sequential(
+        [
+            keras.Input((7, 5)),
+            L.Dense(4, activation="tanh"),  # sequence Dense, T = 7
+            L.Flatten(),
+            L.Dense(6, activation="relu"),  # 2-D Dense, T = 1
+            L.Dense(3, use_bias=False),
+        ]
+    )
+    x = rng.rand(6, 7, 5).astype("float32")
+    assert_matches_brute_force(model, x, _labels(6))
+
+
+def test_einsum_dense_and_attention(method):
+    rng = np.random.RandomState(0)
+    inputs = keras.Input((6, 4))
+    h = L.EinsumDense("abc,cd->abd", output_shape=(None, 5), bias_axes="d")(inputs)
+    h = L.EinsumDense(
+        "...c,cde->...de", output_shape=(2, 3), bias_axes="e", activation="relu"
+    )(h)
+    h = L.Reshape((6, 6))(h)
+    h = L.MultiHeadAttention(2, 3)(h, h)
+    h = L.LayerNormalization()(h)
+    h = L.EinsumDense("abc,c->ab", output_shape=(6,))(h)  # to (batch, 6)
+    outputs = L.EinsumDense("ab,bc->ac", output_shape=3, bias_axes="c")(h)
+    model = keras.Model(inputs, outputs)
+    x = rng.rand(5, 6, 4).astype("float32")
+    assert_matches_brute_force(model, x, _labels(5))
+
+
+def test_embedding_repeated_tokens_and_masking(method):
+    ids = np.random.RandomState(0).randint(1, 6, (6, 9))
+    ids[:, 6:] = 0  # padding, masked downstream
+    ids[0, :] = 3  # every token the same
+    ids[1, :4] = [2, 2, 5, 2]
+    inputs = keras.Input((9,), dtype="int32")
+    h = L.Embedding(6, 4, mask_zero=True)(inputs)
+    h = L.Dense(5, activation="relu")(h)
+    h = L.GlobalAveragePooling1D()(h)  # uses the mask
+    outputs = L.Dense(3)(h)
+    model = keras.Model(inputs, outputs)
+    assert_matches_brute_force(model, ids, _labels(6))
+
+
+def test_embedding_single_token():
+    ids = np.random.RandomState(0).randint(0, 6, (5, 1))
+    model = keras.Sequential(
+        [keras.Input((1,), dtype="int32"), L.Embedding(6, 4), L.Flatten(), L.Dense(3)]
+    )
+    assert_matches_brute_force(model, ids, _labels(5))
+
+
+def test_conv2d_stride_padding_dilation_groups(method):
+    rng = np.random.RandomState(0)
+    model = keras.Sequential(
+        [
+            keras.Input((9, 9, 4)),
+            L.Conv2D(6, 3, strides=2, padding="same", activation="relu"),
+            L.Conv2D(4, 2, dilation_rate=2, groups=2),
+            L.GroupNormalization(2),
+            L.Conv2D(4, (2, 3), strides=(1, 2), padding="same"),
+            L.Flatten(),
+            L.Dense(3),
+        ]
+    )
+    x = rng.rand(5, 9, 9, 4).astype("float32")
+    assert_matches_brute_force(model, x, _labels(5))
+
+
+def test_conv1d_causal_and_strided(method):
+    rng = np.random.RandomState(0)
+    model = keras.Sequential(
+        [
+            keras.Input((10, 3)),
+            L.Conv1D(4, 3, padding="causal", dilation_rate=2, activation="relu"),
+            L.Conv1D(4, 3, strides=2, padding="same"),
+            L.Flatten(),
+            L.Dense(3),
+        ]
+    )
+    x = rng.rand(5, 10, 3).astype("float32")
+    assert_matches_brute_force(model, x, _labels(5))
+
+
+def test_mixed_model_with_generic_layers():
+    rng = np.random.RandomState(0)
+    inputs = keras.Input((6, 6, 2))
+    h = L.Conv2D(3, 3, padding="same")(inputs)
+    h = L.LayerNormalization(axis=-1)(h)
+    h = L.DepthwiseConv2D(2)(h)  # no fast formula: per-example vjp
+    h = L.Flatten()(h)
+    h = L.Dense(4, activation="relu")(h)
+    outputs = L.Dense(3)(h)
+    model = keras.Model(inputs, outputs)
+    x = rng.rand(5, 6, 6, 2).astype("float32")
+    assert_matches_brute_force(model, x, _labels(5))
+
+
+def test_choose_method():
+    assert fast_norms.choose_method(1, 784, 512) == "ghost"
+    # Long sequences, small layer: instantiate (2 T^2 >= p d).
+    assert fast_norms.choose_method(676, 9, 32) == "instantiate"
+    # Per-example gradient no bigger than the activations: instantiate.
+    assert fast_norms.choose_method(128, 128, 512) == "instantiate"
+    # Short sequence, wide layer: ghost.
+    assert fast_norms.choose_method(8, 1024, 1024) == "ghost"
+    assert fast_norms.choose_method(None, 64, 64) == "ghost"
+
+
+def _shared_layer_model():
+    shared = L.Dense(5, activation="tanh")
+    inputs = keras.Input((5,))
+    h = shared(shared(inputs))
+    return keras.Model(inputs, L.Dense(3)(h))
+
+
+@pytest.mark.parametrize(
+    "build, reason",
+    [
+        (_shared_layer_model, "more than once"),
+        (
+            lambda: keras.Sequential(
+                [keras.Input((5,)), L.Dense(4, activity_regularizer="l2"), L.Dense(3)]
+            ),
+            "activity regularizer",
+        ),
+    ],
+)
+def test_unsupported_models_fall_back_to_vmap(build, reason):
+    x = np.random.RandomState(0).rand(16, 5).astype("float32")
+    y = _labels(16)
+    weights = {}
+    for mode in ("auto", "vmap"):
+        keras.utils.set_random_seed(3)
+        model = keras_dp.make_private(
+            build(), per_example=mode, poisson_sampling=False
+        )
+        model.compile(
+            optimizer=keras_dp.DPSGD(
+                learning_rate=0.5, noise_multiplier=0.0, l2_norm_clip=0.1
+            ),
+            loss=_loss(),
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+        weights[mode] = [np.asarray(v.value) for v in model.trainable_variables]
+        if mode == "auto":
+            path, why = model._keras_dp.per_example_path
+            assert path == "vmap" and reason in why
+    for a, b in zip(weights["auto"], weights["vmap"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="does not support"):
+        model = keras_dp.make_private(build(), per_example="fast")
+        model.compile(optimizer=keras_dp.DPSGD(noise_multiplier=0.0), loss=_loss())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+
+
+def test_per_example_option_validated():
+    with pytest.raises(ValueError, match="per_example"):
+        keras_dp.make_private(
+            keras.Sequential([keras.Input((2,)), L.Dense(1)]), per_example="x"
+        )
+
+
+def _train_model(dropout):
+    return keras.Sequential(
+        [
+            keras.Input((6, 4)),
+            L.Conv1D(5, 3, padding="same", activation="relu"),
+            L.Dropout(dropout),
+            L.LayerNormalization(),
+            L.Dense(6, activation="relu"),
+            L.Flatten(),
+            L.Dense(3),
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "clipping, microbatch_size, poisson",
+    [
+        ("flat", None, False),
+        ("auto", None, False),
+        ("global", None, False),
+        ("flat", 8, False),
+        ("flat", None, True),
+    ],
+)
+def test_train_step_fast_equals_vmap(clipping, microbatch_size, poisson):
+    rng = np.random.RandomState(0)
+    x = rng.rand(48, 6, 4).astype("float32")
+    y = _labels(48)
+    sample_weight = np.ones(48, "float32")
+    sample_weight[::5] = 0.0  # zero-weight rows contribute nothing
+    kwargs = {} if clipping == "global" else {"l2_norm_clip": 0.2}
+    if clipping == "global":
+        kwargs = {"l2_norm_clip": 0.5, "global_clip_threshold": 2.0}
+    weights, paths = {}, {}
+    for mode in ("auto", "vmap"):
+        keras.utils.set_random_seed(5)
+        model = keras_dp.make_private(
+            _train_model(0.0),
+            per_example=mode,
+            microbatch_size=microbatch_size,
+            poisson_sampling=poisson,
+        )
+        model._keras_dp.sampling_seed = 11
+        model.compile(
+            optimizer=keras_dp.DPSGD(
+                learning_rate=0.5, noise_multiplier=0.0, clipping=clipping, **kwargs
+            ),
+            loss=_loss(),
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fit(
+                x, y, sample_weight=sample_weight, batch_size=16, epochs=1,
+                verbose=0, shuffle=False,
+            )
+        weights[mode] = [np.asarray(v.value) for v in model.trainable_variables]
+        paths[mode] = model._keras_dp.per_example_path
+    assert paths["auto"] == ("fast", None)
+    for a, b in zip(weights["auto"], weights["vmap"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("microbatch_size", [None, 8])
+def test_dropout_trains_and_advances_seed_state(microbatch_size):
+    x = np.random.RandomState(0).rand(32, 6, 4).astype("float32")
+    y = _labels(32)
+    states = {}
+    for mode in ("auto", "vmap"):
+        keras.utils.set_random_seed(5)
+        model = keras_dp.make_private(
+            _train_model(0.5), per_example=mode, microbatch_size=microbatch_size,
+            poisson_sampling=False,
+        )
+        model.compile(
+            optimizer=keras_dp.DPSGD(learning_rate=0.1, noise_multiplier=0.0),
+            loss=_loss(),
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            history = model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+        assert np.isfinite(history.history["loss"][0])
+        states[mode] = [np.asarray(v.value) for v in model.non_trainable_variables]
+    for a, b in zip(states["auto"], states["vmap"]):
+        np.testing.assert_array_equal(a, b)
