@@ -18,6 +18,14 @@ def _check_private(model, callback):
         )
 
 
+def _check_accountant(accountant):
+    if accountant not in accounting.ACCOUNTANTS:
+        raise ValueError(
+            f"Unknown accountant {accountant!r}; use one of "
+            f"{accounting.ACCOUNTANTS}."
+        )
+
+
 def _dataset_size(model):
     ledger = model.optimizer.privacy_ledger
     return None if not ledger.entries else ledger.entries[-1].get("n")
@@ -53,11 +61,7 @@ class EpsilonLogger(keras.callbacks.Callback):
         super().__init__()
         if delta is not None:
             accounting.check_delta(delta)
-        if accountant not in accounting.ACCOUNTANTS:
-            raise ValueError(
-                f"Unknown accountant {accountant!r}; use one of "
-                f"{accounting.ACCOUNTANTS}."
-            )
+        _check_accountant(accountant)
         if every_n_batches is not None and (
             not isinstance(every_n_batches, int) or every_n_batches <= 0
         ):
@@ -134,10 +138,16 @@ class PrivacyBudget(keras.callbacks.Callback):
                 f"`target_epsilon` must be positive. Received: {target_epsilon!r}."
             )
         accounting.check_delta(delta)
+        _check_accountant(accountant)
         self.target_epsilon = target_epsilon
         self.delta = delta
         self.accountant = accountant
         self.stopped_at_step = None
+
+    def on_train_begin(self, logs=None):
+        # `fit` of a private model already checked; this catches the callback
+        # on a plain model, which would otherwise train without a budget.
+        _check_private(self.model, self)
 
     def next_step_epsilon(self, model):
         """Epsilon after one more noisy update with the current setting."""

@@ -268,15 +268,21 @@ class LowRankSparse(keras.Model):
         ]
         return _LowRankSpace(self.trainable_variables, self._carriers, carrier_values)
 
-    def after_private_update(self, trainable_values, non_trainable):
-        """Counts the step and refreshes the carriers every `refresh_every`.
+    def after_private_update(self, trainable_values, non_trainable, took_update):
+        """Counts updates and refreshes the carriers every `refresh_every`.
 
-        Uses only the weights just released, so no privacy is spent.
+        Uses only the weights just released, so no privacy is spent. Counts
+        optimizer updates, not train steps: under gradient accumulation the
+        carriers stay fixed for the whole window, since the accumulated
+        gradient and its noise must live in one space.
         """
         position = {id(v): k for k, v in enumerate(self.non_trainable_variables)}
         non_trainable = list(non_trainable)
-        count = non_trainable[position[id(self._refresh_count)]] + 1
-        non_trainable[position[id(self._refresh_count)]] = count
+        count_position = position[id(self._refresh_count)]
+        count = non_trainable[count_position] + ops.cast(
+            took_update, non_trainable[count_position].dtype
+        )
+        non_trainable[count_position] = count
         if not self._carriers:
             return non_trainable
         refresh_index = count // self.refresh_every
@@ -285,7 +291,9 @@ class LowRankSparse(keras.Model):
             for c in self._carriers
         ]
         new = ops.cond(
-            ops.equal(count % self.refresh_every, 0),
+            ops.logical_and(
+                took_update, ops.equal(count % self.refresh_every, 0)
+            ),
             lambda: self._carrier_values(trainable_values, refresh_index),
             lambda: old,
         )

@@ -1,0 +1,605 @@
+"""Tests for Poisson sampling (`keras_dp.data`) and how `fit` uses it.
+
+Statistical checks use fixed seeds (so they are deterministic) and
+tolerances derived from the sampling distribution, stated next to each check.
+Training checks use `noise_multiplier=0.0` so updates are deterministic and
+can be compared exactly (up to float rounding) between two models.
+"""
+
+import math
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import keras_dp
+from keras_dp import data as data_lib
+
+N = 200
+FEATURES = 8
+
+
+def make_arrays(n=N, seed=0):
+    """`x` whose column 0 is the row id, and `y = 10 * id + 1`."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, FEATURES)).astype("float32")
+    x[:, 0] = np.arange(n)
+    y = (10.0 * np.arange(n) + 1.0).astype("float32").reshape(n, 1)
+    return x, y
+
+
+def make_regression(n=N, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, FEATURES)).astype("float32")
+    w = rng.normal(size=(FEATURES, 1)).astype("float32")
+    y = (x @ w + 0.1 * rng.normal(size=(n, 1))).astype("float32")
+    return x, y
+
+
+def make_binary(n=N, seed=2):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, FEATURES)).astype("float32")
+    # Unbalanced classes so that class weights matter.
+    y = (x[:, :1] + 0.5 * rng.normal(size=(n, 1)) > 0.6).astype("float32")
+    return x, y
+
+
+def build_model(kind="plain", seed=0, activation=None):
+    inputs = keras.Input((FEATURES,))
+    hidden = inputs
+    if kind == "activity":
+        hidden = keras.layers.Dense(
+            4,
+            activation="tanh",
+            activity_regularizer=keras.regularizers.L2(0.5),
+        )(hidden)
+    elif kind == "dropout":
+        hidden = keras.layers.Dense(16, activation="relu")(hidden)
+        hidden = keras.layers.Dropout(0.5, seed=7)(hidden)
+    outputs = keras.layers.Dense(1, activation=activation)(hidden)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(seed)
+    model.set_weights(
+        [
+            rng.normal(scale=0.5, size=w.shape).astype("float32")
+            for w in model.get_weights()
+        ]
+    )
+    return model
+
+
+def private_model(kind="plain", optimizer=None, loss="mse", activation=None, **kw):
+    model = keras_dp.make_private(build_model(kind, activation=activation), **kw)
+    model.compile(
+        optimizer=optimizer
+        or keras_dp.DPSGD(learning_rate=1.0, noise_multiplier=0.0),
+        loss=loss,
+    )
+    return model
+
+
+def weights_of(model):
+    return [np.asarray(w) for w in model.get_weights()]
+
+
+def assert_weights_close(a, b, rtol=1e-5, atol=1e-6):
+    for wa, wb in zip(weights_of(a), weights_of(b)):
+        np.testing.assert_allclose(wa, wb, rtol=rtol, atol=atol)
+
+
+def steps_taken(model):
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+
+
+# ---------------------------------------------------------------------------
+# PoissonSampler on its own.
+# ---------------------------------------------------------------------------
+
+
+def test_batch_size_distribution_matches_binomial():
+    n, batch_size = 400, 40
+    q = batch_size / n
+    x, y = make_arrays(n)
+    sampler = data_lib.PoissonSampler(x, y, batch_size=batch_size, seed=123)
+    assert sampler.sample_rate == pytest.approx(q)
+    counts = []
+    for _ in range(50):  # 50 epochs x 10 batches = 500 draws per sampler ...
+        for index in range(len(sampler)):
+            _, _, w = sampler[index]
+            counts.append(int(np.count_nonzero(w)))
+        sampler.on_epoch_end()
+    # ... and more draws from other seeds, 5000 in all.
+    for seed in range(9):
+        other = data_lib.PoissonSampler(x, y, batch_size=batch_size, seed=seed)
+        for update in range(500):
+            counts.append(len(other.sample_indices(update)))
+    counts = np.asarray(counts, dtype=np.float64)
+    k = len(counts)
+    assert k == 5000
+    mean, var = n * q, n * q * (1 - q)  # 40 and 36: Binomial(400, 0.1).
+    # Standard error of the sample mean: sqrt(var / k) = 0.085; allow 5 SE.
+    assert abs(counts.mean() - mean) < 5 * math.sqrt(var / k)
+    # Standard error of the sample variance of a near-normal variable:
+    # var * sqrt(2 / (k - 1)) = 0.72; allow 5 SE (a fixed-size batch would
+    # give variance 0, a wrong rate e.g. 0.05 would give 19).
+    sample_var = counts.var(ddof=1)
+    assert abs(sample_var - var) < 5 * var * math.sqrt(2 / (k - 1))
+
+
+def test_each_example_included_at_rate_q():
+    n, batch_size, draws = 200, 20, 2000
+    q = batch_size / n
+    x, y = make_arrays(n)
+    sampler = data_lib.PoissonSampler(x, y, batch_size=batch_size, seed=5)
+    hits = np.zeros(n)
+    for update in range(draws):
+        hits[sampler.sample_indices(update)] += 1
+    # Each example's count is Binomial(2000, 0.1): mean 200, sd 13.4. Over
+    # 200 examples the largest |z| stays below 4.5 except with probability
+    # < 200 * 7e-6; the average over examples has sd 13.4 / sqrt(200) ~ 0.95.
+    sd = math.sqrt(draws * q * (1 - q))
+    assert np.max(np.abs(hits - draws * q)) < 4.5 * sd
+    assert abs(hits.mean() - draws * q) < 5 * sd / math.sqrt(n)
+    # Under independent inclusion the per-example counts are themselves
+    # Binomial: their spread matches sd within 15% (SE of an sd estimate
+    # from 200 values is ~5%).
+    assert hits.std(ddof=1) == pytest.approx(sd, rel=0.15)
+
+
+def test_padded_batches_have_fixed_rows_zero_weight_padding_and_real_rows():
+    n, batch_size = 400, 40
+    q = batch_size / n
+    x, y = make_arrays(n)
+    sample_weight = np.linspace(0.5, 2.0, n).astype("float32")
+    sampler = data_lib.PoissonSampler(
+        x, y, sample_weight, batch_size=batch_size, seed=11
+    )
+    # Expected + 3 standard deviations of Binomial(n, q), rounded up to a
+    # multiple of 8: ceil(40 + 3 * 6) = 58 -> 64.
+    expected_rows = 8 * math.ceil(
+        math.ceil(batch_size + 3 * math.sqrt(batch_size * (1 - q))) / 8
+    )
+    assert expected_rows == 64
+    assert data_lib.padded_batch_size(batch_size, q) == expected_rows
+    assert len(sampler) == math.ceil(n / batch_size)
+    for epoch in range(3):
+        for index in range(len(sampler)):
+            bx, by, bw = sampler[index]
+            count = len(sampler.sample_indices(index))
+            # 64 rows is 4 sd above the mean: no draw here exceeds it.
+            assert count <= expected_rows
+            assert bx.shape == (expected_rows, FEATURES)
+            assert by.shape == (expected_rows, 1)
+            assert bw.shape == (expected_rows,)
+            ids = bx[:count, 0].astype(int)
+            assert len(set(ids.tolist())) == count  # distinct
+            assert set(ids.tolist()) == set(sampler.sample_indices(index).tolist())
+            # Real rows carry their own x, y and weight.
+            np.testing.assert_array_equal(bx[:count], x[ids])
+            np.testing.assert_array_equal(by[:count], y[ids])
+            np.testing.assert_array_equal(bw[:count], sample_weight[ids])
+            # Padding rows have weight exactly 0 (and finite data).
+            assert np.all(bw[count:] == 0)
+            assert np.all(np.isfinite(bx[count:]))
+        sampler.on_epoch_end()
+
+
+def test_oversized_draw_is_padded_further_not_truncated():
+    x, y = make_arrays(400)
+
+    class Oversized(data_lib.PoissonSampler):
+        def sample_indices(self, update):
+            return np.arange(70) + update
+
+    sampler = Oversized(x, y, batch_size=40, seed=0)
+    bx, _, bw = sampler[0]
+    # 70 real rows do not fit the usual 64: the batch grows to 72 rows.
+    assert bx.shape[0] == 72
+    assert np.count_nonzero(bw) == 70
+    np.testing.assert_array_equal(bx[:70, 0], np.arange(70))
+
+
+def test_structured_inputs_are_sampled_together():
+    x, y = make_arrays(100)
+    inputs = {"a": x, "b": x[:, :2] * 2}
+    sampler = data_lib.PoissonSampler(inputs, y, batch_size=10, seed=4)
+    bx, by, bw = sampler[0]
+    count = int(np.count_nonzero(bw))
+    ids = bx["a"][:count, 0].astype(int)
+    np.testing.assert_array_equal(bx["b"][:count], x[ids, :2] * 2)
+    np.testing.assert_array_equal(by[:count], y[ids])
+
+
+def test_epochs_differ_and_seed_reproduces():
+    x, y = make_arrays(200)
+
+    def draws(sampler, epochs=2):
+        out = []
+        for _ in range(epochs):
+            out.append([sampler[i][0][:, 0].copy() for i in range(len(sampler))])
+            sampler.on_epoch_end()
+        return out
+
+    first = draws(data_lib.PoissonSampler(x, y, batch_size=20, seed=3))
+    again = draws(data_lib.PoissonSampler(x, y, batch_size=20, seed=3))
+    other = draws(data_lib.PoissonSampler(x, y, batch_size=20, seed=4))
+    for epoch in range(2):
+        for a, b in zip(first[epoch], again[epoch]):
+            np.testing.assert_array_equal(a, b)
+    # Two epochs of the same sampler draw different batches.
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(first[0], first[1])
+    )
+    # Batches within an epoch differ too.
+    assert not np.array_equal(first[0][0], first[0][1])
+    assert any(not np.array_equal(a, b) for a, b in zip(first[0], other[0]))
+    # seed=None draws a fresh seed each time.
+    s1 = data_lib.PoissonSampler(x, y, batch_size=20)
+    s2 = data_lib.PoissonSampler(x, y, batch_size=20)
+    assert s1.seed != s2.seed
+
+
+def test_accumulation_splits_one_logical_batch_into_disjoint_parts():
+    n, batch_size, k = 400, 20, 2
+    x, y = make_arrays(n)
+    sampler = data_lib.PoissonSampler(
+        x, y, batch_size=batch_size, accumulation_steps=k, seed=9
+    )
+    assert sampler.sample_rate == pytest.approx(k * batch_size / n)
+    updates = math.ceil(n / (k * batch_size))
+    assert len(sampler) == updates * k
+    logical_sizes = []
+    part_sizes = []
+    for update in range(updates):
+        logical = sampler.sample_indices(update)
+        parts = []
+        for part in range(k):
+            bx, by, bw = sampler[update * k + part]
+            count = int(np.count_nonzero(bw))
+            part_sizes.append(count)
+            parts.append(bx[:count, 0].astype(int))
+        union = np.concatenate(parts)
+        assert len(set(union.tolist())) == len(union)  # disjoint
+        assert sorted(union.tolist()) == sorted(logical.tolist())
+        logical_sizes.append(len(logical))
+    for _ in range(200):
+        sampler.on_epoch_end()
+        logical_sizes += [len(sampler.sample_indices(u)) for u in range(updates)]
+    # 2010 logical batches ~ Binomial(400, 0.1): mean 40, SE of the mean
+    # 6 / sqrt(2010) = 0.13; allow 5 SE. (A rate of B / n would give 20.)
+    sizes = np.asarray(logical_sizes, dtype=float)
+    assert abs(sizes.mean() - 40) < 5 * 6 / math.sqrt(len(sizes))
+    # Each part is about half a logical batch (array_split: sizes differ by
+    # at most one).
+    assert abs(np.mean(part_sizes) - batch_size) < 3
+
+
+def test_fit_accumulates_the_parts_of_one_logical_batch_per_update():
+    x, y = make_regression(200)
+    served = []
+    original = data_lib.PoissonSampler.__getitem__
+
+    def recording(self, index):
+        served.append((self.epoch, index))
+        return original(self, index)
+
+    model = private_model(
+        optimizer=keras_dp.DPSGD(
+            learning_rate=0.1, noise_multiplier=1.0, gradient_accumulation_steps=2
+        )
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data_lib.PoissonSampler, "__getitem__", recording)
+        model.fit(x, y, batch_size=10, epochs=2, verbose=0)
+    micro_batches = 2 * math.ceil(200 / 20)
+    assert steps_taken(model) == 2 * micro_batches // 2
+    # Keras may read batches ahead (input signature) in the first epoch;
+    # the last epoch's reads are the micro-batches trained on, in order.
+    last_epoch = max(epoch for epoch, _ in served)
+    order = [index for epoch, index in served if epoch == last_epoch]
+    order = order[:micro_batches]
+    assert sorted(order) == list(range(micro_batches))
+    # Micro-steps 2j and 2j + 1 form one optimizer update: they must be the
+    # two parts of the same logical batch (sampler items 2u and 2u + 1).
+    updates = [(order[2 * j] // 2, order[2 * j + 1] // 2) for j in range(10)]
+    assert all(a == b for a, b in updates), order
+
+
+def test_invalid_sampler_arguments():
+    x, y = make_arrays(50)
+    with pytest.raises(ValueError, match="sample rate"):
+        data_lib.PoissonSampler(x, y, batch_size=51)
+    with pytest.raises(ValueError, match="sample rate"):
+        data_lib.PoissonSampler(x, y, batch_size=30, accumulation_steps=2)
+    with pytest.raises(ValueError, match="targets"):
+        data_lib.PoissonSampler(x, None, batch_size=10)
+    with pytest.raises(ValueError, match="batch_size"):
+        data_lib.PoissonSampler(x, y, batch_size=0)
+
+
+def test_fit_with_batch_larger_than_dataset_raises():
+    x, y = make_regression(10)
+    model = private_model()
+    with pytest.raises(ValueError, match="sample rate"):
+        model.fit(x, y, batch_size=20, epochs=1, verbose=0)
+    assert steps_taken(model) == 0
+
+
+# ---------------------------------------------------------------------------
+# Padding rows contribute nothing to the update.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["plain", "activity", "dropout"])
+def test_padding_rows_change_nothing(kind):
+    x, y = make_regression(200)
+    batch_size = 20
+    sampler = data_lib.PoissonSampler(x, y, batch_size=batch_size, seed=1)
+    px, py, pw = sampler[0]
+    real = pw != 0
+    count = int(real.sum())
+    assert 0 < count < len(pw)  # the batch really has padding rows
+    # Real rows come first (what makes per-example dropout seeds line up).
+    assert np.all(real[:count])
+
+    padded = private_model(kind)
+    padded._keras_dp.expected_batch_size = batch_size
+    unpadded = private_model(kind)
+    unpadded._keras_dp.expected_batch_size = batch_size
+    before = weights_of(padded)
+    assert_weights_close(padded, unpadded, rtol=0, atol=0)
+
+    padded.train_on_batch(px, py, sample_weight=pw)
+    unpadded.train_on_batch(px[:count], py[:count], sample_weight=pw[:count])
+
+    changed = [
+        not np.allclose(a, b) for a, b in zip(before, weights_of(padded))
+    ]
+    assert all(changed)
+    assert_weights_close(padded, unpadded)
+
+
+def test_padding_rows_change_nothing_through_fit_on_a_sampler():
+    x, y = make_regression(200)
+    batch_size = 20
+    served = []
+
+    class Recording(data_lib.PoissonSampler):
+        def __getitem__(self, index):
+            batch = super().__getitem__(index)
+            served.append(batch)
+            return batch
+
+    sampler = Recording(x, y, batch_size=batch_size, steps_per_epoch=1, seed=2)
+    fitted = private_model()
+    fitted.fit(sampler, epochs=1, verbose=0)
+    assert steps_taken(fitted) == 1
+    # Keras may read a batch ahead of training to learn the input signature;
+    # the batch trained on is the last one served.
+    px, py, pw = served[-1]
+    count = int(np.count_nonzero(pw))
+    assert 0 < count < len(pw)
+    # The step was traced with B = q * n as its divisor.
+    assert fitted._keras_dp.traced_with[0] == batch_size
+
+    reference = private_model()
+    reference._keras_dp.expected_batch_size = batch_size
+    reference.train_on_batch(px[:count], py[:count])
+    assert_weights_close(fitted, reference)
+
+    # Dividing by the row count instead (no expected batch size) would
+    # differ: this is what makes the comparison above meaningful.
+    by_rows = private_model()
+    by_rows.train_on_batch(px[:count], py[:count])
+    assert not all(
+        np.allclose(a, b) for a, b in zip(weights_of(by_rows), weights_of(fitted))
+    )
+
+
+# ---------------------------------------------------------------------------
+# fit on a private model.
+# ---------------------------------------------------------------------------
+
+
+def test_fit_on_arrays_uses_poisson_sampling():
+    x, y = make_regression(200)
+    batch_size = 30
+    model = private_model(
+        optimizer=keras_dp.DPSGD(learning_rate=0.1, noise_multiplier=1.0)
+    )
+    model.fit(x, y, batch_size=batch_size, epochs=2, verbose=0)
+    (entry,) = model.optimizer.privacy_ledger.entries
+    assert entry["poisson"] is True
+    assert entry["sample_rate"] == pytest.approx(batch_size / 200)
+    assert entry["n"] == 200
+    assert entry["start_step"] == 0
+    assert entry["noise_multiplier"] == 1.0
+    assert steps_taken(model) == 2 * math.ceil(200 / batch_size)
+    # The step was traced with B = q * n as its divisor.
+    assert model._keras_dp.traced_with[0] == batch_size
+
+
+def test_fit_runs_ceil_n_over_b_batches_per_epoch():
+    x, y = make_regression(200)
+    seen = []
+
+    class Count(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(batch)
+
+    model = private_model()
+    model._keras_dp.sampling_seed = 0
+    model.fit(x, y, batch_size=30, epochs=1, verbose=0, callbacks=[Count()])
+    assert len(seen) == math.ceil(200 / 30)
+
+
+def test_validation_split_with_poisson_sampling():
+    x, y = make_regression(200)
+    batch_size = 20
+    model = private_model(
+        optimizer=keras_dp.DPSGD(learning_rate=0.1, noise_multiplier=1.0)
+    )
+    history = model.fit(
+        x, y, batch_size=batch_size, epochs=1, validation_split=0.2, verbose=0
+    )
+    assert "val_loss" in history.history
+    (entry,) = model.optimizer.privacy_ledger.entries
+    assert entry["poisson"] is True
+    assert entry["n"] == 160
+    assert entry["sample_rate"] == pytest.approx(batch_size / 160)
+    assert steps_taken(model) == math.ceil(160 / batch_size)
+    # The validation rows are the last 20%, as in Keras: the validation loss
+    # is the loss on x[160:].
+    val_loss = model.evaluate(x[160:], y[160:], verbose=0)
+    assert history.history["val_loss"][0] == pytest.approx(val_loss, rel=1e-5)
+
+
+def test_class_weight_equals_explicit_sample_weight():
+    x, y = make_binary(200)
+    assert 0.1 < y.mean() < 0.5
+    class_weight = {0: 0.5, 1: 3.0}
+
+    def fitted(**kwargs):
+        model = private_model(activation="sigmoid", loss="binary_crossentropy")
+        model._keras_dp.sampling_seed = 0
+        # Keras shuffles the order of the sampler's batches with Python's
+        # `random`: reseed so both fits see the same order.
+        keras.utils.set_random_seed(0)
+        model.fit(x, y, batch_size=20, epochs=1, verbose=0, **kwargs)
+        return model
+
+    with_class_weight = fitted(class_weight=class_weight)
+    sample_weight = np.where(y[:, 0] == 1, 3.0, 0.5).astype("float32")
+    with_sample_weight = fitted(sample_weight=sample_weight)
+    unweighted = fitted()
+    assert_weights_close(with_class_weight, with_sample_weight)
+    assert not all(
+        np.allclose(a, b)
+        for a, b in zip(weights_of(with_class_weight), weights_of(unweighted))
+    )
+
+
+# ---------------------------------------------------------------------------
+# Already-batched data.
+# ---------------------------------------------------------------------------
+
+
+class FixedBatches(keras.utils.PyDataset):
+    def __init__(self, x, y, batch_size):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self):
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __getitem__(self, index):
+        rows = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return self.x[rows], self.y[rows]
+
+
+def _tf_dataset(x, y, batch_size):
+    tf = pytest.importorskip("tensorflow")
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size)
+
+
+def _poisson_warnings(record):
+    return [
+        w
+        for w in record
+        if issubclass(w.category, UserWarning) and "Poisson" in str(w.message)
+    ]
+
+
+@pytest.mark.parametrize("source", ["tf.data", "PyDataset"])
+def test_already_batched_data_warns_once_and_is_marked(source):
+    x, y = make_regression(200)
+    batch_size = 20
+    batches = math.ceil(200 / batch_size)
+    if source == "tf.data":
+        dataset = _tf_dataset(x, y, batch_size)
+    else:
+        dataset = FixedBatches(x, y, batch_size)
+    model = private_model(
+        optimizer=keras_dp.DPSGD(learning_rate=0.1, noise_multiplier=1.0)
+    )
+    logger = keras_dp.EpsilonLogger(delta=1e-5)
+    with pytest.warns(UserWarning, match="Poisson"):
+        history = model.fit(dataset, epochs=1, verbose=0, callbacks=[logger])
+    assert steps_taken(model) == batches
+    (entry,) = model.optimizer.privacy_ledger.entries
+    assert entry["poisson"] is False
+    # One update per batch: each example is in 1 of `batches` updates.
+    assert entry["sample_rate"] == pytest.approx(1 / batches)
+    assert history.history["epsilon_assumes_poisson"] == [1.0]
+    assert history.history["epsilon"][0] == pytest.approx(
+        keras_dp.compute_epsilon(1.0, 1 / batches, batches, 1e-5), rel=1e-9
+    )
+    # The warning comes once per model, not once per fit.
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model.fit(dataset, epochs=1, verbose=0, callbacks=[logger])
+    assert _poisson_warnings(record) == []
+    assert steps_taken(model) == 2 * batches
+
+
+def test_poisson_fit_does_not_warn_or_mark():
+    x, y = make_regression(200)
+    model = private_model(
+        optimizer=keras_dp.DPSGD(learning_rate=0.1, noise_multiplier=1.0)
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        history = model.fit(
+            x,
+            y,
+            batch_size=20,
+            epochs=1,
+            verbose=0,
+            callbacks=[keras_dp.EpsilonLogger(delta=1e-5)],
+        )
+    assert _poisson_warnings(record) == []
+    assert "epsilon_assumes_poisson" not in history.history
+
+
+def test_poisson_sampling_false_uses_fixed_batches_and_warns():
+    x, y = make_regression(200)
+    model = private_model(
+        optimizer=keras_dp.DPSGD(learning_rate=0.1, noise_multiplier=1.0),
+        poisson_sampling=False,
+    )
+    with pytest.warns(UserWarning, match="Poisson"):
+        model.fit(x, y, batch_size=25, epochs=1, verbose=0)
+    (entry,) = model.optimizer.privacy_ledger.entries
+    assert entry["poisson"] is False
+    assert entry["sample_rate"] == pytest.approx(25 / 200)
+    assert entry["n"] == 200
+    assert steps_taken(model) == 200 // 25
+
+
+def _generator(x, y, batch_size):
+    while True:
+        for start in range(0, len(x), batch_size):
+            yield x[start : start + batch_size], y[start : start + batch_size]
+
+
+def test_generator_without_sample_rate_raises():
+    x, y = make_regression(200)
+    model = private_model()
+    with pytest.raises(ValueError, match="sample_rate"):
+        model.fit(_generator(x, y, 20), steps_per_epoch=5, epochs=1, verbose=0)
+    assert steps_taken(model) == 0
+
+
+def test_generator_with_sample_rate_trains_and_records_it():
+    x, y = make_regression(200)
+    model = private_model(
+        optimizer=keras_dp.DPSGD(learning_rate=0.1, noise_multiplier=1.0),
+        sample_rate=0.1,
+    )
+    with pytest.warns(UserWarning, match="Poisson"):
+        model.fit(_generator(x, y, 20), steps_per_epoch=5, epochs=1, verbose=0)
+    assert steps_taken(model) == 5
+    (entry,) = model.optimizer.privacy_ledger.entries
+    assert entry["sample_rate"] == pytest.approx(0.1)
+    assert entry["poisson"] is False
