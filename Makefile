@@ -11,10 +11,11 @@ venv: $(STAMP)
 
 # Re-installs only when requirements-dev.txt or pyproject.toml is newer than
 # the stamp; an existing .venv is reused.
-$(STAMP): requirements-dev.txt pyproject.toml
+$(STAMP): requirements-dev.txt requirements-nlp.txt pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --upgrade pip
 	$(VPY) -m pip install -r requirements-dev.txt
+	$(VPY) -m pip install --no-deps -r requirements-nlp.txt
 	$(VPY) -m pip install -e .
 	touch $(STAMP)
 
