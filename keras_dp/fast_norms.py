@@ -19,6 +19,9 @@ needs, instead of one forward/backward per example (`per_example.py`):
      (T x d) and output gradients `B_i` (T x p), `G_i = A_i^T B_i`;
      either "ghost" `||G_i||^2 = <A_i A_i^T, B_i B_i^T>` (`||a|| ||b||` when
      T = 1) or instantiate `G_i` (see `choose_method`); bias from `B_i`.
+   - Dense with Keras LoRA (`enable_lora`): the adapters' gradients are
+     linear-layer gradients of transformed activations (ghost or
+     instantiate, with the rank in place of `d` or `p`).
    - Embedding: `||G_i||^2 = sum_{t,s} 1{x_t = x_s} b_t . b_s`.
    - any other leaf layer (LayerNormalization, GroupNormalization, custom
      layers): per-example gradients instantiated by a layer-local
@@ -98,14 +101,16 @@ def _own_trainable(layer):
 
 def _layer_kind(layer):
     L = keras.layers
-    if getattr(layer, "lora_enabled", False):
-        return "generic"
     try:
         if layer.quantization_mode is not None:
             return "generic"
     except AttributeError:
         pass
     t = type(layer)
+    if getattr(layer, "lora_enabled", False):
+        if isinstance(layer, L.Dense) and t.call is L.Dense.call:
+            return "dense_lora"
+        return "generic"
     if isinstance(layer, L.Dense) and t.call is L.Dense.call:
         return "dense"
     if isinstance(layer, L.EinsumDense) and t.call is L.EinsumDense.call:
@@ -129,7 +134,7 @@ class _Entry:
         # Positions of the layer's trainable variables in the model's
         # `trainable_variables`, in `layer.trainable_variables` order.
         self.positions = positions
-        self.tap_pre_activation = kind in ("dense", "einsum", "conv")
+        self.tap_pre_activation = kind in ("dense", "dense_lora", "einsum", "conv")
 
 
 def build_plan(model):
@@ -544,6 +549,46 @@ def _handle_dense(entry, record, grads):
     return _finish(entry, named)
 
 
+def _handle_dense_lora(entry, record, grads, value_of):
+    """Dense with Keras LoRA: `W = W0 + s a b`, `s = alpha / rank`.
+
+    With `G_i = A_i^T B_i` the per-example gradient of `W`, the adapters'
+    are `s G_i b^T = A_i^T (s B_i b^T)` and `s a^T G_i = (s A_i a)^T B_i`:
+    linear-layer gradients with transformed activations, so ghost norms
+    and book-keeping apply with `p` or `d` replaced by the rank.
+    """
+    layer = entry.layer
+    (inputs,), _ = _call_args(record, 1)
+    A = _f32(inputs)
+    B = _f32(grads[f"{entry.index}_z"])
+    d = A.shape[-1]
+    p = B.shape[-1]
+    T = _static_prod(A.shape[1:-1])
+    A3 = ops.reshape(A, (-1, T if T is not None else -1, d))
+    B3 = ops.reshape(B, (-1, T if T is not None else -1, p))
+    scale = layer.lora_alpha / layer.lora_rank
+    rank = layer.lora_rank
+    lora_a = _f32(value_of(layer.lora_kernel_a))
+    lora_b = _f32(value_of(layer.lora_kernel_b))
+    named = []
+    sq, fn = _linear(
+        A3, ops.matmul(B3, ops.transpose(lora_b)) * scale,
+        choose_method(T, d, rank),
+    )
+    named.append((layer.lora_kernel_a, sq, fn))
+    sq, fn = _linear(
+        ops.matmul(A3, lora_a) * scale, B3, choose_method(T, rank, p)
+    )
+    named.append((layer.lora_kernel_b, sq, fn))
+    if layer._kernel.trainable:
+        sq, fn = _linear(A3, B3, choose_method(T, d, p))
+        named.append((layer._kernel, sq, fn))
+    if layer.bias is not None:
+        bsq, bfn = _bias_terms(layer, layer.bias, B)
+        named.append((layer.bias, bsq, bfn))
+    return _finish(entry, named)
+
+
 def _call_args(record, n):
     args, kwargs = record.args
     return tuple(args[:n]), kwargs
@@ -875,6 +920,11 @@ def per_example_norms_and_sums(
     losses, y_pred, new_nt, records, grads = _batched_pass(entries, run)
     n = ops.shape(losses)[0]
     num_vars = len(trainable)
+    position_of = {id(v): k for k, v in enumerate(model.trainable_variables)}
+
+    def value_of(variable):
+        return trainable[position_of[id(variable)]]
+
     squared = [None] * num_vars
     fns = [None] * num_vars
     for entry, record in zip(entries, records):
@@ -891,6 +941,8 @@ def per_example_norms_and_sums(
             )
         elif entry.kind == "conv":
             terms = _handle_conv(entry, record, grads, backend_ops)
+        elif entry.kind == "dense_lora":
+            terms = _handle_dense_lora(entry, record, grads, value_of)
         else:
             terms = _HANDLERS[entry.kind](entry, record, grads)
         for k, (sq, fn) in zip(entry.positions, terms):

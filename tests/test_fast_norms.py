@@ -139,6 +139,27 @@ def test_einsum_dense_and_attention(method):
     assert_matches_brute_force(model, x, _labels(5))
 
 
+@pytest.mark.parametrize("sequence", [False, True])
+def test_dense_with_lora(method, sequence):
+    """Keras LoRA adapters: A_i^T (s B_i b^T) and (s A_i a)^T B_i."""
+    rng = np.random.RandomState(0)
+    shape = (4, 6) if sequence else (6,)
+    inputs = keras.Input(shape)
+    h = L.Dense(7, activation="tanh", name="adapted")(inputs)
+    if sequence:
+        h = L.GlobalAveragePooling1D()(h)
+    outputs = L.Dense(3, name="head")(h)
+    model = keras.Model(inputs, outputs)
+    model.get_layer("adapted").enable_lora(2, lora_alpha=3.0)
+    # lora_kernel_b starts at zero, which would make a's gradient zero.
+    b = model.get_layer("adapted").lora_kernel_b
+    b.assign(rng.normal(size=b.shape).astype("float32"))
+    plan = fast_norms.build_plan(model)
+    assert [e.kind for e in plan] == ["dense_lora", "dense"]
+    x = rng.rand(5, *shape).astype("float32")
+    assert_matches_brute_force(model, x, _labels(5))
+
+
 def test_embedding_repeated_tokens_and_masking(method):
     ids = np.random.RandomState(0).randint(1, 6, (6, 9))
     ids[:, 6:] = 0  # padding, masked downstream
