@@ -531,16 +531,25 @@ def _finish(entry, named):
     return out
 
 
-def _handle_dense(entry, record, grads):
-    layer = entry.layer
+def _dense_activations(entry, record, grads):
+    """Inputs `A` (n, T, d) and pre-activation gradients `B` (n, T, p).
+
+    Also returns `B` in the layer's output shape (for the bias) and `T`.
+    """
     (inputs,), _ = _call_args(record, 1)
     A = _f32(inputs)
     B = _f32(grads[f"{entry.index}_z"])
-    d = A.shape[-1]
-    p = B.shape[-1]
     T = _static_prod(A.shape[1:-1])
-    A3 = ops.reshape(A, (-1, T if T is not None else -1, d))
-    B3 = ops.reshape(B, (-1, T if T is not None else -1, p))
+    rows = T if T is not None else -1
+    A3 = ops.reshape(A, (-1, rows, A.shape[-1]))
+    B3 = ops.reshape(B, (-1, rows, B.shape[-1]))
+    return A3, B3, B, T
+
+
+def _handle_dense(entry, record, grads):
+    layer = entry.layer
+    A3, B3, B, T = _dense_activations(entry, record, grads)
+    d, p = A3.shape[-1], B3.shape[-1]
     sq, fn = _linear(A3, B3, choose_method(T, d, p))
     named = [(layer.kernel, sq, fn)]
     if layer.bias is not None:
@@ -558,14 +567,8 @@ def _handle_dense_lora(entry, record, grads, value_of):
     and book-keeping apply with `p` or `d` replaced by the rank.
     """
     layer = entry.layer
-    (inputs,), _ = _call_args(record, 1)
-    A = _f32(inputs)
-    B = _f32(grads[f"{entry.index}_z"])
-    d = A.shape[-1]
-    p = B.shape[-1]
-    T = _static_prod(A.shape[1:-1])
-    A3 = ops.reshape(A, (-1, T if T is not None else -1, d))
-    B3 = ops.reshape(B, (-1, T if T is not None else -1, p))
+    A3, B3, B, T = _dense_activations(entry, record, grads)
+    d, p = A3.shape[-1], B3.shape[-1]
     scale = layer.lora_alpha / layer.lora_rank
     rank = layer.lora_rank
     lora_a = _f32(value_of(layer.lora_kernel_a))

@@ -680,22 +680,26 @@ class DPOptimizerMixin:
             stddev = self.noise_stddev / (
                 ops.cast(self._expected_batch_size, "float32") * steps
             )
-            spaces = getattr(self, "_noise_spaces", None) or [None] * len(grads)
-            grads = [
-                g
-                if g is None
-                else g
-                + ops.cast(stddev, g.dtype)
-                * (
-                    self._standard_normal(ops.shape(g), g.dtype)
-                    if space is None
-                    else ops.cast(space(self._standard_normal), g.dtype)
-                )
-                for g, space in zip(grads, spaces)
-            ]
+            grads = self._add_noise(grads, stddev)
         # Keras's own clipnorm/clipvalue, if set, act on the noised gradient
         # (post-processing, no privacy cost).
         return super()._clip_gradients(grads)
+
+    def _add_noise(self, grads, stddev):
+        """`g + stddev * N(0, I)`, drawn in each variable's noise space."""
+        spaces = getattr(self, "_noise_spaces", None) or [None] * len(grads)
+        return [
+            g
+            if g is None
+            else g
+            + ops.cast(stddev, g.dtype)
+            * (
+                self._standard_normal(ops.shape(g), g.dtype)
+                if space is None
+                else ops.cast(space(self._standard_normal), g.dtype)
+            )
+            for g, space in zip(grads, spaces)
+        ]
 
     def _adaptive_noise_and_update(self, grads):
         """Gradient noise at `sigma_g`, then the noisy threshold update."""
@@ -728,19 +732,7 @@ class DPOptimizerMixin:
         thresholds = ops.stack(self._thresholds_in_step())
         if not (isinstance(sigma_g, float) and sigma_g == 0):
             stddev = sigma_g * ops.sqrt(ops.sum(ops.square(thresholds))) / batch
-            spaces = self._noise_spaces or [None] * len(grads)
-            grads = [
-                g
-                if g is None
-                else g
-                + ops.cast(stddev, g.dtype)
-                * (
-                    self._standard_normal(ops.shape(g), g.dtype)
-                    if space is None
-                    else ops.cast(space(self._standard_normal), g.dtype)
-                )
-                for g, space in zip(grads, spaces)
-            ]
+            grads = self._add_noise(grads, stddev)
         counts = ops.cast(self._clip_counts, "float32")
         noisy = counts + sigma_b * self._standard_normal((num_groups,), "float32")
         fraction = noisy / batch + 0.5
