@@ -12,11 +12,18 @@ import sys
 import warnings
 
 import dp_accounting
+import keras
 import pytest
 from dp_accounting import pld
 from dp_accounting import rdp
 
 from keras_dp import accounting
+
+# Pure dp-accounting arithmetic, the same on every Keras backend: run once.
+pytestmark = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="backend-independent; runs on the TensorFlow pass of the suite",
+)
 
 DELTA = 1e-5
 # Coarse enough to keep PLD accounting fast in tests.

@@ -49,6 +49,11 @@ def test_digits_demo():
     assert values and all(0 < e < 100 for e in values), out
 
 
+@pytest.mark.skipif(
+    BACKEND != "tensorflow",
+    reason="one backend is enough for the vision example (the text example "
+    "covers LowRankSparse on JAX)",
+)
 def test_dp_vision_lowrank():
     out = run_example(
         "dp_vision_lowrank.py", "--epochs", "1", "--train-size", "400"

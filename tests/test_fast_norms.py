@@ -28,6 +28,17 @@ def brute_force_grads(model, x, y):
     loss_fn = _loss()
     variables = model.trainable_variables
     per_example = []
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def loss_of(values, non_trainable, xi, yi):
+            y_pred, _ = model.stateless_call(
+                values, non_trainable, xi, training=True
+            )
+            return loss_fn(yi, y_pred)
+
+        # Jitted once per model and reused for every example.
+        jax_grad = jax.jit(jax.grad(loss_of))
     for i in range(len(y)):
         xi, yi = x[i : i + 1], y[i : i + 1]
         if keras.backend.backend() == "tensorflow":
@@ -37,17 +48,12 @@ def brute_force_grads(model, x, y):
                 loss = loss_fn(yi, model(xi, training=True))
             grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
         else:
-            import jax
-
-            non_trainable = [v.value for v in model.non_trainable_variables]
-
-            def f(values):
-                y_pred, _ = model.stateless_call(
-                    values, non_trainable, xi, training=True
-                )
-                return loss_fn(yi, y_pred)
-
-            grads = jax.grad(f)([v.value for v in variables])
+            grads = jax_grad(
+                [v.value for v in variables],
+                [v.value for v in model.non_trainable_variables],
+                xi,
+                yi,
+            )
         per_example.append([np.asarray(g) for g in grads])
     return [np.stack([p[k] for p in per_example]) for k in range(len(variables))]
 
