@@ -76,6 +76,8 @@ def main():
     parser.add_argument("--poisson", action="store_true")
     parser.add_argument("--peers", action="store_true")
     parser.add_argument("--timeout", type=int, default=1800)
+    parser.add_argument("--peer-timeout", type=int, default=420,
+                        help="seconds per peer run (some take hours)")
     parser.add_argument("--write", default=None)
     args = parser.parse_args()
     modes = ["dp"] + (["dp-vmap"] if args.vmap else []) + (
@@ -117,7 +119,7 @@ def main():
                 continue
             for venv, script, extra, label in PEER_RUNS:
                 result = run_peer(venv, script, extra, model, args.batch,
-                                  args.timeout)
+                                  args.peer_timeout)
                 if result is None:
                     line = f"| {label} | {model} | not run: {venv} missing |"
                 elif "error" in result:
