@@ -64,8 +64,13 @@ _MATRIX_LAYERS = (
 def matrix_split(shape):
     """Axis before which a kernel is flattened into its `(p, d)` view.
 
-    The split that makes the smaller side largest: `(d_model, heads * dim)`
-    for attention projections, `(kh * kw * c_in, c_out)` for convolutions.
+    The split that makes the smaller side largest, so that a rank-`r`
+    carrier is a real restriction on both sides: `(d_model, heads * dim)`
+    for attention projections; for a conv kernel `(kh, kw, c_in, c_out)`
+    whichever of `(kh, kw * c_in * c_out)`, `(kh * kw, c_in * c_out)` and
+    `(kh * kw * c_in, c_out)` is most square (`(9, 24)` for `(3, 3, 6, 4)`,
+    `(288, 64)` for `(3, 3, 32, 64)`). Any split is a valid matrix view:
+    the projection stays linear, so privacy does not depend on it.
     """
     best, best_side = 1, -1
     for k in range(1, len(shape)):
