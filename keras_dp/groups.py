@@ -78,15 +78,23 @@ each device's piece of the variables is a group, clipped where it lives.
   more group, `"replicated"`, whose norm every device computes locally.
   So `K = M` (+1). Variables sharded along two mesh axes are not supported.
 
-Memory (item 4 of the design): a group's factor needs only that group's
-norm. On the vectorized path (`jax.vmap` / `tf.vectorized_map`) each
-microbatch's per-example gradient of the whole model exists at once
-(`make_private(microbatch_size=...)` bounds it); group clipping then costs
-one reduction per variable and no second backward pass. Fast per-layer norm
-methods (ghost norms) give per-variable norms without materialising
-per-example gradients, and plug into the same
-`optimizer.variable_clip_factors` interface (not `"per_device"`, which needs
-per-shard norms).
+Memory and passes, per backend. Group factors need only per-variable
+squared norms, which both paths produce:
+
+- Fast path (`make_private(per_example="auto")`, the default, on both
+  backends): ghost norms / book-keeping for Dense, EinsumDense, Conv and
+  Embedding, and a layer-local per-example vjp for other layers.
+  Per-example gradients are only formed for layers where that costs no
+  more than ghost norms (small kernels, long sequences) and for the
+  non-linear layers; there is one backward pass, and the clipped sum is
+  assembled layer by layer from the group factors (book-keeping). Used for every mode but `"per_device"`, also with
+  adaptive thresholds. On JAX the per-example parts are `jax.vmap`-ed; on
+  TensorFlow, `tf.vectorized_map` (Conv kernels via image patches).
+- Vmap path (`per_example="vmap"`, `"per_device"`, or models the fast path
+  does not support): each microbatch's per-example gradient of the whole
+  model exists at once (`make_private(microbatch_size=...)` bounds it);
+  group clipping then costs one reduction per variable and still no second
+  backward pass.
 """
 
 import keras
