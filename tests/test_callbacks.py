@@ -6,22 +6,21 @@ dp-accounting called directly.
 """
 
 import csv
-import functools
 import math
 import warnings
 
-import dp_accounting
 import keras
 import numpy as np
 import pytest
-from dp_accounting import pld as dp_pld
-from dp_accounting import rdp as dp_rdp
+
+import accounting_fixtures as fixtures
+from accounting_fixtures import FEATURES
+from accounting_fixtures import N
+from accounting_fixtures import make_regression
+from accounting_fixtures import steps_taken
 
 import keras_dp
-from keras_dp import accounting
 
-N = 200
-FEATURES = 8
 BATCH = 20
 Q = BATCH / N
 STEPS_PER_EPOCH = math.ceil(N / BATCH)
@@ -29,35 +28,12 @@ SIGMA = 1.5
 DELTA = 1e-5
 
 
-def _event(sigma, q, steps):
-    event = dp_accounting.GaussianDpEvent(sigma)
-    if q < 1:
-        event = dp_accounting.PoissonSampledDpEvent(q, event)
-    return dp_accounting.SelfComposedDpEvent(event, steps)
-
-
-# dp-accounting's RDP computation takes a good fraction of a second on a
-# loaded 2-core machine: cache the references, keep step counts small.
-@functools.lru_cache(maxsize=None)
 def rdp_reference(sigma, q, steps, delta=DELTA):
-    accountant = dp_rdp.RdpAccountant(list(accounting.DEFAULT_RDP_ORDERS))
-    return accountant.compose(_event(sigma, q, steps)).get_epsilon(delta)
+    return fixtures.rdp_reference([(sigma, q, steps)], delta)
 
 
-@functools.lru_cache(maxsize=None)
 def pld_reference(sigma, q, steps, delta=DELTA):
-    accountant = dp_pld.PLDAccountant(
-        value_discretization_interval=accounting.DEFAULT_PLD_DISCRETIZATION_INTERVAL
-    )
-    return accountant.compose(_event(sigma, q, steps)).get_epsilon(delta)
-
-
-def make_regression(n=N, seed=1):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, FEATURES)).astype("float32")
-    w = rng.normal(size=(FEATURES, 1)).astype("float32")
-    y = (x @ w + 0.1 * rng.normal(size=(n, 1))).astype("float32")
-    return x, y
+    return fixtures.pld_reference([(sigma, q, steps)], delta)
 
 
 def build_model():
@@ -73,10 +49,6 @@ def private_model(sigma=SIGMA, **optimizer_kwargs):
         loss="mse",
     )
     return model
-
-
-def steps_taken(model):
-    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
 class Recorder(keras.callbacks.Callback):

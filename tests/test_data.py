@@ -13,11 +13,14 @@ import keras
 import numpy as np
 import pytest
 
+from accounting_fixtures import FEATURES
+from accounting_fixtures import N
+from accounting_fixtures import make_regression
+from accounting_fixtures import steps_taken
+
 import keras_dp
 from keras_dp import data as data_lib
 
-N = 200
-FEATURES = 8
 
 
 def make_arrays(n=N, seed=0):
@@ -26,14 +29,6 @@ def make_arrays(n=N, seed=0):
     x = rng.normal(size=(n, FEATURES)).astype("float32")
     x[:, 0] = np.arange(n)
     y = (10.0 * np.arange(n) + 1.0).astype("float32").reshape(n, 1)
-    return x, y
-
-
-def make_regression(n=N, seed=1):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, FEATURES)).astype("float32")
-    w = rng.normal(size=(FEATURES, 1)).astype("float32")
-    y = (x @ w + 0.1 * rng.normal(size=(n, 1))).astype("float32")
     return x, y
 
 
@@ -86,10 +81,6 @@ def weights_of(model):
 def assert_weights_close(a, b, rtol=1e-5, atol=1e-6):
     for wa, wb in zip(weights_of(a), weights_of(b)):
         np.testing.assert_allclose(wa, wb, rtol=rtol, atol=atol)
-
-
-def steps_taken(model):
-    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
 # ---------------------------------------------------------------------------

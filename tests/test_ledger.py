@@ -8,50 +8,29 @@ segment, which `tests/test_accounting.py` checks against dp-accounting.
 import json
 import math
 
-import dp_accounting
 import keras
 import numpy as np
 import pytest
-from dp_accounting import pld as dp_pld
-from dp_accounting import rdp as dp_rdp
+
+import accounting_fixtures as fixtures
+from accounting_fixtures import FEATURES
+from accounting_fixtures import N
+from accounting_fixtures import make_regression
+from accounting_fixtures import steps_taken
 
 import keras_dp
 from keras_dp import accounting
 from keras_dp import ledger as ledger_lib
 
-N = 200
-FEATURES = 8
 DELTA = 1e-5
 
 
-def _event(sigma, q, steps):
-    event = dp_accounting.GaussianDpEvent(sigma)
-    if q < 1:
-        event = dp_accounting.PoissonSampledDpEvent(q, event)
-    return dp_accounting.SelfComposedDpEvent(event, steps)
-
-
 def rdp_reference(segments, delta=DELTA):
-    """Epsilon of composed segments, straight from dp-accounting."""
-    event = dp_accounting.ComposedDpEvent([_event(*s) for s in segments])
-    accountant = dp_rdp.RdpAccountant(list(accounting.DEFAULT_RDP_ORDERS))
-    return accountant.compose(event).get_epsilon(delta)
+    return fixtures.rdp_reference(segments, delta)
 
 
 def pld_reference(segments, delta=DELTA):
-    event = dp_accounting.ComposedDpEvent([_event(*s) for s in segments])
-    accountant = dp_pld.PLDAccountant(
-        value_discretization_interval=accounting.DEFAULT_PLD_DISCRETIZATION_INTERVAL
-    )
-    return accountant.compose(event).get_epsilon(delta)
-
-
-def make_regression(n=N, seed=1):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, FEATURES)).astype("float32")
-    w = rng.normal(size=(FEATURES, 1)).astype("float32")
-    y = (x @ w + 0.1 * rng.normal(size=(n, 1))).astype("float32")
-    return x, y
+    return fixtures.pld_reference(segments, delta)
 
 
 def private_model(sigma=1.0, optimizer=None):
@@ -65,10 +44,6 @@ def private_model(sigma=1.0, optimizer=None):
         loss="mse",
     )
     return model
-
-
-def steps_taken(model):
-    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
 class StepsAtEpochEnd(keras.callbacks.Callback):
