@@ -1,17 +1,18 @@
 """keras_dp benchmark suite: DP vs non-private step time and peak memory.
 
-    .venv/bin/python benchmarks/run.py [--backends jax,tensorflow]
-        [--models cnn,mlp,resnet,transformer] [--batch 256] [--vmap]
-        [--poisson] [--peers] [--write benchmarks/RESULTS.md]
+    .venv/bin/python benchmarks/run.py [--backends tensorflow,jax]
+        [--models mlp,cnn,transformer,resnet] [--batch 256] [--vmap]
+        [--poisson] [--peers] [--write /tmp/results]
 
-Every (backend, model, mode) runs in a fresh subprocess (`step.py`), so the
-peak memory of one does not leak into another. Timing protocol of
-/work/shared/peers: model.fit on random data, one warm-up epoch, median of
-3 timed epochs of 20 steps. Modes: `plain` (keras SGD), `dp` (keras_dp
-fast path, fixed-size batches like the peers), optionally `dp-vmap`
-(general path) and `dp-poisson` (Poisson sampling with padding rows).
-`--peers` also runs /work/shared/peers/bench_*.py in their venvs when those
-exist (/tmp/venv-opacus, /tmp/venv-tfp, /tmp/venv-jp).
+For each backend and model, one fresh process times every mode (`plain`:
+keras SGD; `dp`: keras_dp fast path on fixed-size batches like the peers;
+optionally `dp-vmap`, the general path, and `dp-poisson`, Poisson sampling
+with padding rows) epoch by epoch in turn, and one fresh process per mode
+measures its memory (see `step.py`). Timing protocol of
+/work/shared/peers: `model.fit` on random data, a warm-up epoch, then the
+median over timed epochs of 20 steps. `--peers` also runs
+/work/shared/peers/bench_*.py in their venvs when those exist
+(/tmp/venv-opacus, /tmp/venv-tfp, /tmp/venv-jp), after keras_dp's rows.
 """
 
 import argparse
@@ -32,11 +33,20 @@ PEER_RUNS = [
     ("/tmp/venv-tfp", "bench_tf_privacy.py", ["fast"], "TF Privacy fast"),
     ("/tmp/venv-tfp", "bench_tf_privacy.py", ["optimizer"], "TF Privacy optimizer"),
 ]
+HEADER = (
+    "| backend | model | mode | plain step s | DP step s | time ratio "
+    "| plain MB | DP MB | memory ratio | TF allocator ratio | path |"
+)
 
 
-def run_step(backend, model, mode, batch, timeout):
+def run_step(backend, args, timeout):
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT)
-    cmd = [sys.executable, os.path.join(HERE, "step.py"), model, mode, str(batch)]
+    cmd = [sys.executable, os.path.join(HERE, "step.py")] + args
+    return json_result(cmd, env, timeout)
+
+
+def json_result(cmd, env, timeout):
+    """The last JSON line `cmd` prints, or `{"error": ...}`."""
     try:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True,
                              timeout=timeout)
@@ -53,65 +63,91 @@ def run_peer(venv, script, extra, model, batch, timeout):
     if not os.path.exists(python):
         return None
     cmd = [python, os.path.join(PEERS, script), model, str(batch)] + extra
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timeout {timeout}s"}
-    for line in reversed(out.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return json_result(cmd, None, timeout)
 
 
-def fmt(v, digits=3):
-    return "n/a" if v is None else f"{v:.{digits}f}"
+def ratio(a, b):
+    return None if a is None or b is None else a / b
+
+
+def fmt(v, digits=2, bold=False):
+    if v is None:
+        return "n/a"
+    text = f"{v:.{digits}f}"
+    return f"**{text}**" if bold else text
+
+
+def benchmark(backend, model, modes, batch, timeout):
+    """Rows (dicts) for every DP mode of `model` on `backend`."""
+    timing = run_step(backend, [model, "time", ",".join(modes), str(batch)],
+                      timeout)
+    memory = {m: run_step(backend, [model, "memory", m, str(batch)], timeout)
+              for m in modes}
+    rows = []
+    for mode in modes[1:]:
+        row = {"backend": backend, "model": model, "mode": mode,
+               "timing": timing, "memory": {"plain": memory["plain"],
+                                            mode: memory[mode]}}
+        errors = [r["error"] for r in (timing, memory["plain"], memory[mode])
+                  if "error" in r]
+        if errors:
+            row["error"] = errors[0]
+        else:
+            plain_s, dp_s = timing["step_s"]["plain"], timing["step_s"][mode]
+            plain_mem, dp_mem = memory["plain"], memory[mode]
+            row.update(
+                plain_step_s=plain_s, dp_step_s=dp_s,
+                time_ratio=dp_s / plain_s,
+                plain_mb=plain_mem["train_peak_mb"],
+                dp_mb=dp_mem["train_peak_mb"],
+                memory_ratio=dp_mem["train_peak_mb"] / plain_mem["train_peak_mb"],
+                allocator_ratio=ratio(dp_mem["allocator_peak_mb"],
+                                      plain_mem["allocator_peak_mb"]),
+                path=(timing["path"][mode] or ["?"])[0],
+            )
+        rows.append(row)
+    return rows
+
+
+def table_line(row):
+    if "error" in row:
+        return (f"| {row['backend']} | {row['model']} | {row['mode']} | "
+                f"error: {row['error']} |")
+    return (
+        f"| {row['backend']} | {row['model']} | {row['mode']} | "
+        f"{row['plain_step_s']:.4f} | {row['dp_step_s']:.4f} | "
+        f"{fmt(row['time_ratio'], bold=True)} | {row['plain_mb']:.0f} | "
+        f"{row['dp_mb']:.0f} | {fmt(row['memory_ratio'], bold=True)} | "
+        f"{fmt(row['allocator_ratio'])} | {row['path']} |"
+    )
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backends", default="jax,tensorflow")
-    parser.add_argument("--models", default="cnn,mlp,resnet,transformer")
+    parser.add_argument("--backends", default="tensorflow,jax")
+    parser.add_argument("--models", default="mlp,cnn,transformer,resnet")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--vmap", action="store_true")
     parser.add_argument("--poisson", action="store_true")
     parser.add_argument("--peers", action="store_true")
-    parser.add_argument("--timeout", type=int, default=1800)
+    parser.add_argument("--timeout", type=int, default=2400)
     parser.add_argument("--peer-timeout", type=int, default=420,
                         help="seconds per peer run (some take hours)")
-    parser.add_argument("--write", default=None)
+    parser.add_argument("--write", default=None,
+                        help="path prefix for .json and .table.md results")
     args = parser.parse_args()
-    modes = ["dp"] + (["dp-vmap"] if args.vmap else []) + (
+    modes = ["plain", "dp"] + (["dp-vmap"] if args.vmap else []) + (
         ["dp-poisson"] if args.poisson else [])
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    print(HEADER)
+    print("|" + "---|" * 11, flush=True)
     rows = []
-    header = ("| backend | model | mode | plain step s | DP step s | time ratio "
-              "| plain peak MB | DP peak MB | peak ratio | train-phase peak ratio "
-              "| path |")
-    print(header)
-    print("|" + "---|" * 11)
     for backend in args.backends.split(","):
         for model in args.models.split(","):
-            plain = run_step(backend, model, "plain", args.batch, args.timeout)
-            for mode in modes:
-                dp = run_step(backend, model, mode, args.batch, args.timeout)
-                row = {"backend": backend, "model": model, "mode": mode,
-                       "plain": plain, "dp": dp}
-                ok = "error" not in plain and "error" not in dp
-                if ok:
-                    row["ratio"] = dp["step_s"] / plain["step_s"]
-                    row["peak_ratio"] = dp["peak_mb"] / plain["peak_mb"]
-                    row["train_peak_ratio"] = (
-                        dp["train_peak_mb"] / plain["train_peak_mb"])
-                    line = (f"| {backend} | {model} | {mode} | "
-                            f"{fmt(plain['step_s'], 4)} | {fmt(dp['step_s'], 4)} | "
-                            f"**{row['ratio']:.2f}** | {plain['peak_mb']:.0f} | "
-                            f"{dp['peak_mb']:.0f} | **{row['peak_ratio']:.2f}** | "
-                            f"{row['train_peak_ratio']:.2f} | "
-                            f"{(dp.get('path') or ['?'])[0]} |")
-                else:
-                    line = (f"| {backend} | {model} | {mode} | error: "
-                            f"{plain.get('error') or dp.get('error')} |")
-                print(line, flush=True)
-                rows.append((row, line))
+            for row in benchmark(backend, model, modes, args.batch,
+                                 args.timeout):
+                print(table_line(row), flush=True)
+                rows.append(row)
     peer_lines = []
     if args.peers:
         for model in args.models.split(","):
@@ -125,18 +161,20 @@ def main():
                 elif "error" in result:
                     line = f"| {label} | {model} | error: {result['error']} |"
                 else:
-                    line = (f"| {label} | {model} | {result['plain_step_s']:.4f} | "
-                            f"{result['dp_step_s']:.4f} | **{result['ratio']:.2f}** |")
+                    line = (f"| {label} | {model} | {result['plain_step_s']:.4f} "
+                            f"| {result['dp_step_s']:.4f} | "
+                            f"**{result['ratio']:.2f}** |")
                 print(line, flush=True)
                 peer_lines.append(line)
     if args.write:
         with open(args.write + ".json", "w") as f:
-            json.dump([r for r, _ in rows], f, indent=1)
+            json.dump(rows, f, indent=1)
         with open(args.write + ".table.md", "w") as f:
-            f.write(f"<!-- {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}"
-                    f" {' '.join(sys.argv)} -->\n")
-            f.write(header + "\n|" + "---|" * 11 + "\n")
-            f.write("\n".join(line for _, line in rows) + "\n")
+            f.write(f"<!-- {started} to "
+                    f"{time.strftime('%H:%M:%S UTC', time.gmtime())}: "
+                    f"benchmarks/run.py {' '.join(sys.argv[1:])} -->\n")
+            f.write(HEADER + "\n|" + "---|" * 11 + "\n")
+            f.write("\n".join(table_line(r) for r in rows) + "\n")
             if peer_lines:
                 f.write("\n| peer | model | plain step s | DP step s | ratio |\n"
                         "|---|---|---|---|---|\n" + "\n".join(peer_lines) + "\n")

@@ -1,15 +1,34 @@
-"""Times one (backend, model, mode) configuration in a fresh process.
+"""Times or measures one benchmark configuration in a fresh process.
 
-Usage: KERAS_BACKEND=jax python benchmarks/step.py MODEL MODE [BATCH]
+    KERAS_BACKEND=jax python benchmarks/step.py MODEL time MODE[,MODE...] [BATCH]
+    KERAS_BACKEND=jax python benchmarks/step.py MODEL memory MODE [BATCH]
+
 MODE: plain | dp (fast path, fixed batches) | dp-vmap (general path, fixed
 batches) | dp-poisson (fast path, Poisson sampling with padding).
 
-Protocol of /work/shared/peers: model.fit on random data, one warm-up epoch
-(compiles), then the median of 3 timed epochs of 20 steps. Prints one JSON
-line with the step time and the peak resident memory growth (ru_maxrss
-after training minus ru_maxrss once data and frameworks are loaded).
+`time`: builds one model per mode in this process, compiles and warms each
+up with one epoch, then times `BENCH_EPOCHS` (default 5) rounds in which
+every mode runs one epoch of 20 steps, in turn. Alternating in one process
+(as the peers' scripts do) keeps slow drifts of a shared machine out of the
+ratios. Prints one JSON line with each mode's median step time.
+
+`memory`: one mode per process, so that peaks do not mix. After a warm-up
+epoch the freed heap is returned to the OS and the peaks are reset; one
+more epoch is run. Prints one JSON line with `train_peak_mb` (peak resident
+memory during that epoch minus the resident memory once data and frameworks
+were loaded: model, optimizer state, compiled step and its buffers),
+`peak_mb` (`ru_maxrss` growth over the whole run, compilation included) and,
+on TensorFlow, `allocator_peak_mb` (peak bytes held by TensorFlow's CPU
+allocator during that epoch).
+
+On TensorFlow the batches come from a `tf.data.Dataset` with autotuning
+off, for plain and DP alike: on a 2-core machine tf.data's autotuner thread
+competes with the step for a core and makes about half of the epochs of
+`fit(x, y)` take twice as long, for either step.
 """
 
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -42,61 +61,133 @@ def status_mb(field):
     return float("nan")
 
 
-def reset_peak():
-    """Resets VmHWM (Linux >= 4.0), so it shows the peak from now on."""
+def reset_peaks():
+    """Resets VmHWM (Linux >= 4.0) and TensorFlow's allocator peak."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pass
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.experimental.reset_memory_stats("CPU:0")
+
+
+def allocator_peak_mb():
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    return tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20
+
+
+def release_freed_heap():
+    """Returns freed malloc arenas to the OS (glibc), so RSS is live memory."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def batches(x, y, batch):
+    """What `fit` trains on: the arrays, or on TensorFlow a dataset of
+    fixed-size batches with tf.data autotuning off (see module docstring)."""
+    if keras.backend.backend() != "tensorflow":
+        return {"x": x, "y": y, "batch_size": batch}
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(
+        batch, drop_remainder=True
+    )
+    return {"x": dataset.with_options(options)}
+
+
+def build(name, mode):
+    """The suite's model `name`, compiled for `mode`."""
+    import keras_dp
+
+    keras.utils.set_random_seed(0)
+    model = models.build(name)
+    loss = "categorical_crossentropy"
+    if mode == "plain":
+        model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
+        return model
+    model = keras_dp.make_private(
+        model,
+        poisson_sampling=(mode == "dp-poisson"),
+        per_example="vmap" if mode == "dp-vmap" else "fast",
+    )
+    model.compile(
+        optimizer=keras_dp.DPSGD(
+            learning_rate=0.01, l2_norm_clip=1.0,
+            noise_multiplier=float(os.environ.get("BENCH_NOISE", "1.0")),
+        ),
+        loss=loss,
+    )
+    return model
+
+
+def fit_epoch(model, mode, x, y, batch):
+    if mode == "dp-poisson":
+        model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
+    else:
+        model.fit(**batches(x, y, batch), epochs=1, verbose=0)
+
+
+def path_of(model, mode):
+    return None if mode == "plain" else model._keras_dp.per_example_path
+
+
+def time_modes(name, modes, batch):
+    x, y = models.data(name, batch * STEPS)
+    built = {mode: build(name, mode) for mode in modes}
+    for mode, model in built.items():
+        fit_epoch(model, mode, x, y, batch)  # compile + warm-up
+    times = {mode: [] for mode in modes}
+    for _ in range(int(os.environ.get("BENCH_EPOCHS", "5"))):
+        for mode, model in built.items():
+            start = time.perf_counter()
+            fit_epoch(model, mode, x, y, batch)
+            times[mode].append((time.perf_counter() - start) / STEPS)
+    return {
+        "backend": keras.backend.backend(), "model": name, "batch": batch,
+        "step_s": {m: float(np.median(t)) for m, t in times.items()},
+        "epochs_s": times,
+        "path": {m: path_of(built[m], m) for m in modes},
+    }
+
+
+def measure_memory(name, mode, batch):
+    x, y = models.data(name, batch * STEPS)
+    baseline = maxrss_mb()
+    baseline_rss = status_mb("VmRSS")
+    model = build(name, mode)
+    fit_epoch(model, mode, x, y, batch)  # compile + warm-up
+    release_freed_heap()
+    reset_peaks()
+    fit_epoch(model, mode, x, y, batch)
+    return {
+        "backend": keras.backend.backend(), "model": name, "mode": mode,
+        "batch": batch, "train_peak_mb": status_mb("VmHWM") - baseline_rss,
+        "peak_mb": maxrss_mb() - baseline,
+        "allocator_peak_mb": allocator_peak_mb(), "path": path_of(model, mode),
+    }
 
 
 def main():
-    name, mode = sys.argv[1], sys.argv[2]
-    batch = int(sys.argv[3]) if len(sys.argv) > 3 else 256
-    import keras_dp
-
-    x, y = models.data(name, batch * STEPS)
-    keras.utils.set_random_seed(0)
-    baseline = maxrss_mb()
-    baseline_rss = status_mb("VmRSS")
-    model = models.build(name)
-    loss = "categorical_crossentropy"
-    path = None
-    if mode == "plain":
-        model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
+    name, what, modes = sys.argv[1], sys.argv[2], sys.argv[3]
+    batch = int(sys.argv[4]) if len(sys.argv) > 4 else 256
+    if what == "time":
+        result = time_modes(name, modes.split(","), batch)
+    elif what == "memory":
+        result = measure_memory(name, modes, batch)
     else:
-        model = keras_dp.make_private(
-            model,
-            poisson_sampling=(mode == "dp-poisson"),
-            per_example="vmap" if mode == "dp-vmap" else "fast",
-        )
-        model.compile(
-            optimizer=keras_dp.DPSGD(
-                learning_rate=0.01, l2_norm_clip=1.0,
-                noise_multiplier=float(os.environ.get("BENCH_NOISE", "1.0")),
-            ),
-            loss=loss,
-        )
-
-    def epoch():
-        model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
-
-    epoch()  # compile + warm-up
-    reset_peak()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        epoch()
-        times.append((time.perf_counter() - start) / STEPS)
-    if mode != "plain":
-        path = model._keras_dp.per_example_path
-    print(json.dumps({
-        "backend": keras.backend.backend(), "model": name, "mode": mode,
-        "batch": batch, "step_s": float(np.median(times)),
-        "peak_mb": maxrss_mb() - baseline,
-        "train_peak_mb": status_mb("VmHWM") - baseline_rss, "path": path,
-    }))
+        raise SystemExit(f"unknown measurement {what!r}: time or memory")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

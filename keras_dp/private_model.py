@@ -47,6 +47,10 @@ class PrivacySettings:
         self.poisson_sampling = poisson_sampling
         self.sample_rate = sample_rate
         self.expected_batch_size = None
+        # Rows per batch of the current `fit`, when known: TensorFlow traces
+        # the step with an unknown batch size, and the fast path sizes its
+        # memory-bounded chunks by this.
+        self.batch_size_hint = None
         self.sampling_seed = None
         self.warned_fixed_batches = False
         # What the current train function was traced with.
@@ -281,6 +285,7 @@ def _private_fit(fit):
             # accumulation) across updates.
             shuffle = False
         settings.expected_batch_size = expected_batch_size
+        settings.batch_size_hint = _rows_per_batch(x, batch_size)
         try:
             return fit(
                 model,
@@ -302,9 +307,23 @@ def _private_fit(fit):
         finally:
             # `train_on_batch` divides by each batch's own size.
             settings.expected_batch_size = None
+            settings.batch_size_hint = None
 
     private_fit.__doc__ = fit.__doc__
     return private_fit
+
+
+def _rows_per_batch(x, batch_size):
+    """Rows of the batches `fit` will draw from `x`, or None if unknown."""
+    if isinstance(x, data_lib.PoissonSampler):
+        return x.padded_size
+    if array_data_adapter.can_convert_arrays((x,)):
+        return batch_size or 32
+    if data_adapters.is_tf_dataset(x):
+        for spec in tree.flatten(x.element_spec):
+            if spec.shape.rank:
+                return spec.shape[0]
+    return None
 
 
 def _as_list(callbacks):

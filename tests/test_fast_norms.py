@@ -205,6 +205,25 @@ def test_conv2d_stride_padding_dilation_groups(method):
     assert_matches_brute_force(model, x, _labels(5))
 
 
+def test_conv_patches_in_chunks(monkeypatch):
+    """Per-example kernel gradients in chunks of 2 examples (5 = 2+2+1)."""
+    rng = np.random.RandomState(0)
+    model = keras.Sequential(
+        [
+            keras.Input((7, 7, 3)),
+            L.Conv2D(4, 3, strides=2, padding="same", activation="relu"),
+            L.Conv2D(4, 2, dilation_rate=2, groups=2),
+            L.Flatten(),
+            L.Dense(3),
+        ]
+    )
+    # 2 examples' patches of the first layer: 2 * 16 positions * 27 floats.
+    monkeypatch.setattr(fast_norms, "_PATCH_CHUNK_BYTES", 4 * 2 * 16 * 27)
+    monkeypatch.setattr(fast_norms, "_FORCE_METHOD", "instantiate")
+    x = rng.rand(5, 7, 7, 3).astype("float32")
+    assert_matches_brute_force(model, x, _labels(5))
+
+
 def test_conv1d_causal_and_strided(method):
     rng = np.random.RandomState(0)
     model = keras.Sequential(
@@ -231,6 +250,40 @@ def test_mixed_model_with_generic_layers():
     outputs = L.Dense(3)(h)
     model = keras.Model(inputs, outputs)
     x = rng.rand(5, 6, 6, 2).astype("float32")
+    assert_matches_brute_force(model, x, _labels(5))
+
+
+# Keras deprecates `rms_scaling=True` but still supports it.
+@pytest.mark.filterwarnings("ignore:You passed `rms_scaling=True`")
+@pytest.mark.parametrize(
+    "norm",
+    [
+        lambda: L.LayerNormalization(),
+        lambda: L.LayerNormalization(axis=[1, 2], center=False),
+        lambda: L.LayerNormalization(rms_scaling=True),
+        lambda: L.GroupNormalization(2),
+        lambda: L.GroupNormalization(3, axis=1, scale=False),
+        lambda: L.RMSNormalization(axis=[-2, -1]),
+    ],
+    ids=["layer", "layer_two_axes", "layer_rms", "group", "group_axis1",
+         "rms"],
+)
+def test_normalization_layers_closed_form(norm):
+    """scale/center gradients `sum(dy * xhat)`, `sum(dy)` per example."""
+    rng = np.random.RandomState(0)
+    layer = norm()
+    inputs = keras.Input((3, 4, 6))
+    h = L.Dense(6, activation="tanh")(inputs)
+    h = layer(h)
+    h = L.Flatten()(h)
+    outputs = L.Dense(3)(h)
+    model = keras.Model(inputs, outputs)
+    # Non-trivial scale and center, so that neither gradient is symmetric.
+    for variable in layer.trainable_variables:
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    plan = fast_norms.build_plan(model)
+    assert [e.kind for e in plan] == ["dense", "normalization", "dense"]
+    x = rng.rand(5, 3, 4, 6).astype("float32")
     assert_matches_brute_force(model, x, _labels(5))
 
 

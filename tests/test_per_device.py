@@ -106,19 +106,22 @@ def test_data_parallel_matches_one_device():
 
     At sigma = 0 the update equals the single-device flat update. At
     sigma > 0 the noise is drawn once for the logical batch: the 8-device
-    update equals the single-device one under the same seed, and the noise
+    update equals the one-device update under the same seed, and the noise
     std is sigma * C / B (d = 248 coordinates: relative standard error
-    ~4.5%; tolerance 20%).
+    ~4.5%; tolerance 20%). (The one-device reference runs under a
+    distribution too: without one, the noise of all variables is a single
+    draw, a different stream.)
     """
     run_in_subprocess(
         """
         dp = keras.distribution.DataParallel(devices=jax.devices())
+        one_device = keras.distribution.DataParallel(devices=jax.devices()[:1])
         one, _ = run(None, 0.0, clip_groups="flat")
         eight, opt = run(dp, 0.0)
         assert opt.clip_group_names == ["device"], opt.clip_group_names
         np.testing.assert_allclose(flat(eight), flat(one), rtol=1e-5, atol=1e-7)
 
-        noisy_one, _ = run(None, 2.0, clip_groups="flat")
+        noisy_one, _ = run(one_device, 2.0, clip_groups="flat")
         noisy_eight, _ = run(dp, 2.0)
         np.testing.assert_allclose(
             flat(noisy_eight), flat(noisy_one), rtol=1e-4, atol=1e-6)

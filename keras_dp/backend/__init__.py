@@ -1,8 +1,10 @@
 """Backend-specific pieces of the private train step: one module per backend.
 
 Each module provides `value_and_grad(fn)` (gradient of a scalar function with
-respect to its first argument, a list of tensors, with an auxiliary output)
-and `train_step(model, ...)`, the private replacement for its trainer's
+respect to its first argument, a list of tensors, with an auxiliary output),
+`scan(f, init, xs)` (`jax.lax.scan` semantics), `after(dependencies,
+tensors)` (tensors read only once the dependencies are computed) and
+`train_step(model, ...)`, the private replacement for its trainer's
 `train_step`. Everything else lives in backend-agnostic modules.
 """
 

@@ -3,6 +3,7 @@
 import sys
 
 import jax
+import jax.numpy as jnp
 from keras.src.trainers import data_adapters
 
 from keras_dp import per_example
@@ -10,6 +11,30 @@ from keras_dp import per_example
 
 def value_and_grad(fn):
     return jax.value_and_grad(fn, has_aux=True)
+
+
+def after(dependencies, tensors):
+    """`tensors` (a structure), read only once `dependencies` are computed.
+
+    XLA would otherwise be free to compute, say, a layer's patches from its
+    input during the forward pass and hold them until the backward pass
+    reaches the layer. On the CPU `optimization_barrier` does not order
+    anything (it is expanded away before scheduling), so the float tensors
+    get a data dependency instead: `+ 0 * d` for one element `d` of each
+    dependency (XLA keeps `0 * d` for floats; it is NaN only where `d` is,
+    and a step with a NaN gradient is lost anyway).
+    """
+    leaves = [d for d in jax.tree_util.tree_leaves(dependencies) if d.size]
+    if not leaves:
+        return tensors
+    zero = sum(jnp.ravel(d)[0].astype("float32") for d in leaves) * 0.0
+
+    def gate(t):
+        if jnp.issubdtype(t.dtype, jnp.floating):
+            return t + zero.astype(t.dtype)
+        return t
+
+    return jax.tree_util.tree_map(gate, tensors)
 
 
 def scan(f, init, xs):

@@ -85,6 +85,19 @@ def train_step(model, data):
     return logs
 
 
+def after(dependencies, tensors):
+    """`tensors` (a structure), read only once `dependencies` are computed.
+
+    TensorFlow runs every op whose inputs are ready, so without this the
+    per-layer work of the fast path (patches, per-example gradients) of all
+    layers could be in memory at once.
+    """
+    if not dependencies:
+        return tensors
+    with tf.control_dependencies(tf.nest.flatten(dependencies)):
+        return tf.nest.map_structure(tf.identity, tensors)
+
+
 def scan(f, init, xs):
     """`jax.lax.scan` semantics: `f(carry, x) -> (carry, y)`, ys stacked."""
     xs_flat = [tf.convert_to_tensor(t) for t in tf.nest.flatten(xs)]
@@ -107,8 +120,13 @@ def scan(f, init, xs):
         arrays = [a.write(i, y) for a, y in zip(arrays, tf.nest.flatten(ys))]
         return i + 1, carry, arrays
 
+    # One iteration at a time: the point of scanning (microbatches, patch
+    # chunks) is that only one chunk's intermediates exist at once.
     _, carry, arrays = tf.while_loop(
-        lambda i, *_: i < n, body, (tf.constant(1), carry, arrays)
+        lambda i, *_: i < n,
+        body,
+        (tf.constant(1), carry, arrays),
+        parallel_iterations=1,
     )
     ys = tf.nest.pack_sequence_as(ys_spec, [a.stack() for a in arrays])
     return carry, ys
