@@ -38,55 +38,50 @@ def build(name):
         h = block(h, 64, 2)
         h = L.GlobalAveragePooling2D()(h)
         return keras.Model(inputs, L.Dense(10, activation="softmax")(h))
-    if name == "transformer":
-        return _encoder()
+    if name in BERT_CONFIGS:
+        return _bert_classifier(**BERT_CONFIGS[name])
     raise SystemExit(f"unknown model {name}")
 
 
 SEQ_LEN = 128
-VOCAB = 5000
+# keras-hub BertBackbone configurations, built from config with random
+# weights (nothing is downloaded). `transformer` is a small BERT for the
+# CPU suite; `bert_base` is BERT-base size (run it on a GPU, batch 32).
+BERT_CONFIGS = {
+    "transformer": dict(vocabulary_size=5000, num_layers=2, num_heads=2,
+                        hidden_dim=128, intermediate_dim=512),
+    "bert_base": dict(vocabulary_size=30522, num_layers=12, num_heads=12,
+                      hidden_dim=768, intermediate_dim=3072),
+}
 
 
-def _encoder(hidden=128, heads=2, layers=2, intermediate=512):
-    """BERT-style text classifier (keras-hub's BertBackbone would pull in a
-    second TensorFlow wheel and tensorflow-text, so it is rebuilt here from
-    Keras layers: token + learned position embeddings, post-LN encoder
-    blocks with MultiHeadAttention and a GELU feed-forward, dropout 0.1)."""
+def _bert_classifier(**config):
+    """keras-hub BertBackbone (token, position and segment embeddings,
+    post-LN encoder blocks, dropout 0.1) with a 2-way softmax head on the
+    pooled output."""
     import keras
-    from keras import layers as L
+    import keras_hub
 
-    class PositionEmbedding(L.Layer):
-        def build(self, input_shape):
-            self.positions = self.add_weight(
-                shape=(input_shape[1], input_shape[2]),
-                initializer=keras.initializers.TruncatedNormal(stddev=0.02),
-                name="positions")
-
-        def call(self, x):
-            return x + self.positions
-
-    ids = keras.Input((SEQ_LEN,), dtype="int32")
-    h = L.Embedding(VOCAB, hidden)(ids)
-    h = PositionEmbedding()(h)
-    h = L.LayerNormalization(epsilon=1e-12)(h)
-    h = L.Dropout(0.1)(h)
-    for _ in range(layers):
-        a = L.MultiHeadAttention(heads, hidden // heads, dropout=0.1)(h, h)
-        h = L.LayerNormalization(epsilon=1e-12)(L.Add()([h, L.Dropout(0.1)(a)]))
-        f = L.Dense(intermediate, activation="gelu")(h)
-        f = L.Dense(hidden)(f)
-        h = L.LayerNormalization(epsilon=1e-12)(L.Add()([h, L.Dropout(0.1)(f)]))
-    h = L.GlobalAveragePooling1D()(h)
-    h = L.Dense(hidden, activation="tanh")(h)
-    return keras.Model(ids, L.Dense(2, activation="softmax")(h))
+    backbone = keras_hub.models.BertBackbone(
+        max_sequence_length=SEQ_LEN, dropout=0.1, **config
+    )
+    outputs = keras.layers.Dense(2, activation="softmax")(
+        backbone.output["pooled_output"]
+    )
+    return keras.Model(backbone.input, outputs)
 
 
 def data(name, n):
     import keras
 
     rng = np.random.default_rng(0)
-    if name == "transformer":
-        x = rng.integers(1, VOCAB, (n, SEQ_LEN)).astype("int32")
+    if name in BERT_CONFIGS:
+        vocab = BERT_CONFIGS[name]["vocabulary_size"]
+        x = {
+            "token_ids": rng.integers(1, vocab, (n, SEQ_LEN)).astype("int32"),
+            "segment_ids": np.zeros((n, SEQ_LEN), "int32"),
+            "padding_mask": np.ones((n, SEQ_LEN), bool),
+        }
         y = keras.utils.to_categorical(rng.integers(0, 2, n), 2)
         return x, y
     shape = {"cnn": (28, 28, 1), "mlp": (784,), "resnet": (32, 32, 3)}[name]

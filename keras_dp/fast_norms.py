@@ -48,11 +48,13 @@ Assumed, not checkable: a layer's weights are only used inside its own
 """
 
 import string
+import sys
 
 import keras
 import numpy as np
 from keras import ops
 from keras import tree
+from keras.src.backend.common import masking
 
 from keras_dp import per_example as per_example_lib
 
@@ -124,9 +126,25 @@ def _layer_kind(layer):
             return "conv"
     if isinstance(layer, L.Embedding) and t.call is L.Embedding.call:
         return "embedding"
+    reversible = getattr(L, "ReversibleEmbedding", None)
+    if reversible is not None and isinstance(layer, reversible) and (
+        t.call is reversible.call
+    ):
+        # As an embedding lookup; a `reverse=True` call (tied output
+        # logits) is refused when recorded.
+        return "embedding"
+    if _is_keras_hub_position_embedding(layer):
+        return "position_embedding"
     if _normalization_weights(layer) is not None:
         return "normalization"
     return "generic"
+
+
+def _is_keras_hub_position_embedding(layer):
+    """keras-hub's learned `PositionEmbedding` (its own `call`)."""
+    hub = sys.modules.get("keras_hub")
+    cls = getattr(getattr(hub, "layers", None), "PositionEmbedding", None)
+    return cls is not None and isinstance(layer, cls) and type(layer).call is cls.call
 
 
 def _normalization_weights(layer):
@@ -271,6 +289,7 @@ class _Recorder:
                     f"layer {layer.name!r} is called more than once per step "
                     "(shared weights)"
                 )
+            _check_call_form(entry, args, kwargs)
             record.args = (args, kwargs)
             record.order = recorder.calls
             recorder.calls += 1
@@ -290,7 +309,10 @@ class _Recorder:
                 if _is_float_tensor(leaf):
                     key = f"{entry.index}_{j}"
                     record.tap_keys.append((j, key))
+                    mask = masking.get_keras_mask(leaf)
                     leaf = tap(key, leaf)
+                    if mask is not None:
+                        masking.set_keras_mask(leaf, mask)
                 new_leaves.append(leaf)
             return tree.pack_sequence_as(outputs, new_leaves)
 
@@ -327,6 +349,21 @@ class _Recorder:
 
 
 _MISSING = object()
+
+
+def _check_call_form(entry, args, kwargs):
+    """Refuses calls that the layer's handler does not model."""
+    name = entry.layer.name
+    if entry.kind == "embedding" and (kwargs.get("reverse") or args[1:2] == (True,)):
+        raise Unsupported(f"embedding {name!r} is called with reverse=True")
+    if entry.kind == "position_embedding":
+        start = kwargs.get("start_index", args[1] if len(args) > 1 else 0)
+        positions = kwargs.get("positions", args[2] if len(args) > 2 else None)
+        if not (isinstance(start, int) and start == 0) or positions is not None:
+            raise Unsupported(
+                f"position embedding {name!r} is called with an offset or "
+                "explicit positions"
+            )
 
 
 def _normalization_call(layer, original_call, record, args, kwargs):
@@ -802,7 +839,7 @@ def _patch_indices(in_spatial, kernel_size, strides, dilation, out_spatial):
 # Patches held at once while instantiating per-example conv kernel
 # gradients (the gradients themselves are small): larger batches are
 # processed in chunks of examples, one chunk after the other.
-_PATCH_CHUNK_BYTES = 32 * 2**20
+_PATCH_CHUNK_BYTES = 16 * 2**20
 
 
 def _conv_kernel_grads(x, B, patches_of, rows_hint, backend_ops):
@@ -948,7 +985,36 @@ def _handle_embedding(entry, record, grads):
             weighted, ops.reshape(ids, (-1,)), num_segments=vocab
         )
 
-    return _finish(entry, [(layer.embeddings, sq, clipped)])
+    named = [(layer.embeddings, sq, clipped)]
+    reverse = getattr(layer, "reverse_embeddings", None)
+    if reverse is not None and reverse is not layer.embeddings:
+        # Untied output kernel of a ReversibleEmbedding, only used by
+        # `reverse=True` calls (refused): no gradient.
+        named.append((reverse, ops.zeros_like(sq), lambda c: ops.zeros(reverse.shape)))
+    return _finish(entry, named)
+
+
+def _handle_position_embedding(entry, record, grads):
+    """keras-hub `PositionEmbedding`: the first T rows of the table,
+    broadcast to the input. Each example's gradient is its output
+    gradient `dy_i` (summed over any leading broadcast axes) in rows
+    `[0, T)` of the table."""
+    layer = entry.layer
+    table = layer.position_embeddings
+    dy = _f32(grads[f"{entry.index}_0"])
+    T, D = dy.shape[-2], dy.shape[-1]
+    if T is None:
+        raise Unsupported(f"position embedding {layer.name!r}: unknown length")
+    g = ops.reshape(dy, (ops.shape(dy)[0], -1, T, D))
+    g = ops.sum(g, axis=1)
+    sq = ops.sum(ops.square(g), axis=(1, 2))
+    rows = table.shape[0]
+
+    def clipped(c):
+        total = ops.tensordot(c, g, axes=1)
+        return ops.pad(total, [(0, rows - T), (0, 0)])
+
+    return _finish(entry, [(table, sq, clipped)])
 
 
 def _handle_normalization(entry, record, grads):
@@ -1039,6 +1105,7 @@ _HANDLERS = {
     "einsum": _handle_einsum,
     "embedding": _handle_embedding,
     "normalization": _handle_normalization,
+    "position_embedding": _handle_position_embedding,
 }
 
 

@@ -40,13 +40,18 @@ def brute_force_grads(model, x, y):
         # Jitted once per model and reused for every example.
         jax_grad = jax.jit(jax.grad(loss_of))
     for i in range(len(y)):
-        xi, yi = x[i : i + 1], y[i : i + 1]
+        xi = keras.tree.map_structure(lambda t: t[i : i + 1], x)
+        yi = y[i : i + 1]
         if keras.backend.backend() == "tensorflow":
             import tensorflow as tf
 
             with tf.GradientTape() as tape:
                 loss = loss_fn(yi, model(xi, training=True))
-            grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, variables)]
+            grads = tape.gradient(
+                loss, [v.value for v in variables],
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            grads = [tf.convert_to_tensor(g) for g in grads]
         else:
             grads = jax_grad(
                 [v.value for v in variables],
@@ -67,7 +72,7 @@ def fast(model, x, y):
         backend_lib.get_backend_module(),
         trainable,
         non_trainable,
-        ops.convert_to_tensor(x),
+        keras.tree.map_structure(ops.convert_to_tensor, x),
         ops.convert_to_tensor(y),
     )
 
@@ -97,7 +102,11 @@ def assert_matches_brute_force(model, x, y):
             err_msg=f"clipped sum of {variable.path}",
         )
     ref_losses = [
-        float(_loss()(y[i : i + 1], model(x[i : i + 1]))) for i in range(n)
+        float(_loss()(
+            y[i : i + 1],
+            model(keras.tree.map_structure(lambda t: t[i : i + 1], x)),
+        ))
+        for i in range(n)
     ]
     np.testing.assert_allclose(np.asarray(losses), ref_losses, rtol=1e-5)
 
@@ -178,6 +187,64 @@ def test_embedding_repeated_tokens_and_masking(method):
     outputs = L.Dense(3)(h)
     model = keras.Model(inputs, outputs)
     assert_matches_brute_force(model, ids, _labels(6))
+
+
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_reversible_embedding_as_lookup(tie_weights):
+    """ReversibleEmbedding used forward (a lookup, with its own mask)."""
+    ids = np.random.RandomState(0).randint(1, 6, (5, 7))
+    ids[:, 5:] = 0
+    ids[0, :] = 4
+    inputs = keras.Input((7,), dtype="int32")
+    embedding = L.ReversibleEmbedding(6, 4, tie_weights=tie_weights, mask_zero=True)
+    h = embedding(inputs)
+    h = L.GlobalAveragePooling1D()(h)  # uses the mask set inside call
+    outputs = L.Dense(3)(h)
+    model = keras.Model(inputs, outputs)
+    assert [e.kind for e in fast_norms.build_plan(model)] == ["embedding", "dense"]
+    assert_matches_brute_force(model, ids, _labels(5))
+
+
+def test_reversible_embedding_reverse_call_falls_back():
+    class TiedLogits(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.embedding = L.ReversibleEmbedding(6, 4)
+
+        def call(self, ids):
+            h = ops.mean(self.embedding(ids), axis=1)
+            return self.embedding(h, reverse=True)
+
+    model = TiedLogits()
+    model(np.zeros((1, 3), "int32"))
+    with pytest.raises(fast_norms.Unsupported, match="reverse=True|more than once"):
+        fast(model, np.ones((2, 3), "int32"), np.array([1, 2]))
+
+
+def test_keras_hub_bert_backbone():
+    """keras-hub BERT: ReversibleEmbedding, PositionEmbedding, attention."""
+    keras_hub = pytest.importorskip("keras_hub")
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=11, num_layers=1, num_heads=2, hidden_dim=8,
+        intermediate_dim=16, max_sequence_length=9, dropout=0.0,
+    )
+    outputs = L.Dense(3)(backbone.output["pooled_output"])
+    model = keras.Model(backbone.input, outputs)
+    kinds = {e.layer.name: e.kind for e in fast_norms.build_plan(model)}
+    assert kinds["token_embedding"] == "embedding"
+    assert kinds["position_embedding"] == "position_embedding"
+    assert "generic" not in kinds.values()
+    rng = np.random.RandomState(0)
+    ids = rng.randint(1, 11, (4, 6))
+    ids[0, :] = 5  # repeated tokens
+    mask = np.ones((4, 6), bool)
+    mask[1, 4:] = False
+    x = {
+        "token_ids": ids.astype("int32"),
+        "segment_ids": (rng.rand(4, 6) > 0.5).astype("int32"),
+        "padding_mask": mask,
+    }
+    assert_matches_brute_force(model, x, _labels(4))
 
 
 def test_embedding_single_token():
