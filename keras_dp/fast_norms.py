@@ -15,17 +15,31 @@ needs, instead of one forward/backward per example (`per_example.py`):
    each example's own output gradient `B_i` in its row. This backward pass
    computes no weight gradients at all.
 3. Per layer and per variable, each example's squared gradient norm:
-   - Dense / EinsumDense / Conv1D/2D/3D (via patches): with inputs `A_i`
-     (T x d) and output gradients `B_i` (T x p), `G_i = A_i^T B_i`;
-     either "ghost" `||G_i||^2 = <A_i A_i^T, B_i B_i^T>` (`||a|| ||b||` when
-     T = 1) or instantiate `G_i` (see `choose_method`); bias from `B_i`.
+   - Dense / EinsumDense / Conv1D/2D/3D: with inputs `A_i` (T x d) and
+     output gradients `B_i` (T x p), `G_i = A_i^T B_i`; either "ghost"
+     `||G_i||^2 = <A_i A_i^T, B_i B_i^T>` (`||a|| ||b||` when T = 1) or
+     instantiate `G_i` (see `choose_method`); bias from `B_i`. For Conv,
+     `A_i` are the input patches, gathered with static indices (any
+     stride, dilation, padding, groups); instantiated kernel gradients
+     are computed in chunks of examples so that only about
+     `_PATCH_CHUNK_BYTES` of patches exist at once.
    - Dense with Keras LoRA (`enable_lora`): the adapters' gradients are
      linear-layer gradients of transformed activations (ghost or
      instantiate, with the rank in place of `d` or `p`).
-   - Embedding: `||G_i||^2 = sum_{t,s} 1{x_t = x_s} b_t . b_s`.
-   - any other leaf layer (LayerNormalization, GroupNormalization, custom
-     layers): per-example gradients instantiated by a layer-local
-     vector-Jacobian product under `vectorized_map`.
+   - Embedding, and ReversibleEmbedding used as a lookup:
+     `||G_i||^2 = sum_{t,s} 1{x_t = x_s} b_t . b_s`.
+   - LayerNormalization, GroupNormalization, RMSNormalization: the pass
+     computes their output as `scale * xhat + center` and keeps `xhat`;
+     the per-example gradients are `sum(dy * xhat)` and `sum(dy)`.
+   - keras-hub `PositionEmbedding`: the output gradient itself.
+   - any other leaf layer (custom layers, DepthwiseConv, ...): per-example
+     gradients instantiated by a layer-local vector-Jacobian product under
+     `vectorized_map`.
+   Layers are handled in the order their output gradients become
+   available, each after the previous one (`backend.after`), so that the
+   intermediates of one layer at a time are in memory; otherwise
+   TensorFlow runs whatever is ready and XLA may compute a layer's patches
+   during the forward pass and hold them until the backward pass.
 4. `optimizer.variable_clip_factors` turns the per-variable squared norms
    into per-variable factors `c_i` (every clipping mode, clipping groups).
 5. Clipped sums by book-keeping (no second backward pass):
@@ -41,8 +55,11 @@ caller falls back to the general vmap path):
 - each such layer is called at most once per step (no shared layers);
 - no activity regularizers or `add_loss` inside `call` (per-example losses
   that a batched pass cannot separate);
-- layers that are neither Dense, EinsumDense, Conv nor Embedding have no
-  random state of their own.
+- layers handled by a per-example vector-Jacobian product have no random
+  state of their own;
+- a ReversibleEmbedding is not called with `reverse=True` (tied output
+  logits) and a keras-hub PositionEmbedding not with an offset or
+  explicit positions.
 Assumed, not checkable: a layer's weights are only used inside its own
 `call` (a layer reading another layer's kernel would get a wrong norm).
 """

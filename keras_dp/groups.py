@@ -83,13 +83,14 @@ squared norms, which both paths produce:
 
 - Fast path (`make_private(per_example="auto")`, the default, on both
   backends): ghost norms / book-keeping for Dense, EinsumDense, Conv and
-  Embedding, and a layer-local per-example vjp for other layers.
-  Per-example gradients are only formed for layers where that costs no
-  more than ghost norms (small kernels, long sequences) and for the
-  non-linear layers; there is one backward pass, and the clipped sum is
-  assembled layer by layer from the group factors (book-keeping). Used for every mode but `"per_device"`, also with
-  adaptive thresholds. On JAX the per-example parts are `jax.vmap`-ed; on
-  TensorFlow, `tf.vectorized_map` (Conv kernels via image patches).
+  Embedding, closed forms for normalization layers, and a layer-local
+  per-example vjp for other layers. Per-example gradients are only formed
+  for layers where that costs no more than ghost norms (small kernels,
+  long sequences: Conv kernels from gathered patches, in chunks of
+  examples), for normalization layers (small) and for the other layers;
+  there is one backward pass, and the clipped sum is assembled layer by
+  layer from the group factors (book-keeping). Used for every mode but
+  `"per_device"`, also with adaptive thresholds.
 - Vmap path (`per_example="vmap"`, `"per_device"`, or models the fast path
   does not support): each microbatch's per-example gradient of the whole
   model exists at once (`make_private(microbatch_size=...)` bounds it);
