@@ -272,6 +272,38 @@ def test_conv2d_stride_padding_dilation_groups(method):
     assert_matches_brute_force(model, x, _labels(5))
 
 
+def test_conv_single_channel_taps(method):
+    """One input channel per group: tap-major patches from strided slices."""
+    rng = np.random.RandomState(0)
+    model = keras.Sequential(
+        [
+            keras.Input((9, 8, 1)),
+            L.Conv2D(4, 3, strides=(2, 1), padding="same", activation="relu"),
+            L.Conv2D(4, (2, 3), dilation_rate=(2, 1), groups=4),
+            L.Conv2D(2, 2, strides=2, padding="same", groups=2),
+            L.Flatten(),
+            L.Dense(3),
+        ]
+    )
+    x = rng.rand(5, 9, 8, 1).astype("float32")
+    assert_matches_brute_force(model, x, _labels(5))
+
+
+def test_conv1d_and_conv3d_single_channel(method):
+    rng = np.random.RandomState(0)
+    inputs_1d = keras.Input((10, 1))
+    h = L.Conv1D(3, 3, padding="causal", dilation_rate=2)(inputs_1d)
+    inputs_3d = keras.Input((4, 5, 4, 1))
+    k = L.Conv3D(2, (2, 3, 2), strides=(1, 2, 1), padding="same")(inputs_3d)
+    merged = L.Concatenate()([L.Flatten()(h), L.Flatten()(k)])
+    model = keras.Model([inputs_1d, inputs_3d], L.Dense(3)(merged))
+    x = [
+        rng.rand(5, 10, 1).astype("float32"),
+        rng.rand(5, 4, 5, 4, 1).astype("float32"),
+    ]
+    assert_matches_brute_force(model, x, _labels(5))
+
+
 def test_conv_patches_in_chunks(monkeypatch):
     """Per-example kernel gradients in chunks of 2 examples (5 = 2+2+1)."""
     rng = np.random.RandomState(0)
