@@ -893,34 +893,28 @@ def _patch_indices(in_spatial, kernel_size, strides, dilation, out_spatial):
 _PATCH_CHUNK_BYTES = 4 * 2**20
 
 
-def _conv_kernel_grads(x, B, patches_of, rows_hint, backend_ops):
-    """Per-example kernel gradients `B_i^T P_i`: a list of (rows, F, D).
+def _conv_kernel_grads(x, B, grads_of, width, rows_hint, backend_ops):
+    """Per-example kernel gradients: a list of (rows, F, D).
 
     `x`: (n, ...) layer inputs, `B`: (n, T, F) output gradients,
-    `patches_of(x)`: (n, T, D) patches, or (n, D, T) when
-    `patches_of.tap_major` (`patches_of.width` is D). The rows
-    come in chunks (kept apart: concatenating would copy them), so that
-    about `_PATCH_CHUNK_BYTES` of patches are held at once. When the batch
-    size is not static (TensorFlow traces with an unknown one) chunks are
-    sized for `rows_hint` rows; the last chunk takes any rows beyond.
+    `grads_of(x, B)`: the (n, F, D) gradients of those rows, from patches
+    of `width` D. The rows come in chunks (kept apart: concatenating would
+    copy them), so that about `_PATCH_CHUNK_BYTES` of patches are held at
+    once. When the batch size is not static (TensorFlow traces with an
+    unknown one) chunks are sized for `rows_hint` rows; the last chunk
+    takes any rows beyond.
     """
-
-    def grads(x, B):
-        if patches_of.tap_major:
-            return ops.transpose(ops.matmul(patches_of(x), B), (0, 2, 1))
-        return ops.matmul(ops.transpose(B, (0, 2, 1)), patches_of(x))
-
     n = x.shape[0] if x.shape[0] is not None else rows_hint
-    per_example_bytes = 4 * B.shape[1] * patches_of.width
+    per_example_bytes = 4 * B.shape[1] * width
     chunk = max(1, _PATCH_CHUNK_BYTES // per_example_bytes)
     if n is None or n <= chunk:
-        return [grads(x, B)]
+        return [grads_of(x, B)]
     num_chunks = -(-n // chunk)
     parts = []
     for j in range(num_chunks):
         rows = slice(j * chunk, None if j == num_chunks - 1 else (j + 1) * chunk)
         xj, Bj = backend_ops.after(parts[-1:], (x[rows], B[rows]))
-        parts.append(grads(xj, Bj))
+        parts.append(grads_of(xj, Bj))
     return parts
 
 
@@ -975,33 +969,37 @@ def _handle_conv(entry, record, grads, backend_ops, rows_hint):
     B = ops.reshape(B, (-1, T, F))
     kshape = tuple(layer.kernel.shape)
 
-    def group_patches(g, tap_major):
-        def patches_of(x):
-            if groups > 1:
-                x = x[..., g * Cg:(g + 1) * Cg]
-            args = (
-                x, kernel_size, tuple(layer.strides),
-                tuple(layer.dilation_rate), layer.padding, out_spatial,
-            )
-            if patches_of.tap_major:
-                return _single_channel_patches(*args)
-            return ops.reshape(_conv_patches(*args), (-1, T, K * Cg))
+    conv = (
+        kernel_size, tuple(layer.strides), tuple(layer.dilation_rate),
+        layer.padding, out_spatial,
+    )
 
-        patches_of.width = K * Cg
-        patches_of.tap_major = tap_major
-        return patches_of
+    def group_input(x, g):
+        return x[..., g * Cg:(g + 1) * Cg] if groups > 1 else x
+
+    def patches(x, g):
+        return ops.reshape(_conv_patches(group_input(x, g), *conv), (-1, T, K * Cg))
+
+    def kernel_grads_of(g):
+        # Stored as (n, Fg, K*Cg): B^T P is the fastest layout.
+        def grads(x, B):
+            if Cg == 1:
+                P = _single_channel_patches(group_input(x, g), *conv)
+                return ops.transpose(ops.matmul(P, B), (0, 2, 1))
+            return ops.matmul(ops.transpose(B, (0, 2, 1)), patches(x, g))
+
+        return grads
 
     parts = []
     for g in range(groups):
         Bg = B[:, :, g * Fg:(g + 1) * Fg] if groups > 1 else B
         if choose_method(T, K * Cg, Fg) == "instantiate":
-            # Stored as (n, Fg, K*Cg): B^T P is the fastest layout.
-            patches_of = group_patches(g, tap_major=Cg == 1)
-            G = _conv_kernel_grads(x, Bg, patches_of, rows_hint, backend_ops)
+            G = _conv_kernel_grads(
+                x, Bg, kernel_grads_of(g), K * Cg, rows_hint, backend_ops
+            )
             parts.append(_chunked_instantiated(G))
         else:
-            patches_of = group_patches(g, tap_major=False)
-            parts.append(_linear(patches_of(x), Bg, "ghost"))
+            parts.append(_linear(patches(x, g), Bg, "ghost"))
     sq = parts[0][0]
     for part in parts[1:]:
         sq = sq + part[0]

@@ -255,37 +255,36 @@ def test_embedding_single_token():
     assert_matches_brute_force(model, ids, _labels(5))
 
 
-def test_conv2d_stride_padding_dilation_groups(method):
+@pytest.mark.parametrize(
+    "input_shape, convs",
+    [
+        (
+            (9, 9, 4),
+            lambda: [
+                L.Conv2D(6, 3, strides=2, padding="same", activation="relu"),
+                L.Conv2D(4, 2, dilation_rate=2, groups=2),
+                L.GroupNormalization(2),
+                L.Conv2D(4, (2, 3), strides=(1, 2), padding="same"),
+            ],
+        ),
+        # One input channel per group: tap-major patches from strided slices.
+        (
+            (9, 8, 1),
+            lambda: [
+                L.Conv2D(4, 3, strides=(2, 1), padding="same", activation="relu"),
+                L.Conv2D(4, (2, 3), dilation_rate=(2, 1), groups=4),
+                L.Conv2D(2, 2, strides=2, padding="same", groups=2),
+            ],
+        ),
+    ],
+    ids=["multi_channel", "single_channel"],
+)
+def test_conv2d_stride_padding_dilation_groups(method, input_shape, convs):
     rng = np.random.RandomState(0)
     model = keras.Sequential(
-        [
-            keras.Input((9, 9, 4)),
-            L.Conv2D(6, 3, strides=2, padding="same", activation="relu"),
-            L.Conv2D(4, 2, dilation_rate=2, groups=2),
-            L.GroupNormalization(2),
-            L.Conv2D(4, (2, 3), strides=(1, 2), padding="same"),
-            L.Flatten(),
-            L.Dense(3),
-        ]
+        [keras.Input(input_shape)] + convs() + [L.Flatten(), L.Dense(3)]
     )
-    x = rng.rand(5, 9, 9, 4).astype("float32")
-    assert_matches_brute_force(model, x, _labels(5))
-
-
-def test_conv_single_channel_taps(method):
-    """One input channel per group: tap-major patches from strided slices."""
-    rng = np.random.RandomState(0)
-    model = keras.Sequential(
-        [
-            keras.Input((9, 8, 1)),
-            L.Conv2D(4, 3, strides=(2, 1), padding="same", activation="relu"),
-            L.Conv2D(4, (2, 3), dilation_rate=(2, 1), groups=4),
-            L.Conv2D(2, 2, strides=2, padding="same", groups=2),
-            L.Flatten(),
-            L.Dense(3),
-        ]
-    )
-    x = rng.rand(5, 9, 8, 1).astype("float32")
+    x = rng.rand(5, *input_shape).astype("float32")
     assert_matches_brute_force(model, x, _labels(5))
 
 
