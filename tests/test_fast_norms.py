@@ -322,6 +322,52 @@ def test_conv_patches_in_chunks(monkeypatch):
     assert_matches_brute_force(model, x, _labels(5))
 
 
+def test_conv_patches_in_chunks_unknown_batch_size(monkeypatch):
+    """TensorFlow traces `fit` with an unknown batch size: chunks are sized
+    by `rows_hint` and the last one's row count is not static."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("only TensorFlow traces with an unknown batch size")
+    import tensorflow as tf
+
+    rng = np.random.RandomState(0)
+    model = keras.Sequential(
+        [
+            keras.Input((7, 7, 3)),
+            L.Conv2D(4, 3, strides=2, padding="same", activation="relu"),
+            L.Flatten(),
+            L.Dense(3),
+        ]
+    )
+    model.compile(loss=_loss())
+    monkeypatch.setattr(fast_norms, "_PATCH_CHUNK_BYTES", 4 * 2 * 16 * 27)
+    monkeypatch.setattr(fast_norms, "_FORCE_METHOD", "instantiate")
+    x = rng.rand(5, 7, 7, 3).astype("float32")
+    y = _labels(5)
+    factors = np.linspace(0.25, 1.5, 5).astype("float32")
+    trainable = [v.value for v in model.trainable_variables]
+
+    def norms_and_sums(x, y, rows_hint):
+        squared, clipped_fn, _, _, _ = fast_norms.per_example_norms_and_sums(
+            model, backend_lib.get_backend_module(), trainable, [], x, y,
+            rows_hint=rows_hint,
+        )
+        c = tf.constant(factors)[: tf.shape(x)[0]]
+        return squared, clipped_fn([c] * len(trainable))
+
+    expected = norms_and_sums(tf.constant(x), tf.constant(y), None)
+    # Chunks of 2 rows for a hinted 4: 2 + (the rest).
+    traced = tf.function(
+        lambda x, y: norms_and_sums(x, y, 4),
+        input_signature=[
+            tf.TensorSpec((None, 7, 7, 3), "float32"),
+            tf.TensorSpec((None,), y.dtype),
+        ],
+    )
+    got = traced(x, y)
+    for a, b in zip(tf.nest.flatten(got), tf.nest.flatten(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def test_conv1d_causal_and_strided(method):
     rng = np.random.RandomState(0)
     model = keras.Sequential(
