@@ -431,6 +431,55 @@ def test_normalization_layers_closed_form(norm):
     assert_matches_brute_force(model, x, _labels(5))
 
 
+def test_group_normalization_input_far_from_zero_mean():
+    """GroupNormalization's sums come from `sum(dy * x) - mean * sum(dy)`:
+    still exact to tolerance when the mean is about 1000 standard
+    deviations from zero."""
+    rng = np.random.RandomState(0)
+    inputs = keras.Input((4, 4, 6))
+    h = L.Conv2D(6, 2, padding="same")(inputs)
+    norm = L.GroupNormalization(3)
+    h = norm(h)
+    outputs = L.Dense(3)(L.Flatten()(h))
+    model = keras.Model(inputs, outputs)
+    for variable in norm.trainable_variables:
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    x = (rng.rand(5, 4, 4, 6) + 300.0).astype("float32")
+    assert_matches_brute_force(model, x, _labels(5))
+
+
+class _DiscardsALayer(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.used = L.Dense(3)
+        self.discarded = L.Dense(4)
+
+    def call(self, x, training=None):
+        self.discarded(x)
+        return self.used(x)
+
+
+def test_layer_whose_output_the_loss_does_not_use():
+    """No gradient reaches the discarded layer's tap (on TensorFlow its
+    handler then runs after the backward pass): zero norms and sums."""
+    rng = np.random.RandomState(0)
+    model = _DiscardsALayer()
+    x = rng.rand(5, 6).astype("float32")
+    model(x)
+    assert sorted(e.layer.name for e in fast_norms.build_plan(model)) == sorted(
+        [model.used.name, model.discarded.name]
+    )
+    assert_matches_brute_force(model, x, _labels(5))
+    squared, _, _, _, _ = fast(model, x, _labels(5))
+    discarded = {id(v) for v in model.discarded.trainable_variables}
+    positions = [
+        k for k, v in enumerate(model.trainable_variables) if id(v) in discarded
+    ]
+    assert len(positions) == 2
+    for k in positions:
+        np.testing.assert_array_equal(np.asarray(squared[k]), 0.0)
+
+
 def test_choose_method():
     assert fast_norms.choose_method(1, 784, 512) == "ghost"
     # Long sequences, small layer: instantiate (2 T^2 >= p d).
