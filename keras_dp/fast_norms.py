@@ -388,14 +388,6 @@ def _check_call_form(entry, args, kwargs):
             )
 
 
-def _is_stock_group_normalization(layer):
-    L = keras.layers
-    return (
-        isinstance(layer, L.GroupNormalization)
-        and type(layer).call is L.GroupNormalization.call
-    )
-
-
 def _grouped_shape(layer, shape):
     """The shape GroupNormalization normalizes in: its channel axis split
     into `(groups, channels per group)`."""
@@ -467,7 +459,10 @@ def _normalization_call(layer, original_call, record, args, kwargs):
     ]
     with keras.StatelessScope(state_mapping=identity):
         xhat = original_call(*args, **kwargs)
-    if _is_stock_group_normalization(layer):
+    # Entries of kind "normalization" have the stock `call` (see
+    # `_normalization_weights`), so GroupNormalization's statistics are
+    # the ones `_group_normalization_stats` computes.
+    if isinstance(layer, keras.layers.GroupNormalization):
         mean, inv = _group_normalization_stats(layer, _layer_input(args, kwargs))
         record.saved.update(mean=mean, inv=inv)
     else:
@@ -1259,6 +1254,8 @@ def _handle_normalization(entry, record, grads):
         g = ops.sum(t, axis=reduce_axes) if reduce_axes else t
         return ops.reshape(g, (-1,) + tuple(variable.shape))
 
+    scale = scale if scale is not None and scale.trainable else None
+    center = center if center is not None and center.trainable else None
     if "xhat" in record.saved:
         xhat = _f32(record.saved["xhat"])
         per_scale = per_example(dy * xhat, scale) if scale is not None else None
@@ -1268,7 +1265,7 @@ def _handle_normalization(entry, record, grads):
     named = [
         (w, g)
         for w, g in ((scale, per_scale), (center, per_center))
-        if w is not None and w.trainable
+        if w is not None
     ]
     out = []
     for variable, g in named:
