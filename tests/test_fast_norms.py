@@ -118,6 +118,32 @@ def method(request):
     fast_norms._FORCE_METHOD = None
 
 
+@pytest.fixture(params=["patches", "grouped_conv"])
+def conv_kernel_grads(request, monkeypatch):
+    """How instantiated conv kernel gradients are computed: from patches,
+    or (backends with `per_example_conv_kernel_grads`, for every stride-1
+    1-D/2-D conv however small) by one grouped convolution."""
+    module = backend_lib.get_backend_module()
+    if request.param == "patches":
+        monkeypatch.setattr(fast_norms, "_GROUPED_CONV_MIN_POSITIONS", 10**9)
+        yield request.param
+        return
+    if not hasattr(module, "per_example_conv_kernel_grads"):
+        pytest.skip("this backend has no grouped-convolution kernel gradients")
+    monkeypatch.setattr(fast_norms, "_GROUPED_CONV_MIN_POSITIONS", 1)
+    calls = []
+    original = module.per_example_conv_kernel_grads
+
+    def counted(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(module, "per_example_conv_kernel_grads", counted)
+    yield request.param
+    if fast_norms._FORCE_METHOD != "ghost":
+        assert calls, "no convolution took the grouped path"
+
+
 def _labels(n, classes=3):
     return np.random.RandomState(1).randint(0, classes, n)
 
@@ -279,7 +305,7 @@ def test_embedding_single_token():
     ],
     ids=["multi_channel", "single_channel"],
 )
-def test_conv2d_stride_padding_dilation_groups(method, input_shape, convs):
+def test_conv2d_stride_padding_dilation_groups(method, conv_kernel_grads, input_shape, convs):
     rng = np.random.RandomState(0)
     model = keras.Sequential(
         [keras.Input(input_shape)] + convs() + [L.Flatten(), L.Dense(3)]
@@ -288,7 +314,7 @@ def test_conv2d_stride_padding_dilation_groups(method, input_shape, convs):
     assert_matches_brute_force(model, x, _labels(5))
 
 
-def test_conv1d_and_conv3d_single_channel(method):
+def test_conv1d_and_conv3d_single_channel(method, conv_kernel_grads):
     rng = np.random.RandomState(0)
     inputs_1d = keras.Input((10, 1))
     h = L.Conv1D(3, 3, padding="causal", dilation_rate=2)(inputs_1d)
@@ -303,7 +329,7 @@ def test_conv1d_and_conv3d_single_channel(method):
     assert_matches_brute_force(model, x, _labels(5))
 
 
-def test_conv_patches_in_chunks(monkeypatch):
+def test_conv_patches_in_chunks(monkeypatch, conv_kernel_grads):
     """Per-example kernel gradients in chunks of 2 examples (5 = 2+2+1)."""
     rng = np.random.RandomState(0)
     model = keras.Sequential(
@@ -315,14 +341,21 @@ def test_conv_patches_in_chunks(monkeypatch):
             L.Dense(3),
         ]
     )
-    # 2 examples' patches of the first layer: 2 * 16 positions * 27 floats.
-    monkeypatch.setattr(fast_norms, "_PATCH_CHUNK_BYTES", 4 * 2 * 16 * 27)
+    if conv_kernel_grads == "patches":
+        # 2 examples' patches of the first layer: 2 * 16 positions * 27 floats.
+        chunk_bytes = 4 * 2 * 16 * 27
+    else:
+        # 2 examples of the second layer's grouped convolutions (4x4x2
+        # inputs and 2x2x2 output gradients per group); 1 of the first's
+        # patches.
+        chunk_bytes = 4 * 2 * (16 * 2 + 4 * 2)
+    monkeypatch.setattr(fast_norms, "_CONV_CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(fast_norms, "_FORCE_METHOD", "instantiate")
     x = rng.rand(5, 7, 7, 3).astype("float32")
     assert_matches_brute_force(model, x, _labels(5))
 
 
-def test_conv_patches_in_chunks_unknown_batch_size(monkeypatch):
+def test_conv_patches_in_chunks_unknown_batch_size(monkeypatch, conv_kernel_grads):
     """TensorFlow traces `fit` with an unknown batch size: chunks are sized
     by `rows_hint` and the last one's row count is not static."""
     if keras.backend.backend() != "tensorflow":
@@ -334,12 +367,20 @@ def test_conv_patches_in_chunks_unknown_batch_size(monkeypatch):
         [
             keras.Input((7, 7, 3)),
             L.Conv2D(4, 3, strides=2, padding="same", activation="relu"),
+            L.Conv2D(4, 3, padding="same"),
             L.Flatten(),
             L.Dense(3),
         ]
     )
     model.compile(loss=_loss())
-    monkeypatch.setattr(fast_norms, "_PATCH_CHUNK_BYTES", 4 * 2 * 16 * 27)
+    if conv_kernel_grads == "patches":
+        # 2 examples' patches of either layer (16 positions, 27 or 36 floats).
+        chunk_bytes = 4 * 2 * 16 * 36
+    else:
+        # 2 examples of the second layer's grouped convolution (6x6x4
+        # padded inputs, 4x4x4 output gradients); 1 of the first's patches.
+        chunk_bytes = 4 * 2 * (36 + 16) * 4
+    monkeypatch.setattr(fast_norms, "_CONV_CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(fast_norms, "_FORCE_METHOD", "instantiate")
     x = rng.rand(5, 7, 7, 3).astype("float32")
     y = _labels(5)
@@ -368,7 +409,7 @@ def test_conv_patches_in_chunks_unknown_batch_size(monkeypatch):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-def test_conv1d_causal_and_strided(method):
+def test_conv1d_causal_and_strided(method, conv_kernel_grads):
     rng = np.random.RandomState(0)
     model = keras.Sequential(
         [
