@@ -23,10 +23,10 @@ needs, instead of one forward/backward per example (`per_example.py`):
      stride, dilation, padding, groups; with one input channel per group,
      strided slices stacked tap-major); instantiated kernel gradients
      are computed in chunks of examples so that only about
-     `_CONV_CHUNK_BYTES` of patches exist at once. On TensorFlow,
-     stride-1 1-D/2-D convs on large maps instantiate them without
-     patches: one grouped convolution per chunk, the examples as its
-     groups (`_GROUPED_CONV_MIN_POSITIONS`).
+     `_PATCH_CHUNK_BYTES` of patches exist at once. Stride-1 1-D/2-D
+     convs instantiate them without patches where the backend has a faster
+     way (`per_example_conv_kernel_grads`: one grouped convolution per
+     chunk, the examples as its groups).
    - Dense with Keras LoRA (`enable_lora`): the adapters' gradients are
      linear-layer gradients of transformed activations (ghost or
      instantiate, with the rank in place of `d` or `p`).
@@ -1053,45 +1053,29 @@ def _patch_indices(in_spatial, kernel_size, strides, dilation, out_spatial):
     )
 
 
-# Intermediates held at once while instantiating per-example conv kernel
-# gradients (patches; for grouped convolutions, the inputs and output
-# gradients they read; the gradients themselves are small): larger batches
-# are processed in chunks of examples, one chunk after the other. Chunks
-# that stay in a CPU's last-level cache are also faster: on the benchmark
-# ResNet (2-core EPYC, 32 MiB L3), 4 MiB chunks of patches made the DP
-# step 11% (TensorFlow) and 1% (JAX) faster than 16 MiB ones; 2 MiB ones
-# were 8% slower than 4 MiB on TensorFlow and 6% faster on JAX. Grouped
-# convolutions were no slower with 4 than with 2 MiB.
-_CONV_CHUNK_BYTES = 4 * 2**20
-
-# Backends with `per_example_conv_kernel_grads` (TensorFlow: the examples
-# as the groups of one grouped convolution) use it for stride-1 1-D/2-D
-# convolutions with at least this many output positions. Measured per
-# layer at batch 256 (2-core EPYC, TensorFlow), against patches: on 32x32
-# maps, 6-7 against 9-10 ms for 3 -> 16 channels, 13-19 against 20-22
-# for 16 -> 16, 36 against 57-61 for 32 -> 32, 150-165 against 175-190
-# for 64 -> 64; on 64x64, 44-50 against 107 for 16 -> 16. Slower with
-# strides (32x32x16 -> 16x16x32: 11-16 against 9-10) and on 16x16 maps
-# with 32 channels or more (15-23 against 13). On the benchmark ResNet:
-# DP/plain step time 1.24-1.29 against 1.29-1.34, same processes.
-_GROUPED_CONV_MIN_POSITIONS = 1024
+# Patches held at once while instantiating per-example conv kernel
+# gradients (the gradients themselves are small): larger batches are
+# processed in chunks of examples, one chunk after the other. Chunks that
+# stay in a CPU's last-level cache are also faster: on the benchmark
+# ResNet (2-core EPYC, 32 MiB L3), 4 MiB chunks made the DP step 11%
+# (TensorFlow) and 1% (JAX) faster than 16 MiB ones; 2 MiB ones were
+# 8% slower than 4 MiB on TensorFlow and 6% faster on JAX.
+_PATCH_CHUNK_BYTES = 4 * 2**20
 
 
-def _conv_kernel_grads(x, B, grads_of, per_example_bytes, rows_hint, backend_ops):
+
+def _conv_kernel_grads(x, B, grads_of, chunk, rows_hint, backend_ops):
     """Per-example kernel gradients: a list of `(rows, G)`, `rows` a slice
     of the batch and `G` its (rows, F, D) gradients.
 
     `x`: (n, ...) layer inputs, `B`: (n, T, F) output gradients,
-    `grads_of(x, B)`: the (n, F, D) gradients of those rows, with
-    `per_example_bytes` of intermediates (patches) per row. The rows come
-    in chunks (kept apart: concatenating would copy them) of about
-    `_CONV_CHUNK_BYTES` of intermediates. When the batch size is not static
-    (TensorFlow traces with an unknown one) chunks are sized for
-    `rows_hint` rows; the last chunk takes any rows beyond, and the
-    chunks' row counts are not static.
+    `grads_of(x, B)`: the (n, F, D) gradients of those rows. The rows come
+    in chunks of `chunk` rows (kept apart: concatenating would copy them).
+    When the batch size is not static (TensorFlow traces with an unknown
+    one) chunks are sized for `rows_hint` rows; the last chunk takes any
+    rows beyond, and the chunks' row counts are not static.
     """
     n = x.shape[0] if x.shape[0] is not None else rows_hint
-    chunk = max(1, _CONV_CHUNK_BYTES // per_example_bytes)
     if n is None or n <= chunk:
         return [(slice(None), grads_of(x, B))]
     num_chunks = -(-n // chunk)
@@ -1162,12 +1146,15 @@ def _handle_conv(entry, record, grads, backend_ops, rows_hint):
     def patches(x, g):
         return ops.reshape(_conv_patches(group_input(x, g), *conv), (-1, T, K * Cg))
 
-    grouped_conv = getattr(backend_ops, "per_example_conv_kernel_grads", None)
+    # The backend instantiates the kernel gradients of stride-1 convs
+    # without patches where that is faster (its `GROUPED_CONV_*`); with one
+    # input channel per group, the strided slices are as fast.
+    grouped_conv = backend_ops.per_example_conv_kernel_grads
     if (
-        grouped_conv is None
-        or rank > 2
+        rank > 2
+        or Cg == 1
         or any(s != 1 for s in layer.strides)
-        or T < _GROUPED_CONV_MIN_POSITIONS
+        or T < backend_ops.GROUPED_CONV_MIN_POSITIONS
     ):
         grouped_conv = None
     padded_positions = _static_prod(
@@ -1197,12 +1184,13 @@ def _handle_conv(entry, record, grads, backend_ops, rows_hint):
         Bg = B[:, :, g * Fg:(g + 1) * Fg] if groups > 1 else B
         if choose_method(T, K * Cg, Fg) == "instantiate":
             if grouped_conv is not None:
-                per_example_bytes = 4 * (padded_positions * Cg + T * Fg)
+                chunk = backend_ops.GROUPED_CONV_CHUNK_BYTES // (
+                    4 * (padded_positions * Cg + T * Fg)
+                )
             else:
-                per_example_bytes = 4 * T * K * Cg
+                chunk = _PATCH_CHUNK_BYTES // (4 * T * K * Cg)
             G = _conv_kernel_grads(
-                x, Bg, kernel_grads_of(g), per_example_bytes, rows_hint,
-                backend_ops,
+                x, Bg, kernel_grads_of(g), max(1, chunk), rows_hint, backend_ops
             )
             parts.append(_chunked_instantiated(G))
         else:

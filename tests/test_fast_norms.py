@@ -118,30 +118,35 @@ def method(request):
     fast_norms._FORCE_METHOD = None
 
 
+class _ConvKernelGrads:
+    def __init__(self, way):
+        self.way = way
+        self.grouped_calls = []
+
+    def assert_grouped_used(self):
+        if self.way == "grouped_conv" and fast_norms._FORCE_METHOD != "ghost":
+            assert self.grouped_calls, "no convolution took the grouped path"
+
+
 @pytest.fixture(params=["patches", "grouped_conv"])
 def conv_kernel_grads(request, monkeypatch):
     """How instantiated conv kernel gradients are computed: from patches,
-    or (backends with `per_example_conv_kernel_grads`, for every stride-1
-    1-D/2-D conv however small) by one grouped convolution."""
+    or by the backend's grouped convolution, for every stride-1 1-D/2-D
+    conv with more than one input channel per group, however small."""
     module = backend_lib.get_backend_module()
+    state = _ConvKernelGrads(request.param)
     if request.param == "patches":
-        monkeypatch.setattr(fast_norms, "_GROUPED_CONV_MIN_POSITIONS", 10**9)
-        yield request.param
-        return
-    if not hasattr(module, "per_example_conv_kernel_grads"):
-        pytest.skip("this backend has no grouped-convolution kernel gradients")
-    monkeypatch.setattr(fast_norms, "_GROUPED_CONV_MIN_POSITIONS", 1)
-    calls = []
+        monkeypatch.setattr(module, "GROUPED_CONV_MIN_POSITIONS", 10**9)
+        return state
+    monkeypatch.setattr(module, "GROUPED_CONV_MIN_POSITIONS", 1)
     original = module.per_example_conv_kernel_grads
 
     def counted(*args):
-        calls.append(args)
+        state.grouped_calls.append(args)
         return original(*args)
 
     monkeypatch.setattr(module, "per_example_conv_kernel_grads", counted)
-    yield request.param
-    if fast_norms._FORCE_METHOD != "ghost":
-        assert calls, "no convolution took the grouped path"
+    return state
 
 
 def _labels(n, classes=3):
@@ -306,15 +311,18 @@ def test_embedding_single_token():
     ids=["multi_channel", "single_channel"],
 )
 def test_conv2d_stride_padding_dilation_groups(method, conv_kernel_grads, input_shape, convs):
+    if conv_kernel_grads.way == "grouped_conv" and input_shape[-1] == 1:
+        pytest.skip("one input channel per group: strided slices, not grouped")
     rng = np.random.RandomState(0)
     model = keras.Sequential(
         [keras.Input(input_shape)] + convs() + [L.Flatten(), L.Dense(3)]
     )
     x = rng.rand(5, *input_shape).astype("float32")
     assert_matches_brute_force(model, x, _labels(5))
+    conv_kernel_grads.assert_grouped_used()
 
 
-def test_conv1d_and_conv3d_single_channel(method, conv_kernel_grads):
+def test_conv1d_and_conv3d_single_channel(method):
     rng = np.random.RandomState(0)
     inputs_1d = keras.Input((10, 1))
     h = L.Conv1D(3, 3, padding="causal", dilation_rate=2)(inputs_1d)
@@ -341,7 +349,7 @@ def test_conv_patches_in_chunks(monkeypatch, conv_kernel_grads):
             L.Dense(3),
         ]
     )
-    if conv_kernel_grads == "patches":
+    if conv_kernel_grads.way == "patches":
         # 2 examples' patches of the first layer: 2 * 16 positions * 27 floats.
         chunk_bytes = 4 * 2 * 16 * 27
     else:
@@ -349,17 +357,23 @@ def test_conv_patches_in_chunks(monkeypatch, conv_kernel_grads):
         # inputs and 2x2x2 output gradients per group); 1 of the first's
         # patches.
         chunk_bytes = 4 * 2 * (16 * 2 + 4 * 2)
-    monkeypatch.setattr(fast_norms, "_CONV_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(fast_norms, "_PATCH_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(
+        backend_lib.get_backend_module(), "GROUPED_CONV_CHUNK_BYTES", chunk_bytes
+    )
     monkeypatch.setattr(fast_norms, "_FORCE_METHOD", "instantiate")
     x = rng.rand(5, 7, 7, 3).astype("float32")
     assert_matches_brute_force(model, x, _labels(5))
+    conv_kernel_grads.assert_grouped_used()
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="only TensorFlow traces with an unknown batch size",
+)
 def test_conv_patches_in_chunks_unknown_batch_size(monkeypatch, conv_kernel_grads):
     """TensorFlow traces `fit` with an unknown batch size: chunks are sized
     by `rows_hint` and the last one's row count is not static."""
-    if keras.backend.backend() != "tensorflow":
-        pytest.skip("only TensorFlow traces with an unknown batch size")
     import tensorflow as tf
 
     rng = np.random.RandomState(0)
@@ -373,14 +387,17 @@ def test_conv_patches_in_chunks_unknown_batch_size(monkeypatch, conv_kernel_grad
         ]
     )
     model.compile(loss=_loss())
-    if conv_kernel_grads == "patches":
+    if conv_kernel_grads.way == "patches":
         # 2 examples' patches of either layer (16 positions, 27 or 36 floats).
         chunk_bytes = 4 * 2 * 16 * 36
     else:
         # 2 examples of the second layer's grouped convolution (6x6x4
         # padded inputs, 4x4x4 output gradients); 1 of the first's patches.
         chunk_bytes = 4 * 2 * (36 + 16) * 4
-    monkeypatch.setattr(fast_norms, "_CONV_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(fast_norms, "_PATCH_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(
+        backend_lib.get_backend_module(), "GROUPED_CONV_CHUNK_BYTES", chunk_bytes
+    )
     monkeypatch.setattr(fast_norms, "_FORCE_METHOD", "instantiate")
     x = rng.rand(5, 7, 7, 3).astype("float32")
     y = _labels(5)
@@ -407,6 +424,7 @@ def test_conv_patches_in_chunks_unknown_batch_size(monkeypatch, conv_kernel_grad
     got = traced(x, y)
     for a, b in zip(tf.nest.flatten(got), tf.nest.flatten(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    conv_kernel_grads.assert_grouped_used()
 
 
 def test_conv1d_causal_and_strided(method, conv_kernel_grads):
@@ -422,6 +440,7 @@ def test_conv1d_causal_and_strided(method, conv_kernel_grads):
     )
     x = rng.rand(5, 10, 3).astype("float32")
     assert_matches_brute_force(model, x, _labels(5))
+    conv_kernel_grads.assert_grouped_used()
 
 
 def test_mixed_model_with_generic_layers():

@@ -5,10 +5,11 @@ respect to its first argument, a list of tensors, with an auxiliary output),
 `scan(f, init, xs)` (`jax.lax.scan` semantics), `after(dependencies,
 tensors)` (tensors read only once the dependencies are computed) and
 `train_step(model, ...)`, the private replacement for its trainer's
-`train_step`. A module may also provide `per_example_conv_kernel_grads(x,
-dy, kernel_size, dilation)` where its framework has a faster way than
-patches (see `fast_norms._GROUPED_CONV_MIN_POSITIONS`). Everything else
-lives in backend-agnostic modules.
+`train_step`. Each also provides `per_example_conv_kernel_grads(x, dy,
+kernel_size, dilation)` (the fast path's kernel gradients of stride-1
+convolutions, without patches) with `GROUPED_CONV_MIN_POSITIONS` and
+`GROUPED_CONV_CHUNK_BYTES`, where on its framework that is faster than
+patches. Everything else lives in backend-agnostic modules.
 """
 
 import keras

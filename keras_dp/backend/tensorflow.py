@@ -98,6 +98,19 @@ def after(dependencies, tensors):
         return tf.nest.map_structure(tf.identity, tensors)
 
 
+# Used for stride-1 1-D/2-D convolutions with at least this many output
+# positions, in chunks of about 4 MiB of inputs and output gradients (see
+# `fast_norms._handle_conv`). Measured per layer at batch 256 (2-core
+# EPYC), against patches: on 32x32 maps, 6-7 against 9-10 ms for 3 -> 16
+# channels, 13-19 against 20-22 for 16 -> 16, 36 against 57-61 for
+# 32 -> 32, 150-165 against 175-190 for 64 -> 64; on 64x64, 44-50
+# against 107 for 16 -> 16. Slower with strides (32x32x16 -> 16x16x32:
+# 11-16 against 9-10) and on 16x16 maps with 32 channels or more (15-23
+# against 13). 2 MiB chunks were no faster than 4.
+GROUPED_CONV_MIN_POSITIONS = 1024
+GROUPED_CONV_CHUNK_BYTES = 4 * 2**20
+
+
 def per_example_conv_kernel_grads(x, dy, kernel_size, dilation):
     """Per-example kernel gradients of a stride-1, unpadded 1-D/2-D conv.
 
@@ -107,10 +120,7 @@ def per_example_conv_kernel_grads(x, dy, kernel_size, dilation):
 
     The examples become the groups of one grouped convolution, whose filter
     gradient (oneDNN's direct kernel, no patches) has one (taps, C, F)
-    block per example. For the benchmark ResNet's 32x32 layers it takes
-    about half the time of gathered patches and a batched matmul; with
-    strides, or on maps of 16x16 and smaller with 32 channels or more, the
-    patches are faster (see `fast_norms._GROUPED_CONV_MIN_POSITIONS`).
+    block per example. No patches are built.
     """
     if len(kernel_size) == 1:
         x, dy = x[:, None], dy[:, None]
