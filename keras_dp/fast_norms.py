@@ -1063,7 +1063,6 @@ def _patch_indices(in_spatial, kernel_size, strides, dilation, out_spatial):
 _PATCH_CHUNK_BYTES = 4 * 2**20
 
 
-
 def _conv_kernel_grads(x, B, grads_of, chunk, rows_hint, backend_ops):
     """Per-example kernel gradients: a list of `(rows, G)`, `rows` a slice
     of the batch and `G` its (rows, F, D) gradients.
