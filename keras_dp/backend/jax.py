@@ -44,8 +44,12 @@ def after(dependencies, tensors):
 # 16, 43 against 56; 16x16x32 -> 32, 19 against 38. With strides,
 # patches are faster (32x32x16 -> 16x16x32: 18 against 24), and chunks of
 # 4 MiB or more lose most of the gain (57 ms for the 32x32x16 layer). On
-# the benchmark ResNet, DP/plain step time 1.07 (512 KiB chunks) and
-# 1.13 (1 MiB) against 1.38-1.42 with patches, same process. The
+# the benchmark ResNet, DP/plain step time 1.07-1.09 (512 KiB chunks),
+# 1.13-1.15 (1 MiB) and 1.15 (2 MiB) against 1.38-1.42 with patches, same
+# process; but smaller chunks hold more memory: the DP step's peak
+# resident memory (`benchmarks/step.py resnet memory dp`) is 1277 MB with
+# 512 KiB chunks, 1099 with 1 MiB, 1044 with 2 MiB, 1894 with 128 KiB
+# and 1073 with patches (plain: about 940). The
 # benchmark CNN (11x11 outputs from 32 channels) was slower: 0.97 against
 # 0.90, hence the threshold.
 GROUPED_CONV_MIN_POSITIONS = 256
