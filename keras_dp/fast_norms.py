@@ -1156,10 +1156,21 @@ def _handle_conv(entry, record, grads, backend_ops, rows_hint):
         or T < backend_ops.GROUPED_CONV_MIN_POSITIONS
     ):
         grouped_conv = None
-    padded_positions = _static_prod(
-        size + before + after
-        for size, (before, after) in zip(x.shape[1:-1], _conv_pads(x.shape[1:-1], *conv))
-    )
+    # Rows per chunk: about the backend's chunk size of grouped-convolution
+    # inputs and output gradients, or `_PATCH_CHUNK_BYTES` of patches.
+    if grouped_conv is not None:
+        padded_positions = _static_prod(
+            size + before + after
+            for size, (before, after) in zip(
+                x.shape[1:-1], _conv_pads(x.shape[1:-1], *conv)
+            )
+        )
+        chunk = backend_ops.GROUPED_CONV_CHUNK_BYTES // (
+            4 * (padded_positions * Cg + T * Fg)
+        )
+    else:
+        chunk = _PATCH_CHUNK_BYTES // (4 * T * K * Cg)
+    chunk = max(1, chunk)
 
     def kernel_grads_of(g):
         # Stored as (n, Fg, K*Cg): B^T P is the fastest layout.
@@ -1182,14 +1193,8 @@ def _handle_conv(entry, record, grads, backend_ops, rows_hint):
     for g in range(groups):
         Bg = B[:, :, g * Fg:(g + 1) * Fg] if groups > 1 else B
         if choose_method(T, K * Cg, Fg) == "instantiate":
-            if grouped_conv is not None:
-                chunk = backend_ops.GROUPED_CONV_CHUNK_BYTES // (
-                    4 * (padded_positions * Cg + T * Fg)
-                )
-            else:
-                chunk = _PATCH_CHUNK_BYTES // (4 * T * K * Cg)
             G = _conv_kernel_grads(
-                x, Bg, kernel_grads_of(g), max(1, chunk), rows_hint, backend_ops
+                x, Bg, kernel_grads_of(g), chunk, rows_hint, backend_ops
             )
             parts.append(_chunked_instantiated(G))
         else:
