@@ -295,6 +295,9 @@ def test_embedding_single_token():
                 L.Conv2D(6, 3, strides=2, padding="same", activation="relu"),
                 L.Conv2D(4, 2, dilation_rate=2, groups=2),
                 L.GroupNormalization(2),
+                # "same", stride 1: symmetric and uneven (0, 1) zeros.
+                L.Conv2D(4, 3, padding="same", dilation_rate=2),
+                L.Conv2D(4, 2, padding="same"),
                 L.Conv2D(4, (2, 3), strides=(1, 2), padding="same"),
             ],
         ),
@@ -433,6 +436,7 @@ def test_conv1d_causal_and_strided(method, conv_kernel_grads):
         [
             keras.Input((10, 3)),
             L.Conv1D(4, 3, padding="causal", dilation_rate=2, activation="relu"),
+            L.Conv1D(4, 4, padding="same"),
             L.Conv1D(4, 3, strides=2, padding="same"),
             L.Flatten(),
             L.Dense(3),
