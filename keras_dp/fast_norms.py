@@ -276,8 +276,9 @@ class _Record:
 class _Recorder:
     """Wraps `call` (and `activation`) of each entry's layer on the instance.
 
-    `tap(key, z)` returns the tensor to use in place of `z` (JAX adds a
-    zero probe, TensorFlow watches `z`).
+    `tap(index, key, z)` returns the tensor to use in place of `z`, the
+    output of the entry with that index (JAX adds a zero probe,
+    TensorFlow watches `z`).
     """
 
     def __init__(self, entries, tap):
@@ -335,7 +336,7 @@ class _Recorder:
                     key = f"{entry.index}_{j}"
                     record.tap_keys.append((j, key))
                     mask = masking.get_keras_mask(leaf)
-                    leaf = tap(key, leaf)
+                    leaf = tap(entry.index, key, leaf)
                     if mask is not None:
                         masking.set_keras_mask(leaf, mask)
                 new_leaves.append(leaf)
@@ -354,7 +355,7 @@ class _Recorder:
                 record.tapped = True
                 key = f"{entry.index}_z"
                 record.tap_keys.append((0, key))
-                z = tap(key, z)
+                z = tap(entry.index, key, z)
                 if original_activation is None:
                     return z
                 return original_activation(z)
@@ -604,7 +605,7 @@ def _batched_pass(entries, run, handle, backend_ops):
         def shape_pass():
             taps = {}
 
-            def tap(key, z):
+            def tap(index, key, z):
                 taps[key] = z
                 return z
 
@@ -619,7 +620,7 @@ def _batched_pass(entries, run, handle, backend_ops):
         recorders = []
 
         def f(probes):
-            recorder = _Recorder(entries, lambda key, z: z + probes[key])
+            recorder = _Recorder(entries, lambda index, key, z: z + probes[key])
             with recorder:
                 losses, y_pred, new_nt = run()
             recorders.append(recorder)
@@ -671,10 +672,9 @@ def _batched_pass(entries, run, handle, backend_ops):
         taps = {}
         with tf.GradientTape() as tape:
 
-            def tap(key, z):
+            def tap(index, key, z):
                 tape.watch(z)
                 taps[key] = z
-                index = int(key.split("_")[0])
 
                 @tf.custom_gradient
                 def identity(t):

@@ -119,13 +119,27 @@ def method(request):
 
 
 class _ConvKernelGrads:
-    def __init__(self, way):
+    def __init__(self, way, monkeypatch):
         self.way = way
         self.grouped_calls = []
+        self._monkeypatch = monkeypatch
 
-    def assert_grouped_used(self):
-        if self.way == "grouped_conv" and fast_norms._FORCE_METHOD != "ghost":
-            assert self.grouped_calls, "no convolution took the grouped path"
+    def set_chunk_bytes(self, chunk_bytes):
+        """The chunk size of both ways, in bytes."""
+        self._monkeypatch.setattr(fast_norms, "_PATCH_CHUNK_BYTES", chunk_bytes)
+        self._monkeypatch.setattr(
+            backend_lib.get_backend_module(), "GROUPED_CONV_CHUNK_BYTES", chunk_bytes
+        )
+
+    def assert_grouped_used(self, max_rows=None):
+        """Some convolution took the grouped path (when it is the way
+        under test), with at most `max_rows` examples per call."""
+        if self.way != "grouped_conv" or fast_norms._FORCE_METHOD == "ghost":
+            return
+        assert self.grouped_calls, "no convolution took the grouped path"
+        if max_rows is not None:
+            rows = [x.shape[0] for x, *_ in self.grouped_calls]
+            assert all(r is not None and r <= max_rows for r in rows), rows
 
 
 @pytest.fixture(params=["patches", "grouped_conv"])
@@ -134,7 +148,7 @@ def conv_kernel_grads(request, monkeypatch):
     or by the backend's grouped convolution, for every stride-1 1-D/2-D
     conv with more than one input channel per group, however small."""
     module = backend_lib.get_backend_module()
-    state = _ConvKernelGrads(request.param)
+    state = _ConvKernelGrads(request.param, monkeypatch)
     if request.param == "patches":
         monkeypatch.setattr(module, "GROUPED_CONV_MIN_POSITIONS", 10**9)
         return state
@@ -360,14 +374,11 @@ def test_conv_patches_in_chunks(monkeypatch, conv_kernel_grads):
         # inputs and 2x2x2 output gradients per group); 1 of the first's
         # patches.
         chunk_bytes = 4 * 2 * (16 * 2 + 4 * 2)
-    monkeypatch.setattr(fast_norms, "_PATCH_CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(
-        backend_lib.get_backend_module(), "GROUPED_CONV_CHUNK_BYTES", chunk_bytes
-    )
+    conv_kernel_grads.set_chunk_bytes(chunk_bytes)
     monkeypatch.setattr(fast_norms, "_FORCE_METHOD", "instantiate")
     x = rng.rand(5, 7, 7, 3).astype("float32")
     assert_matches_brute_force(model, x, _labels(5))
-    conv_kernel_grads.assert_grouped_used()
+    conv_kernel_grads.assert_grouped_used(max_rows=2)
 
 
 @pytest.mark.skipif(
@@ -397,10 +408,7 @@ def test_conv_patches_in_chunks_unknown_batch_size(monkeypatch, conv_kernel_grad
         # 2 examples of the second layer's grouped convolution (6x6x4
         # padded inputs, 4x4x4 output gradients); 1 of the first's patches.
         chunk_bytes = 4 * 2 * (36 + 16) * 4
-    monkeypatch.setattr(fast_norms, "_PATCH_CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(
-        backend_lib.get_backend_module(), "GROUPED_CONV_CHUNK_BYTES", chunk_bytes
-    )
+    conv_kernel_grads.set_chunk_bytes(chunk_bytes)
     monkeypatch.setattr(fast_norms, "_FORCE_METHOD", "instantiate")
     x = rng.rand(5, 7, 7, 3).astype("float32")
     y = _labels(5)
