@@ -16,6 +16,7 @@ to their trainer's state; everything here is written with `keras.ops`:
 """
 
 import contextlib
+import warnings
 
 import keras
 from keras import ops
@@ -195,6 +196,24 @@ def _reduce_non_trainable(model, stacked, mask, updated_positions, before):
     return reduced
 
 
+_FALLBACK_WARNING = (
+    "keras_dp: the fast per-example path does not support this model "
+    "({reason}), so each step takes the general vmap path, which forms the "
+    "whole model's per-example gradients: slower, and memory grows with "
+    "the batch (`make_private(microbatch_size=...)` bounds it). The "
+    "clipped sums are the same. Pass `per_example='vmap'` to `make_private` "
+    "to choose this path explicitly and silence this warning."
+)
+
+
+def _warn_fallback(settings, reason):
+    """Warns once per model and reason: a step that falls back to the vmap
+    path can be several times slower, which should not go unnoticed."""
+    previous = getattr(settings, "per_example_path", None)
+    if previous != ("vmap", reason):
+        warnings.warn(_FALLBACK_WARNING.format(reason=reason), stacklevel=2)
+
+
 def clipped_gradient_sum(
     model,
     optimizer,
@@ -229,15 +248,21 @@ def clipped_gradient_sum(
     """
     settings = getattr(model, "_keras_dp", None)
     mode = getattr(settings, "per_example", "auto")
-    # Models with their own gradient space (LowRankSparse) use the vmap path.
-    # Per-shard norms (per-device groups) and adaptive-clipping counts are
-    # computed on the vmap path only.
-    needs_vmap = getattr(optimizer, "needs_vmap_path", False)
-    if (
-        mode != "vmap"
-        and not needs_vmap
-        and not hasattr(model, "private_gradient_space")
-    ):
+    # Why the fast path is not taken; None: it is.
+    reason = None
+    if mode == "vmap":
+        reason = "per_example='vmap'"
+    elif getattr(optimizer, "needs_vmap_path", False):
+        reason = (
+            "clip_groups='per_device' clips the shards of sharded variables "
+            "apart, and only the vmap path computes per-shard norms"
+        )
+    elif hasattr(model, "private_gradient_space"):
+        reason = (
+            "the model projects per-example gradients into its own space "
+            "(LowRankSparse), which only the vmap path does"
+        )
+    else:
         from keras_dp import fast_norms
 
         try:
@@ -253,17 +278,21 @@ def clipped_gradient_sum(
                 microbatch_size=microbatch_size,
             )
         except fast_norms.Unsupported as error:
-            if mode == "fast":
-                raise ValueError(
-                    "make_private(..., per_example='fast'): the fast "
-                    f"per-example path does not support this model: {error}"
-                ) from None
-            if settings is not None:
-                settings.per_example_path = ("vmap", str(error))
+            reason = str(error)
+            if mode == "auto":
+                _warn_fallback(settings, reason)
         else:
             if settings is not None:
                 settings.per_example_path = ("fast", None)
             return result
+    if mode == "fast":
+        raise ValueError(
+            "make_private(..., per_example='fast'): the fast per-example path "
+            f"does not support this model: {reason}. Use per_example='auto' "
+            "or 'vmap' for the general path."
+        )
+    if settings is not None:
+        settings.per_example_path = ("vmap", reason)
     rows = ops.shape(tree.flatten(x)[0])[0]
     examples = {"x": x}
     if y is not None:

@@ -104,14 +104,17 @@ def make_private(
             batched forward/backward pass, for Dense, EinsumDense, Conv,
             Embedding; other weighted layers such as LayerNormalization get
             per-example gradients layer by layer) when it supports the
-            model, else the general vmap path. The fast path falls back
-            automatically for shared layers (a layer called twice per
-            step), activity regularizers or `add_loss` in `call`, layers
-            that own weights and have weighted sublayers, and weights not
-            owned by a layer; it assumes a layer's weights are only used
-            inside its own `call`. `"vmap"`: always the general path
-            (per-example gradients of the whole model). `"fast"`: the fast
-            path or an error. Both give the same clipped sums.
+            model, else the general vmap path. The fast path falls back,
+            with a warning that gives the reason, for shared layers (a
+            layer called twice per step), activity regularizers or
+            `add_loss` in `call`, layers that own weights and have weighted
+            sublayers, and weights not owned by a layer; it assumes a
+            layer's weights are only used inside its own `call`.
+            `LowRankSparse` models and `clip_groups="per_device"` over
+            sharded variables always take the vmap path. `"vmap"`: always
+            the general path (per-example gradients of the whole model).
+            `"fast"`: the fast path or an error when the step is first
+            traced. Both give the same clipped sums.
 
     `fit` also records each step's noise multiplier and sampling rate in the
     optimizer's privacy ledger (saved with the model), and calibrates the

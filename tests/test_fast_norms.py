@@ -597,13 +597,28 @@ def test_unsupported_models_fall_back_to_vmap(build, reason):
             ),
             loss=_loss(),
         )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+            model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+        fallbacks = [
+            str(w.message) for w in caught
+            if "fast per-example path does not support" in str(w.message)
+        ]
         weights[mode] = [np.asarray(v.value) for v in model.trainable_variables]
         if mode == "auto":
             path, why = model._keras_dp.per_example_path
             assert path == "vmap" and reason in why
+            # Once per model, however often the step is traced, with the
+            # reason and the way to silence it.
+            assert len(fallbacks) == 1, fallbacks
+            assert reason in fallbacks[0]
+            assert "per_example='vmap'" in fallbacks[0]
+        else:
+            assert fallbacks == []
+            assert model._keras_dp.per_example_path == (
+                "vmap", "per_example='vmap'"
+            )
     for a, b in zip(weights["auto"], weights["vmap"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(Exception, match="does not support"):

@@ -9,6 +9,7 @@ Everything is seeded.
 
 import math
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -621,3 +622,24 @@ def test_errors():
     unbuilt = keras.Sequential([keras.layers.Dense(3)])
     with pytest.raises(ValueError, match="LowRankSparse needs a built model"):
         keras_dp.LowRankSparse(unbuilt)
+
+
+def test_fast_per_example_path_is_an_error_and_auto_is_silent():
+    """LowRankSparse needs the vmap path: `per_example="fast"` says so
+    before the first step, and "auto" takes the vmap path without the
+    fallback warning meant for models the fast path cannot handle."""
+    x, y = _data(16, (6,))
+    model = keras_dp.make_private(
+        keras_dp.LowRankSparse(_mlp(), rank=2), per_example="fast"
+    )
+    model.compile(optimizer=keras_dp.DPSGD(noise_multiplier=1.0), loss=_loss())
+    with pytest.raises(ValueError, match="its own space \\(LowRankSparse\\)"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+
+    model = _private(keras_dp.LowRankSparse(_mlp(), rank=2), sigma=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert not [w for w in caught if "fast per-example path" in str(w.message)]
+    path, reason = model._keras_dp.per_example_path
+    assert path == "vmap" and "LowRankSparse" in reason

@@ -47,12 +47,14 @@ PRELUDE = textwrap.dedent(
 
     INIT = [w.copy() for w in build().get_weights()]
 
-    def run(distribution, sigma, clip_groups="per_device", C=0.5):
+    def run(distribution, sigma, clip_groups="per_device", C=0.5,
+            per_example="auto"):
         keras.distribution.set_distribution(distribution)
         try:
             model = build()
             model.set_weights(INIT)
-            model = keras_dp.make_private(model, poisson_sampling=False)
+            model = keras_dp.make_private(model, poisson_sampling=False,
+                                          per_example=per_example)
             opt = keras_dp.DPSGD(learning_rate=1.0, noise_multiplier=sigma,
                                  l2_norm_clip=C, clip_groups=clip_groups,
                                  seed=7)
@@ -182,6 +184,15 @@ def test_model_parallel_groups_are_device_shards():
         expected = [-t / N for t in total]
         for got, want in zip(update, expected):
             np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
+
+        # per_example="fast" cannot give per-shard norms: an error, not
+        # a silent change of path.
+        try:
+            run(mp, 0.0, per_example="fast")
+        except ValueError as error:
+            assert "per-shard norms" in str(error), error
+        else:
+            raise AssertionError("per_example='fast' did not raise")
 
         # Per-shard squared norms of a gradient sharded like the kernel
         # (batch over "batch", axis 1 over "model") need no communication.
