@@ -441,18 +441,31 @@ def _group_normalization_sums(layer, record, dy):
 
 
 def _normalization_call(layer, original_call, record, args, kwargs):
-    """A normalization layer's output as `scale * xhat + center`.
+    """A normalization layer's output, and what its handler needs saved.
 
-    `xhat` is the layer's own call with scale 1 and center 0 (so every
-    option of the layer is honoured). LayerNormalization and
-    RMSNormalization keep it for the handler. GroupNormalization keeps only
-    its per-group statistics: the handler's sums need no more, with the
-    layer's input, which the backward pass keeps anyway. Kept whole, `xhat`
-    would hold one activation-sized tensor per layer from the forward pass
-    to the layer's backward step: the largest extra memory of a
-    convolutional network's DP step (TensorFlow ResNet benchmark: a peak
-    of 1.57x the non-private step's with it, 1.37x without).
+    GroupNormalization runs its own call unchanged and keeps only its
+    per-group statistics: the handler's sums need no more, with the
+    layer's input, which the backward pass keeps anyway. (Rebuilt as
+    `scale * xhat + center` from a call with scale 1 and center 0, it took
+    two more elementwise passes forward and one backward per layer: 3% of
+    the TensorFlow ResNet benchmark's DP step.) Kept whole, `xhat` would
+    hold one activation-sized tensor per layer from the forward pass to the
+    layer's backward step: the largest extra memory of a convolutional
+    network's DP step (TensorFlow ResNet benchmark: a peak of 1.57x the
+    non-private step's with it, 1.37x without).
+
+    LayerNormalization and RMSNormalization compute their output as
+    `scale * xhat + center`, with `xhat` the layer's own call with scale 1
+    and center 0 (so every option of the layer is honoured), and keep
+    `xhat` for the handler.
     """
+    # Entries of kind "normalization" have the stock `call` (see
+    # `_normalization_weights`), so GroupNormalization's statistics are
+    # the ones `_group_normalization_stats` computes.
+    if isinstance(layer, keras.layers.GroupNormalization):
+        mean, inv = _group_normalization_stats(layer, _layer_input(args, kwargs))
+        record.saved.update(mean=mean, inv=inv)
+        return original_call(*args, **kwargs)
     scale, center, axes = _normalization_weights(layer)
     weights = [w for w in (scale, center) if w is not None]
     # Read inside the pass's stateless scope: the traced values.
@@ -463,14 +476,7 @@ def _normalization_call(layer, original_call, record, args, kwargs):
     ]
     with keras.StatelessScope(state_mapping=identity):
         xhat = original_call(*args, **kwargs)
-    # Entries of kind "normalization" have the stock `call` (see
-    # `_normalization_weights`), so GroupNormalization's statistics are
-    # the ones `_group_normalization_stats` computes.
-    if isinstance(layer, keras.layers.GroupNormalization):
-        mean, inv = _group_normalization_stats(layer, _layer_input(args, kwargs))
-        record.saved.update(mean=mean, inv=inv)
-    else:
-        record.saved["xhat"] = xhat
+    record.saved["xhat"] = xhat
     rank = len(xhat.shape)
     shape = [1] * rank
     for a in axes:
