@@ -122,6 +122,7 @@ class _ConvKernelGrads:
     def __init__(self, way, monkeypatch):
         self.way = way
         self.grouped_calls = []
+        self.sums_from_patches = 0
         self._monkeypatch = monkeypatch
 
     def set_chunk_bytes(self, chunk_bytes):
@@ -142,15 +143,28 @@ class _ConvKernelGrads:
             assert all(r is not None and r <= max_rows for r in rows), rows
 
 
-@pytest.fixture(params=["patches", "grouped_conv"])
+@pytest.fixture(params=["patches", "grouped_conv", "sum_from_patches"])
 def conv_kernel_grads(request, monkeypatch):
     """How instantiated conv kernel gradients are computed: from patches,
     or by the backend's grouped convolution, for every stride-1 1-D/2-D
-    conv with more than one input channel per group, however small."""
+    conv with more than one input channel per group, however small; and
+    whether they are kept for the clipped sum ("sum_from_patches": not
+    kept where T <= filters, the sum comes from the patches again; the
+    other two: always kept)."""
     module = backend_lib.get_backend_module()
     state = _ConvKernelGrads(request.param, monkeypatch)
-    if request.param == "patches":
+    monkeypatch.setattr(
+        module, "CONV_CLIPPED_SUM_FROM_PATCHES", request.param == "sum_from_patches"
+    )
+    if request.param != "grouped_conv":
         monkeypatch.setattr(module, "GROUPED_CONV_MIN_POSITIONS", 10**9)
+        original = fast_norms._norms_then_patches
+
+        def counted_sums(*args):
+            state.sums_from_patches += 1
+            return original(*args)
+
+        monkeypatch.setattr(fast_norms, "_norms_then_patches", counted_sums)
         return state
     monkeypatch.setattr(module, "GROUPED_CONV_MIN_POSITIONS", 1)
     original = module.per_example_conv_kernel_grads
@@ -339,6 +353,33 @@ def test_conv2d_stride_padding_dilation_groups(method, conv_kernel_grads, input_
     conv_kernel_grads.assert_grouped_used()
 
 
+def test_conv_clipped_sum_from_patches_again(method, conv_kernel_grads):
+    """Conv layers with no more output positions than filters per group
+    (T <= F): where the backend sets `CONV_CLIPPED_SUM_FROM_PATCHES`, the
+    instantiated kernel gradients give the norms only and the clipped sum
+    comes from the patches gathered again."""
+    rng = np.random.RandomState(0)
+    model = keras.Sequential(
+        [
+            keras.Input((5, 5, 3)),
+            # T = 9 output positions, 12 filters.
+            L.Conv2D(12, 3, strides=2, padding="same", activation="relu"),
+            # Per group: T = 4, 4 filters.
+            L.Conv2D(8, 2, groups=2),
+            L.Flatten(),
+            L.Dense(3),
+        ]
+    )
+    x = rng.rand(5, 5, 5, 3).astype("float32")
+    assert_matches_brute_force(model, x, _labels(5))
+    instantiated = method != "ghost"
+    if conv_kernel_grads.way == "sum_from_patches" and instantiated:
+        # Both layers, the second once per group.
+        assert conv_kernel_grads.sums_from_patches == 3
+    else:
+        assert conv_kernel_grads.sums_from_patches == 0
+
+
 def test_conv1d_and_conv3d_single_channel(method):
     rng = np.random.RandomState(0)
     inputs_1d = keras.Input((10, 1))
@@ -366,7 +407,7 @@ def test_conv_patches_in_chunks(monkeypatch, conv_kernel_grads):
             L.Dense(3),
         ]
     )
-    if conv_kernel_grads.way == "patches":
+    if conv_kernel_grads.way != "grouped_conv":
         # 2 examples' patches of the first layer: 2 * 16 positions * 27 floats.
         chunk_bytes = 4 * 2 * 16 * 27
     else:
@@ -401,7 +442,7 @@ def test_conv_patches_in_chunks_unknown_batch_size(monkeypatch, conv_kernel_grad
         ]
     )
     model.compile(loss=_loss())
-    if conv_kernel_grads.way == "patches":
+    if conv_kernel_grads.way != "grouped_conv":
         # 2 examples' patches of either layer (16 positions, 27 or 36 floats).
         chunk_bytes = 4 * 2 * 16 * 36
     else:

@@ -37,6 +37,12 @@ def after(dependencies, tensors):
     return jax.tree_util.tree_map(gate, tensors)
 
 
+# Per-example kernel gradients are kept for the clipped sum: gathering the
+# patches again (`fast_norms._norms_then_patches`) made the ResNet
+# benchmark's DP step slower on JAX (see there).
+CONV_CLIPPED_SUM_FROM_PATCHES = False
+
+
 # Used for stride-1 1-D/2-D convolutions with at least this many output
 # positions, in chunks of about 512 KiB of inputs and output gradients
 # (see `fast_norms._handle_conv`). Measured per layer at batch 256 (2-core

