@@ -1127,7 +1127,7 @@ def _norms_then_patches(parts, x, B, patches_of, backend_ops):
     TensorFlow ResNet benchmark (its two conv layers with 8x8 outputs and
     64 filters: 57 MB of kernel gradients at batch 256) the DP step's peak
     went from 608-610 to 551 MB (allocator 360-363 to 316; plain: 400 and
-    264) at the same step time (one process, 10 rounds: DP/plain 1.22-1.25
+    264) at the same step time (one process, 10 rounds: DP/plain 1.22-1.26
     against 1.20-1.26). Also recomputing layers with more positions than
     filters (16x16 outputs, 32 filters: patches 8x the gradients) cost
     0.1 in that ratio. On JAX the same layers made the ResNet's step
