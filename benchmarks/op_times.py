@@ -36,8 +36,8 @@ import sys
 import tempfile
 import time
 
-import step  # noqa: E402  (sets up paths and quiet logging)
-import models  # noqa: E402
+import step  # sets up sys.path (for models) and quiet TF logging
+import models
 
 
 def op_table(xplane_file):
@@ -139,6 +139,7 @@ def main():
             print(f"\n{mode} ops of type {args.ops}, ms per step:")
             for name, ms in ops.most_common(args.top):
                 print(f"{ms:9.2f}  {name}")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -54,9 +54,10 @@ needs, instead of one forward/backward per example (`per_example.py`):
    `sum_i c_i G_i = einsum(A, c * B)` for ghost layers, or
    `tensordot(c, G)` where `G` was instantiated (conv layers with no more
    output positions than filters: `einsum(P, c * B)` from their patches
-   gathered again, so that `G` is not held; see `_norms_then_patches`). A second weighted backward
-   pass would redo these same contractions plus the whole activation
-   backward pass, so book-keeping is never slower; it is the only method.
+   gathered again, so that `G` is not held; see `_norms_then_patches`).
+   A second weighted backward pass would redo these same contractions
+   plus the whole activation backward pass, so book-keeping is never
+   slower; it is the only method.
 
 The model must satisfy (checked; otherwise `Unsupported` is raised and the
 caller falls back to the general vmap path):
@@ -776,14 +777,9 @@ def _linear(A, B, method):
         aa = ops.einsum("ntd,nsd->nts", A, A)
         bb = ops.einsum("ntp,nsp->nts", B, B)
         sq = ops.maximum(ops.sum(aa * bb, axis=(1, 2)), 0.0)
-        d = ops.shape(A)[-1]
-        p = ops.shape(B)[-1]
 
         def clipped(c):
-            return ops.matmul(
-                ops.transpose(ops.reshape(A, (-1, d))),
-                ops.reshape(B * c[:, None, None], (-1, p)),
-            )
+            return _weighted_product_sum(A, B, c)
 
         return sq, clipped
     G = ops.matmul(ops.transpose(A, (0, 2, 1)), B)
@@ -793,6 +789,15 @@ def _linear(A, B, method):
         return ops.tensordot(c, G, axes=1)
 
     return sq, clipped
+
+
+def _weighted_product_sum(A, B, c):
+    """`sum_i c_i A_i^T B_i` for A: (n, T, d), B: (n, T, p), as one
+    (d, p) matrix product over all rows."""
+    return ops.matmul(
+        ops.transpose(ops.reshape(A, (-1, ops.shape(A)[-1]))),
+        ops.reshape(B * c[:, None, None], (-1, ops.shape(B)[-1])),
+    )
 
 
 def _bias_grads(B, bias_shape):
@@ -1096,13 +1101,18 @@ def _conv_kernel_grads(x, B, grads_of, chunk, rows_hint, backend_ops):
     return parts
 
 
+def _chunked_squared_norms(parts):
+    """Per-example squared norms of gradients given as `(rows, G)` chunks."""
+    return ops.concatenate(
+        [ops.sum(ops.square(g), axis=(1, 2)) for _, g in parts], 0
+    )
+
+
 def _chunked_instantiated(parts):
     """(squared norms, clipped_fn) of per-example gradients given as
     `(rows, G)` chunks, `G` of shape (rows, F, D); clipped sums come out
     as (D, F)."""
-    sq = ops.concatenate(
-        [ops.sum(ops.square(g), axis=(1, 2)) for _, g in parts], 0
-    )
+    sq = _chunked_squared_norms(parts)
 
     def clipped(c):
         total = None
@@ -1134,19 +1144,12 @@ def _norms_then_patches(parts, x, B, patches_of, backend_ops):
     slower (1.13-1.16 against 1.06-1.09, 5 rounds), and its memory is
     within the goal without it.
     """
-    sq = ops.concatenate(
-        [ops.sum(ops.square(g), axis=(1, 2)) for _, g in parts], 0
-    )
 
     def clipped(c):
         xc, Bc = backend_ops.after([c], (x, B))
-        P = patches_of(xc)
-        return ops.matmul(
-            ops.transpose(ops.reshape(P, (-1, P.shape[-1]))),
-            ops.reshape(Bc * c[:, None, None], (-1, Bc.shape[-1])),
-        )
+        return _weighted_product_sum(patches_of(xc), Bc, c)
 
-    return sq, clipped
+    return _chunked_squared_norms(parts), clipped
 
 
 def _handle_conv(entry, record, grads, backend_ops, rows_hint):
