@@ -380,6 +380,38 @@ def test_conv_clipped_sum_from_patches_again(method, conv_kernel_grads):
         assert conv_kernel_grads.sums_from_patches == 0
 
 
+def test_conv_clipped_sum_from_patches_in_chunks(monkeypatch, conv_kernel_grads):
+    """The clipped sum from patches gathered again comes in the same chunks
+    of examples as the kernel gradients (2 + 2 + 1 rows here)."""
+    rng = np.random.RandomState(0)
+    model = keras.Sequential(
+        [
+            keras.Input((5, 5, 3)),
+            # T = 9 output positions, 12 filters: 2 examples' patches are
+            # 2 * 9 * 27 floats.
+            L.Conv2D(12, 3, strides=2, padding="same", activation="relu"),
+            L.Flatten(),
+            L.Dense(3),
+        ]
+    )
+    conv_kernel_grads.set_chunk_bytes(4 * 2 * 9 * 27)
+    monkeypatch.setattr(fast_norms, "_FORCE_METHOD", "instantiate")
+    sum_rows = []
+    original = fast_norms._weighted_product_sum
+
+    def recorded(A, B, c):
+        sum_rows.append(A.shape[0])
+        return original(A, B, c)
+
+    monkeypatch.setattr(fast_norms, "_weighted_product_sum", recorded)
+    x = rng.rand(5, 5, 5, 3).astype("float32")
+    assert_matches_brute_force(model, x, _labels(5))
+    if conv_kernel_grads.way == "sum_from_patches":
+        assert sum_rows == [2, 2, 1], sum_rows
+    else:
+        assert sum_rows == [], sum_rows
+
+
 def test_conv1d_and_conv3d_single_channel(method):
     rng = np.random.RandomState(0)
     inputs_1d = keras.Input((10, 1))
