@@ -414,6 +414,44 @@ def test_noise_is_fresh_each_step_and_reproducible_by_seed():
     assert abs(_corr(other_first, first)) < CORR_BOUND
 
 
+def test_backend_noise_sampler_is_standard_normal():
+    """The backend's sampler (on TensorFlow a Box-Muller transform written
+    as elementwise ops) against N(0, 1), on one draw of 399,999 numbers (odd,
+    so one pair is cut), with 5-standard-error bounds as above: mean,
+    variance, fourth moment (variance of z^4 is 96), the Kolmogorov-Smirnov
+    test (p > 1e-6), and independence of the two halves, whose numbers share
+    their uniforms pairwise (also of their squares, which share the
+    radius)."""
+    from scipy import stats
+
+    from keras_dp import backend as backend_lib
+
+    sampler = backend_lib.get_backend_module().standard_normal
+    seed = keras.random.SeedGenerator(5)
+    shape = (3, 133333)
+    z = ops.convert_to_numpy(sampler(shape, seed))
+    assert z.shape == shape and z.dtype == np.float32
+    z = z.astype(np.float64).ravel()
+    n = z.size
+    assert abs(z.mean()) < 5 / math.sqrt(n)
+    assert abs(z.var() - 1) < 5 * math.sqrt(2 / n)
+    assert abs(np.mean(z**4) - 3) < 5 * math.sqrt(96 / n)
+    assert stats.kstest(z, "norm").pvalue > 1e-6
+    # TensorFlow's pairs: numbers i and i + ceil(n / 2).
+    half = (n + 1) // 2
+    first, second = z[: n - half], z[half:]
+    bound = 5 / math.sqrt(n - half)
+    assert abs(_corr(first, second)) < bound
+    assert abs(_corr(first**2, second**2)) < bound
+    # Tails: P(|z| > 4) = 6.3e-5 (25 expected); TensorFlow's own kernel
+    # stops at about 5.65.
+    assert np.sum(np.abs(z) > 4) > 5
+    assert np.abs(z).max() < 6
+    # The generator advances: the next draw is a fresh one.
+    again = ops.convert_to_numpy(sampler(shape, seed)).astype(np.float64).ravel()
+    assert abs(_corr(z, again)) < 5 / math.sqrt(n)
+
+
 def test_zero_noise_multiplier_adds_no_noise():
     x, y = _noise_batch(8)
     model = _noise_model(

@@ -9,7 +9,8 @@ tensors)` (tensors read only once the dependencies are computed) and
 kernel_size, dilation)` (the fast path's kernel gradients of stride-1
 convolutions, without patches) with `GROUPED_CONV_MIN_POSITIONS` and
 `GROUPED_CONV_CHUNK_BYTES`, where on its framework that is faster than
-patches. Everything else lives in backend-agnostic modules.
+patches, and `standard_normal(shape, seed)`, the DP optimizers' noise
+sampler. Everything else lives in backend-agnostic modules.
 """
 
 import keras
