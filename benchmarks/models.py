@@ -17,6 +17,10 @@ def build(name):
         return keras.Sequential([
             keras.Input(shape=(784,)), L.Dense(512, activation="relu"),
             L.Dense(512, activation="relu"), L.Dense(10, activation="softmax")])
+    if name == "mlp1":  # the MLP with a binary head: an odd parameter count
+        return keras.Sequential([
+            keras.Input(shape=(784,)), L.Dense(512, activation="relu"),
+            L.Dense(512, activation="relu"), L.Dense(1, activation="sigmoid")])
     if name == "resnet":  # small ResNet, GroupNormalization, 32x32x3
         def block(x, filters, stride):
             shortcut = x
@@ -84,7 +88,14 @@ def data(name, n):
         }
         y = keras.utils.to_categorical(rng.integers(0, 2, n), 2)
         return x, y
-    shape = {"cnn": (28, 28, 1), "mlp": (784,), "resnet": (32, 32, 3)}[name]
+    shape = {"cnn": (28, 28, 1), "mlp": (784,), "mlp1": (784,),
+             "resnet": (32, 32, 3)}[name]
     x = rng.random((n,) + shape, dtype=np.float32)
+    if name == "mlp1":
+        return x, rng.integers(0, 2, (n, 1)).astype(np.float32)
     y = keras.utils.to_categorical(rng.integers(0, 10, n), 10)
     return x, y
+
+
+def loss(name):
+    return "binary_crossentropy" if name == "mlp1" else "categorical_crossentropy"

@@ -1,7 +1,7 @@
 """keras_dp benchmark suite: DP vs non-private step time and peak memory.
 
     .venv/bin/python benchmarks/run.py [--backends tensorflow,jax]
-        [--models mlp,cnn,transformer,resnet] [--batch 256] [--vmap]
+        [--models mlp,mlp1,cnn,transformer,resnet] [--batch 256] [--vmap]
         [--poisson] [--peers] [--write /tmp/results]
 
 For each backend and model, one fresh process times every mode (`plain`:
@@ -125,7 +125,7 @@ def table_line(row):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--backends", default="tensorflow,jax")
-    parser.add_argument("--models", default="mlp,cnn,transformer,resnet")
+    parser.add_argument("--models", default="mlp,mlp1,cnn,transformer,resnet")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--vmap", action="store_true")
     parser.add_argument("--poisson", action="store_true")

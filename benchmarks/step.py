@@ -112,7 +112,7 @@ def build(name, mode):
 
     keras.utils.set_random_seed(0)
     model = models.build(name)
-    loss = "categorical_crossentropy"
+    loss = models.loss(name)
     if mode == "plain":
         model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
         return model

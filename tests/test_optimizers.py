@@ -416,12 +416,13 @@ def test_noise_is_fresh_each_step_and_reproducible_by_seed():
 
 def test_backend_noise_sampler_is_standard_normal():
     """The backend's sampler (on TensorFlow a Box-Muller transform written
-    as elementwise ops) against N(0, 1), on one draw of 399,999 numbers (odd,
-    so one pair is cut), with 5-standard-error bounds as above: mean,
-    variance, fourth moment (variance of z^4 is 96), the Kolmogorov-Smirnov
-    test (p > 1e-6), and independence of the two halves, whose numbers share
-    their uniforms pairwise (also of their squares, which share the
-    radius)."""
+    as elementwise ops, on JAX both words of each threefry block) against
+    N(0, 1), on one draw of 399,999 numbers (odd, so one pair is cut), with
+    5-standard-error bounds as above: mean, variance, fourth moment
+    (variance of z^4 is 96), the Kolmogorov-Smirnov test (p > 1e-6), and
+    independence of the two halves, whose numbers come pairwise from one
+    pair of uniforms (TensorFlow; their squares share the radius) or one
+    threefry block (JAX)."""
     from scipy import stats
 
     from keras_dp import backend as backend_lib
@@ -437,7 +438,7 @@ def test_backend_noise_sampler_is_standard_normal():
     assert abs(z.var() - 1) < 5 * math.sqrt(2 / n)
     assert abs(np.mean(z**4) - 3) < 5 * math.sqrt(96 / n)
     assert stats.kstest(z, "norm").pvalue > 1e-6
-    # TensorFlow's pairs: numbers i and i + ceil(n / 2).
+    # The pairs: numbers i and i + ceil(n / 2) (= 2 * ceil(n / 4) here).
     half = (n + 1) // 2
     first, second = z[: n - half], z[half:]
     bound = 5 / math.sqrt(n - half)
@@ -450,6 +451,38 @@ def test_backend_noise_sampler_is_standard_normal():
     # The generator advances: the next draw is a fresh one.
     again = ops.convert_to_numpy(sampler(shape, seed)).astype(np.float64).ravel()
     assert abs(_corr(z, again)) < 5 / math.sqrt(n)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="the JAX sampler's transform"
+)
+def test_jax_normal_from_bits_is_jax_random_normal():
+    """The JAX sampler's transform of threefry bits is `jax.random.normal`'s
+    own: the same numbers from the same bits, and finite at the extreme
+    bit patterns (a uniform of exactly -1 or 1 would give an infinite
+    noise coordinate)."""
+    import jax
+
+    from keras_dp.backend import jax as jax_backend
+
+    key = jax.random.key(7)
+    bits = jax.random.bits(key, (10001,))
+    np.testing.assert_allclose(
+        np.asarray(jax_backend.normal_from_bits(bits)),
+        np.asarray(jax.random.normal(key, (10001,))),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    extremes = np.asarray(
+        jax_backend.normal_from_bits(
+            np.array([0, 511, 2**31, 2**32 - 512, 2**32 - 1], np.uint32)
+        )
+    )
+    assert np.all(np.isfinite(extremes)), extremes
+    assert np.all(np.abs(extremes) < 6), extremes
+    assert extremes[0] < -5 and extremes[-1] > 5, extremes
+    assert extremes[0] == extremes[1] and extremes[3] == extremes[4]
+    assert abs(extremes[2]) < 1e-6
 
 
 def test_zero_noise_multiplier_adds_no_noise():
