@@ -13,14 +13,14 @@ def build(name):
             L.Conv2D(32, 3, activation="relu"), L.MaxPooling2D(2),
             L.Conv2D(64, 3, activation="relu"), L.MaxPooling2D(2),
             L.Flatten(), L.Dense(10, activation="softmax")])
-    if name == "mlp":  # /work/shared/peers: 784-512-512-10
+    if name in ("mlp", "mlp1"):
+        # mlp: /work/shared/peers' 784-512-512-10; mlp1: a one-unit sigmoid
+        # head instead, which gives an odd number of parameters.
+        head = (L.Dense(10, activation="softmax") if name == "mlp"
+                else L.Dense(1, activation="sigmoid"))
         return keras.Sequential([
             keras.Input(shape=(784,)), L.Dense(512, activation="relu"),
-            L.Dense(512, activation="relu"), L.Dense(10, activation="softmax")])
-    if name == "mlp1":  # the MLP with a binary head: an odd parameter count
-        return keras.Sequential([
-            keras.Input(shape=(784,)), L.Dense(512, activation="relu"),
-            L.Dense(512, activation="relu"), L.Dense(1, activation="sigmoid")])
+            L.Dense(512, activation="relu"), head])
     if name == "resnet":  # small ResNet, GroupNormalization, 32x32x3
         def block(x, filters, stride):
             shortcut = x
