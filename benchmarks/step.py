@@ -4,7 +4,9 @@
     KERAS_BACKEND=jax python benchmarks/step.py MODEL memory MODE [BATCH]
 
 MODE: plain | dp (fast path, fixed batches) | dp-vmap (general path, fixed
-batches) | dp-poisson (fast path, Poisson sampling with padding).
+batches) | dp-poisson (fast path, Poisson sampling with padding) |
+dp-framework-noise (as dp, but the noise from the framework's own random
+ops instead of keras_dp's compiled kernel, as with KERAS_DP_NATIVE=0).
 
 `time`: builds one model per mode in this process, compiles and warms each
 up with one epoch, then times `BENCH_EPOCHS` (default 5) rounds in which
@@ -27,6 +29,7 @@ competes with the step for a core and makes about half of the epochs of
 `fit(x, y)` take twice as long, for either step.
 """
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -131,6 +134,20 @@ def build(name, mode):
     return model
 
 
+@contextlib.contextmanager
+def noise_sampler(mode):
+    """Where the step is traced: the framework's sampler for
+    `dp-framework-noise`, keras_dp's kernel otherwise."""
+    if mode != "dp-framework-noise":
+        yield
+        return
+    os.environ["KERAS_DP_NATIVE"] = "0"
+    try:
+        yield
+    finally:
+        del os.environ["KERAS_DP_NATIVE"]
+
+
 def fit_epoch(model, mode, x, y, batch):
     if mode == "dp-poisson":
         model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
@@ -146,7 +163,8 @@ def time_modes(name, modes, batch):
     x, y = models.data(name, batch * STEPS)
     built = {mode: build(name, mode) for mode in modes}
     for mode, model in built.items():
-        fit_epoch(model, mode, x, y, batch)  # compile + warm-up
+        with noise_sampler(mode):
+            fit_epoch(model, mode, x, y, batch)  # compile + warm-up
     times = {mode: [] for mode in modes}
     for _ in range(int(os.environ.get("BENCH_EPOCHS", "5"))):
         for mode, model in built.items():
@@ -166,7 +184,8 @@ def measure_memory(name, mode, batch):
     baseline = maxrss_mb()
     baseline_rss = status_mb("VmRSS")
     model = build(name, mode)
-    fit_epoch(model, mode, x, y, batch)  # compile + warm-up
+    with noise_sampler(mode):
+        fit_epoch(model, mode, x, y, batch)  # compile + warm-up
     release_freed_heap()
     reset_peaks()
     fit_epoch(model, mode, x, y, batch)

@@ -649,9 +649,9 @@ class DPOptimizerMixin:
             self._static_batch_size = None
 
     def _standard_normal(self, shape, dtype):
-        # The backend's sampler: TensorFlow's own normal kernel is the
-        # slowest part of a DP step on small models (see
-        # `keras_dp.backend.tensorflow.standard_normal`).
+        # The backend's sampler: on a CPU keras_dp's compiled kernel
+        # (`keras_dp.native`); the frameworks' own normal kernels are the
+        # slowest part of a DP step on small models.
         draw = backend_lib.get_backend_module().standard_normal(
             shape, self._noise_seed_generator
         )

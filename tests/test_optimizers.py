@@ -414,15 +414,19 @@ def test_noise_is_fresh_each_step_and_reproducible_by_seed():
     assert abs(_corr(other_first, first)) < CORR_BOUND
 
 
-def test_backend_noise_sampler_is_standard_normal():
-    """The backend's sampler (on TensorFlow a Box-Muller transform written
-    as elementwise ops, on JAX both words of each threefry block) against
-    N(0, 1), on one draw of 399,999 numbers (odd, so one pair is cut), with
-    5-standard-error bounds as above: mean, variance, fourth moment
-    (variance of z^4 is 96), the Kolmogorov-Smirnov test (p > 1e-6), and
-    independence of the two halves, whose numbers come pairwise from one
-    pair of uniforms (TensorFlow; their squares share the radius) or one
-    threefry block (JAX)."""
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "framework"])
+def test_backend_noise_sampler_is_standard_normal(kernel, monkeypatch):
+    """The backend's sampler against N(0, 1): keras_dp's compiled kernel
+    (Box-Muller of threefry words) and, with KERAS_DP_NATIVE=0, the
+    framework's ops (TensorFlow: Box-Muller of Philox uniforms; JAX:
+    inverse CDF of both words of each threefry block). One draw of 399,999
+    numbers (odd, so one pair is cut), with 5-standard-error bounds as
+    above: mean, variance, fourth moment (variance of z^4 is 96), the
+    Kolmogorov-Smirnov test (p > 1e-6), and independence of the two
+    halves, whose numbers come pairwise from one threefry block or one
+    pair of uniforms (for Box-Muller their squares share the radius)."""
+    if not kernel:
+        monkeypatch.setenv("KERAS_DP_NATIVE", "0")
     from scipy import stats
 
     from keras_dp import backend as backend_lib
@@ -444,8 +448,8 @@ def test_backend_noise_sampler_is_standard_normal():
     bound = 5 / math.sqrt(n - half)
     assert abs(_corr(first, second)) < bound
     assert abs(_corr(first**2, second**2)) < bound
-    # Tails: P(|z| > 4) = 6.3e-5 (25 expected); TensorFlow's own kernel
-    # stops at about 5.65.
+    # Tails: P(|z| > 4) = 6.3e-5 (25 expected); the Box-Muller samplers
+    # stop at 5.65 (23-bit uniforms) and 5.77 (the kernel's 24 bits).
     assert np.sum(np.abs(z) > 4) > 5
     assert np.abs(z).max() < 6
     # The generator advances: the next draw is a fresh one.

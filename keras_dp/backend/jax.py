@@ -10,7 +10,7 @@ import numpy as np
 from jax.extend.random import threefry_2x32
 from keras.src.trainers import data_adapters
 
-from keras_dp import per_example
+from keras_dp import native, per_example
 
 
 def value_and_grad(fn):
@@ -104,6 +104,35 @@ def standard_normal(shape, seed):
     """Standard normal float32 numbers of `shape` from `seed` (a
     `keras.random.SeedGenerator`), for the DP noise.
 
+    On a CPU, keras_dp's compiled kernel (`keras_dp.native`, a Box-Muller
+    transform of threefry words, as an XLA FFI call); elsewhere, or
+    without the kernel, `xla_standard_normal`. Under a
+    `keras.distribution`, `keras.random.normal`, whose counters follow the
+    variable's sharding.
+    """
+    if keras.distribution.distribution() is not None:
+        return keras.random.normal(shape, seed=seed)
+    key = seed.next().astype(jnp.uint32)
+    target = native.jax_target()
+    shape = tuple(shape)
+    if target is None:
+        return xla_standard_normal(shape, key)
+
+    def kernel(key):
+        return jax.ffi.ffi_call(
+            target, jax.ShapeDtypeStruct(shape, jnp.float32)
+        )(key)
+
+    # Lowered for the platform the step runs on: the kernel on a CPU,
+    # XLA's own ops on an accelerator.
+    return jax.lax.platform_dependent(
+        key, cpu=kernel, default=lambda key: xla_standard_normal(shape, key)
+    )
+
+
+def xla_standard_normal(shape, key):
+    """Standard normal numbers from a (2,) uint32 `key`, in XLA ops.
+
     JAX's threefry bits and inverse error function, as `jax.random.normal`
     computes them, with two differences that matter on the CPU:
 
@@ -117,18 +146,11 @@ def standard_normal(shape, seed):
       `jax.random.normal` of 669,707 numbers takes 13 ms against 1.4 for
       669,706 (2-core EPYC).
 
-    On the benchmark MLP (784-512-512-10, batch 256), in one process, the
-    DP step took 1.38x the plain step against 1.77x with
-    `keras.random.normal`; with a one-unit head (an odd number of
-    parameters) 1.52x against 5.29x.
-
-    Under a `keras.distribution` the draw is `keras.random.normal`, whose
-    counters follow the variable's sharding.
+    On the benchmark MLP, in one process, the DP step took 1.38x the plain
+    step against 1.77x with `keras.random.normal`; with a one-unit head (an
+    odd number of parameters) 1.52x against 5.29x.
     """
-    if keras.distribution.distribution() is not None:
-        return keras.random.normal(shape, seed=seed)
     size = math.prod(shape)
-    key = seed.next().astype(jnp.uint32)
     counters = jax.lax.iota(jnp.uint32, -(-size // 4) * 4)
     bits = threefry_2x32((key[0], key[1]), counters)
     return normal_from_bits(bits)[:size].reshape(shape)

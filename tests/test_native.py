@@ -1,0 +1,203 @@
+"""Tests of keras_dp's compiled CPU noise kernel (`keras_dp.native`).
+
+The kernel's numbers are checked against its recipe (the header comment of
+`keras_dp/native/noise.h`) computed in float64 NumPy: Threefry-2x32 of the
+counters (j, 0) under the seed generator's state, then the Box-Muller
+transform. The distribution itself is tested in `test_optimizers.py`
+(`test_backend_noise_sampler_is_standard_normal`, on both the kernel and
+the framework's sampler).
+"""
+
+import math
+import os
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_dp import backend as backend_lib
+from keras_dp import native
+
+ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def threefry_2x32(key0, key1, x0, x1):
+    """Threefry-2x32, 20 rounds (Salmon et al. 2011; JAX's threefry_2x32),
+    on uint32 arrays."""
+    keys = [np.uint32(key0), np.uint32(key1)]
+    keys.append(keys[0] ^ keys[1] ^ np.uint32(0x1BD11BDA))
+    x0, x1 = x0 + keys[0], x1 + keys[1]
+    for i in range(5):
+        for r in ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = (x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))
+            x1 = x1 ^ x0
+        x0 = x0 + keys[(i + 1) % 3]
+        x1 = x1 + keys[(i + 2) % 3] + np.uint32(i + 1)
+    return x0, x1
+
+
+def reference_normal(key0, key1, n):
+    """noise.h's recipe in float64."""
+    half = (n + 1) // 2
+    w0, w1 = threefry_2x32(
+        key0, key1, np.arange(half, dtype=np.uint32), np.zeros(half, np.uint32)
+    )
+    u = ((w0 >> 8).astype(np.float64) + 1) * 2.0**-24
+    radius = np.sqrt(-2 * np.log(u))
+    quadrant = (w1 >> 30).astype(np.float64)
+    phi = ((w1 & 0x3FFFFFFF).astype(np.float64) * 2.0**-30 - 0.5) * np.pi / 2
+    theta = quadrant * np.pi / 2 + phi
+    return np.concatenate([radius * np.cos(theta), radius * np.sin(theta)])[:n]
+
+
+def test_threefry_reference_known_answer():
+    """The reference hash against Random123's published known-answer
+    vectors for Threefry-2x32-20 (kat_vectors), so the kernel is checked
+    against Threefry itself, not against a copy of its own code."""
+    cases = [
+        ((0, 0), (0, 0), (0x6B200159, 0x99BA4EFE)),
+        ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
+        ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0)),
+    ]
+    for (key0, key1), (c0, c1), expected in cases:
+        out = threefry_2x32(
+            key0, key1, np.array([c0], np.uint32), np.array([c1], np.uint32)
+        )
+        assert (int(out[0][0]), int(out[1][0])) == expected
+
+
+@pytest.fixture
+def kernel_available():
+    if keras.backend.backend() == "tensorflow":
+        available = native.tensorflow_ops() is not None
+    else:
+        available = native.jax_target() is not None
+    assert available, (
+        "keras_dp could not build its noise kernel here; see the warning "
+        "above (a C++17 compiler is needed)"
+    )
+
+
+def _draw(shape, seed):
+    """The backend's sampler inside a compiled function, as in a train step."""
+    sampler = backend_lib.get_backend_module().standard_normal
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(lambda: sampler(shape, seed))().numpy()
+    return np.asarray(sampler(shape, seed))
+
+
+@pytest.mark.parametrize("shape", [(1,), (2,), (3,), (5, 3), (2049,), (3, 44445)])
+def test_kernel_matches_its_recipe(kernel_available, shape):
+    """Every number within 2e-6 of the float64 recipe (Cephes'
+    single-precision log, sin and cos on 24-bit inputs are good to a few
+    ulp), for even, odd and block-crossing sizes; the key is the seed
+    generator's state before the draw, which then advances."""
+    seed = keras.random.SeedGenerator(11)
+    for _ in range(2):
+        key0, key1 = np.asarray(ops.convert_to_numpy(seed.state.value)).astype(
+            np.uint32
+        )
+        z = _draw(shape, seed)
+        assert z.shape == shape and z.dtype == np.float32
+        expected = reference_normal(key0, key1, math.prod(shape)).reshape(shape)
+        np.testing.assert_allclose(z, expected, rtol=0, atol=2e-6)
+
+
+def test_kernel_draws_are_finite_and_bounded(kernel_available):
+    """The largest radius is sqrt(-2 log 2**-24) = 5.77: a word of all
+    zeros gives the smallest u, never 0 (no infinite noise coordinate)."""
+    z = _draw((1_000_000,), keras.random.SeedGenerator(3))
+    assert np.all(np.isfinite(z))
+    assert np.abs(z).max() <= math.sqrt(-2 * math.log(2.0**-24)) + 1e-5
+
+
+def _fresh_native(monkeypatch, tmp_path):
+    monkeypatch.setenv("KERAS_DP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", {})
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
+    """Without a compiler the sampler warns once, says what to do, and
+    draws with the framework's own ops (finite, standard scale)."""
+    _fresh_native(monkeypatch, tmp_path)
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+
+    monkeypatch.setattr(native, "_compiler", no_compiler)
+    seed = keras.random.SeedGenerator(1)
+    with pytest.warns(UserWarning) as record:
+        first = _draw((4001,), seed)
+        second = _draw((4001,), seed)
+    messages = [str(w.message) for w in record if "keras_dp" in str(w.message)]
+    assert len(messages) == 1
+    assert "could not build its compiled noise kernel" in messages[0]
+    assert "no C++ compiler found" in messages[0]
+    assert "KERAS_DP_NATIVE=0" in messages[0]
+    for z in (first, second):
+        assert np.all(np.isfinite(z)) and 0.9 < z.std() < 1.1
+    assert not np.array_equal(first, second)
+    assert not list(tmp_path.iterdir())
+
+
+def test_switched_off_by_environment(monkeypatch, tmp_path):
+    """KERAS_DP_NATIVE=0: no build, no warning, the framework's numbers."""
+    _fresh_native(monkeypatch, tmp_path)
+    monkeypatch.setenv("KERAS_DP_NATIVE", "0")
+    seed = keras.random.SeedGenerator(2)
+    key0, key1 = np.asarray(ops.convert_to_numpy(seed.state.value)).astype(
+        np.uint32
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        z = _draw((1000,), seed)
+    assert np.abs(z - reference_normal(key0, key1, 1000)).max() > 0.1
+    assert not list(tmp_path.iterdir())
+
+
+def test_build_is_cached_per_source_and_version(monkeypatch, tmp_path):
+    """A second build with the same sources and framework version reuses
+    the library; another version builds its own."""
+    _fresh_native(monkeypatch, tmp_path)
+    source = "jax_ffi.cc" if keras.backend.backend() == "jax" else "tf_ops.cc"
+    if source == "jax_ffi.cc":
+        import jax.ffi
+
+        flags, links = ["-I", jax.ffi.include_dir()], []
+    else:
+        import tensorflow as tf
+
+        flags = tf.sysconfig.get_compile_flags()
+        links = tf.sysconfig.get_link_flags()
+    path = native.build("t", source, flags, links, version="1")
+    built_at = os.stat(path).st_mtime_ns
+    assert native.build("t", source, flags, links, version="1") == path
+    assert os.stat(path).st_mtime_ns == built_at
+    other = native.build("t", source, flags, links, version="2")
+    assert other != path
+    assert sorted(os.listdir(tmp_path / "native")) == sorted(
+        [os.path.basename(path), os.path.basename(other)]
+    )
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="TensorFlow's XLA compile"
+)
+def test_tensorflow_xla_compiled_step_uses_its_own_ops(kernel_available):
+    """Under `jit_compile=True` the custom op cannot run (XLA has no
+    kernel for it): the sampler takes TensorFlow's own ops there."""
+    import tensorflow as tf
+
+    sampler = backend_lib.get_backend_module().standard_normal
+    seed = keras.random.SeedGenerator(4)
+    key0, key1 = np.asarray(ops.convert_to_numpy(seed.state.value)).astype(
+        np.uint32
+    )
+    z = tf.function(lambda: sampler((999,), seed), jit_compile=True)().numpy()
+    assert np.all(np.isfinite(z)) and 0.85 < z.std() < 1.15
+    assert np.abs(z - reference_normal(key0, key1, 999)).max() > 0.1
