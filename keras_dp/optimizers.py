@@ -25,6 +25,7 @@ model.fit(x, y, batch_size=256, epochs=3)
 """
 
 import contextlib
+import itertools
 import math
 import numbers
 import sys
@@ -707,29 +708,39 @@ class DPOptimizerMixin:
                 k for k, (g, space) in enumerate(zip(grads, spaces))
                 if g is not None and space is None
             ]
-        sizes = [_static_size(grads[k]) for k in full]
-        noise = {}
+        out = list(grads)
         if full:
-            flat = self._standard_normal((sum(sizes),), "float32")
-            offset = 0
-            for k, size in zip(full, sizes):
-                noise[k] = ops.reshape(
-                    flat[offset:offset + size], ops.shape(grads[k])
-                )
-                offset += size
-        out = []
+            out_full = self._noisy_flat([grads[k] for k in full], stddev)
+            for k, g in zip(full, out_full):
+                out[k] = g
         for k, (g, space) in enumerate(zip(grads, spaces)):
-            if g is None:
-                out.append(g)
+            if g is None or k in full:
                 continue
-            if k in noise:
-                z = noise[k]
-            elif space is None:
+            if space is None:
                 z = self._standard_normal(ops.shape(g), "float32")
             else:
                 z = space(self._standard_normal)
-            out.append(g + ops.cast(stddev, g.dtype) * ops.cast(z, g.dtype))
+            out[k] = _plus_noise(g, stddev, z)
         return out
+
+    def _noisy_flat(self, grads, stddev):
+        """`grads` plus noise from one flat draw, split in order: the
+        backend's fused kernel where it has one (TensorFlow's compiled op
+        adds while it draws), else a draw and adds."""
+        fused = getattr(
+            backend_lib.get_backend_module(), "noisy_gradients", None
+        )
+        if fused is not None:
+            noisy = fused(grads, stddev, self._noise_seed_generator)
+            if noisy is not None:
+                return noisy
+        sizes = [_static_size(g) for g in grads]
+        flat = self._standard_normal((sum(sizes),), "float32")
+        offsets = [0] + list(itertools.accumulate(sizes))
+        return [
+            _plus_noise(g, stddev, ops.reshape(flat[a:b], ops.shape(g)))
+            for g, a, b in zip(grads, offsets[:-1], offsets[1:])
+        ]
 
     def _adaptive_noise_and_update(self, grads):
         """Gradient noise at `sigma_g`, then the noisy threshold update."""
@@ -867,6 +878,10 @@ def _model_frame(optimizer, depth):
             return frame
         frame = frame.f_back
     return None
+
+
+def _plus_noise(g, stddev, z):
+    return g + ops.cast(stddev, g.dtype) * ops.cast(z, g.dtype)
 
 
 def _static_size(tensor):

@@ -201,3 +201,37 @@ def test_tensorflow_xla_compiled_step_uses_its_own_ops(kernel_available):
     z = tf.function(lambda: sampler((999,), seed), jit_compile=True)().numpy()
     assert np.all(np.isfinite(z)) and 0.85 < z.std() < 1.15
     assert np.abs(z - reference_normal(key0, key1, 999)).max() > 0.1
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="TensorFlow's fused op"
+)
+def test_tensorflow_noisy_gradients_are_the_flat_draw_added(kernel_available):
+    """The fused op gives `g + stddev * z` with `z` the flat draw (the
+    recipe) split over the gradients in order, for shapes whose sizes
+    cross pairs and blocks; it leaves its inputs' values alone."""
+    import tensorflow as tf
+
+    from keras_dp.backend import tensorflow as tf_backend
+
+    rng = np.random.default_rng(0)
+    shapes = [(3, 5), (7,), (1,), (40, 51), (2, 2)]
+    grads = [tf.constant(rng.standard_normal(s).astype(np.float32)) for s in shapes]
+    before = [g.numpy().copy() for g in grads]
+    seed = keras.random.SeedGenerator(9)
+    key0, key1 = np.asarray(ops.convert_to_numpy(seed.state.value)).astype(
+        np.uint32
+    )
+    noisy = tf.function(lambda: tf_backend.noisy_gradients(grads, 0.25, seed))()
+    sizes = [math.prod(s) for s in shapes]
+    z = reference_normal(key0, key1, sum(sizes))
+    offsets = np.cumsum([0] + sizes)
+    for g, out, a, b, s in zip(before, noisy, offsets[:-1], offsets[1:], shapes):
+        assert out.shape == s
+        np.testing.assert_allclose(
+            out.numpy(), g + 0.25 * z[a:b].reshape(s), rtol=0, atol=1e-6
+        )
+    for g, b in zip(grads, before):
+        np.testing.assert_array_equal(g.numpy(), b)
+    # Not float32: the optimizer's own draw and add.
+    assert tf_backend.noisy_gradients([tf.zeros((3,), tf.float16)], 1.0, seed) is None

@@ -189,6 +189,28 @@ def standard_normal(shape, seed):
     return tf.reshape(z, shape)
 
 
+def noisy_gradients(grads, stddev, seed):
+    """`[g + stddev * z]`, with `z` one flat `standard_normal` draw split
+    over the gradients in order, as one compiled op that adds the noise as
+    it draws it; None where that op cannot run or the gradients are not
+    float32 of static shapes (the optimizer then draws and adds).
+
+    TensorFlow runs the split, the scaling and the add as separate passes
+    over memory: on the benchmark MLP (784-512-512-10, batch 256) the
+    scaling alone took 0.34 ms of thread time per step.
+    """
+    if any(g.dtype != tf.float32 or not g.shape.is_fully_defined() for g in grads):
+        return None
+    native_ops = _native_ops()
+    if native_ops is None:
+        return None
+    return native_ops.keras_dp_noisy_gradients(
+        key=tf.cast(seed.next(), tf.int32),
+        stddev=tf.cast(stddev, tf.float32),
+        grads=grads,
+    )
+
+
 def box_muller(shape, seed):
     """Standard normal float32 numbers of static `shape`, in TensorFlow ops.
 

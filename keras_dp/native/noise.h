@@ -137,6 +137,56 @@ static inline void kdp_standard_normal_range(uint32_t key0, uint32_t key1,
   }
 }
 
+/* A flat noise vector over several gradients: number i of the flat draw
+ * belongs to gradient k for offsets[k] <= i < offsets[k + 1], and lands in
+ * out[k][i - offsets[k]] as grads[k][i - offsets[k]] + stddev * z[i]. */
+typedef struct {
+  int64_t num;
+  const int64_t *offsets; /* num + 1 entries, offsets[0] = 0 */
+  const float *const *grads;
+  float *const *out;
+  float stddev;
+} kdp_segments;
+
+/* Adds stddev * z[0:count], flat numbers [flat, flat + count). */
+static inline void kdp_add_run(const kdp_segments *seg, int64_t flat,
+                               const float *z, int64_t count) {
+  int64_t k = 0;
+  while (seg->offsets[k + 1] <= flat) k++; /* few gradients: linear search */
+  while (count > 0) {
+    const int64_t local = flat - seg->offsets[k];
+    int64_t take = seg->offsets[k + 1] - flat;
+    if (take > count) take = count;
+    const float *g = seg->grads[k] + local;
+    float *o = seg->out[k] + local;
+    const float s = seg->stddev;
+    for (int64_t i = 0; i < take; i++) o[i] = g[i] + s * z[i];
+    flat += take;
+    z += take;
+    count -= take;
+    k++;
+  }
+}
+
+/* The segments' noisy gradients for pair indices [lo, hi): the same
+ * numbers as kdp_standard_normal_range over the flat vector, added as
+ * they are made (one pass over memory). */
+static inline void kdp_noisy_range(uint32_t key0, uint32_t key1,
+                                   const kdp_segments *seg, int64_t lo,
+                                   int64_t hi) {
+  const int64_t n = seg->offsets[seg->num];
+  const int64_t half = kdp_num_pairs(n);
+  if (hi > half) hi = half;
+  float a[KDP_BLOCK], b[KDP_BLOCK];
+  for (int64_t start = lo; start < hi; start += KDP_BLOCK) {
+    const int64_t count = hi - start < KDP_BLOCK ? hi - start : KDP_BLOCK;
+    const int64_t count_b = n - half - start < count ? n - half - start : count;
+    kdp_pairs(key0, key1, start, count, a, b);
+    kdp_add_run(seg, start, a, count);
+    if (count_b > 0) kdp_add_run(seg, half + start, b, count_b);
+  }
+}
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,6 +1,12 @@
-// TensorFlow CPU op around noise.h: KerasDpStandardNormal(key, n) -> z,
-// float32 of shape (n,), with `key` two int32 words (read as uint32).
+// TensorFlow CPU ops around noise.h, with `key` two int32 words (read as
+// uint32):
+//   KerasDpStandardNormal(key, n) -> z, float32 of shape (n,);
+//   KerasDpNoisyGradients(key, stddev, grads) -> grads + stddev * z, with z
+//     one flat KerasDpStandardNormal draw split over the float32 gradients
+//     in order, added as it is made: TensorFlow would run the slices, the
+//     scaling and the add as separate passes over memory.
 #include <cstdint>
+#include <vector>
 
 #include "chunks.h"
 #include "noise.h"
@@ -29,6 +35,41 @@ REGISTER_OP("KerasDpStandardNormal")
       return absl::OkStatus();
     });
 
+REGISTER_OP("KerasDpNoisyGradients")
+    .Input("key: int32")
+    .Input("stddev: float")
+    .Input("grads: N * float")
+    .Attr("N: int >= 1")
+    .Output("noisy: N * float")
+    .SetShapeFn([](InferenceContext* c) {
+      for (int i = 2; i < c->num_inputs(); i++) {
+        c->set_output(i - 2, c->input(i));
+      }
+      return absl::OkStatus();
+    });
+
+// The key's two words; false (with the op failed) unless there are two.
+bool ReadKey(OpKernelContext* context, uint32_t* key0, uint32_t* key1) {
+  const Tensor& key = context->input(0);
+  if (key.NumElements() != 2) {
+    context->CtxFailure(absl::InvalidArgumentError("the key must have two words"));
+    return false;
+  }
+  *key0 = static_cast<uint32_t>(key.flat<int32_t>()(0));
+  *key1 = static_cast<uint32_t>(key.flat<int32_t>()(1));
+  return true;
+}
+
+// work(lo, hi) over the pairs, on this thread and the op's worker pool.
+void RunOnWorkers(OpKernelContext* context, int64_t num_pairs,
+                  std::function<void(int64_t, int64_t)> work) {
+  auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
+  RunChunks(
+      num_pairs, pool->NumThreads(),
+      [pool](std::function<void()> task) { pool->Schedule(std::move(task)); },
+      std::move(work));
+}
+
 class StandardNormalOp : public OpKernel {
  public:
   explicit StandardNormalOp(OpKernelConstruction* context)
@@ -37,32 +78,59 @@ class StandardNormalOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* context) override {
-    const Tensor& key = context->input(0);
-    OP_REQUIRES(context, key.NumElements() == 2,
-                absl::InvalidArgumentError("the key must have two words"));
-    const uint32_t key0 = static_cast<uint32_t>(key.flat<int32_t>()(0));
-    const uint32_t key1 = static_cast<uint32_t>(key.flat<int32_t>()(1));
+    uint32_t key0, key1;
+    if (!ReadKey(context, &key0, &key1)) return;
     Tensor* z = nullptr;
     OP_REQUIRES_OK(context,
                    context->allocate_output(0, TensorShape({n_}), &z));
     float* out = z->flat<float>().data();
     const int64_t n = n_;
-    auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
-    RunChunks(
-        kdp_num_pairs(n), pool->NumThreads(),
-        [pool](std::function<void()> task) { pool->Schedule(std::move(task)); },
-        [=](int64_t lo, int64_t hi) {
-          kdp_standard_normal_range(key0, key1, out, n, lo, hi);
-        });
+    RunOnWorkers(context, kdp_num_pairs(n), [=](int64_t lo, int64_t hi) {
+      kdp_standard_normal_range(key0, key1, out, n, lo, hi);
+    });
   }
 
  private:
   int64_t n_;
 };
 
+class NoisyGradientsOp : public OpKernel {
+ public:
+  using OpKernel::OpKernel;
+
+  void Compute(OpKernelContext* context) override {
+    uint32_t key0, key1;
+    if (!ReadKey(context, &key0, &key1)) return;
+    const float stddev = context->input(1).scalar<float>()();
+    const int num = context->num_inputs() - 2;
+    std::vector<int64_t> offsets(num + 1, 0);
+    std::vector<const float*> grads(num);
+    std::vector<float*> out(num);
+    for (int k = 0; k < num; k++) {
+      const Tensor& grad = context->input(k + 2);
+      Tensor* noisy = nullptr;
+      // In place when nothing else holds the gradient's buffer.
+      OP_REQUIRES_OK(context, context->forward_input_or_allocate_output(
+                                  {k + 2}, k, grad.shape(), &noisy));
+      grads[k] = grad.flat<float>().data();
+      out[k] = noisy->flat<float>().data();
+      offsets[k + 1] = offsets[k] + grad.NumElements();
+    }
+    const kdp_segments segments{num, offsets.data(), grads.data(), out.data(),
+                                stddev};
+    RunOnWorkers(context, kdp_num_pairs(offsets[num]),
+                 [&segments, key0, key1](int64_t lo, int64_t hi) {
+                   kdp_noisy_range(key0, key1, &segments, lo, hi);
+                 });
+  }
+};
+
 REGISTER_KERNEL_BUILDER(
     Name("KerasDpStandardNormal").Device(::tensorflow::DEVICE_CPU),
     StandardNormalOp);
+REGISTER_KERNEL_BUILDER(
+    Name("KerasDpNoisyGradients").Device(::tensorflow::DEVICE_CPU),
+    NoisyGradientsOp);
 
 }  // namespace
 }  // namespace keras_dp
