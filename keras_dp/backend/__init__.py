@@ -10,7 +10,9 @@ kernel_size, dilation)` (the fast path's kernel gradients of stride-1
 convolutions, without patches) with `GROUPED_CONV_MIN_POSITIONS` and
 `GROUPED_CONV_CHUNK_BYTES`, where on its framework that is faster than
 patches, and `standard_normal(shape, seed)`, the DP optimizers' noise
-sampler. Everything else lives in backend-agnostic modules.
+sampler; a module may add `noisy_gradients(grads, stddev, seed)`, the
+gradients plus that sampler's flat draw in one fused kernel (or None where
+it cannot). Everything else lives in backend-agnostic modules.
 """
 
 import keras

@@ -20,7 +20,8 @@ it fails (no compiler, no framework headers), keras_dp warns once and
 draws the noise with the framework's own random ops: the same
 distribution, other numbers, a slower step. `KERAS_DP_NATIVE=0` skips the
 kernel (and the warning). Accelerators never use it: there the
-framework's own sampler is fast.
+framework's own sampler is fast. The setting is read when a train step is
+traced: a model keeps the sampler it was traced with.
 """
 
 import hashlib
@@ -187,6 +188,6 @@ def _load_tensorflow():
 
 
 def tensorflow_ops():
-    """The loaded TensorFlow op module (`keras_dp_standard_normal`), or
-    None."""
+    """The loaded TensorFlow op module (`keras_dp_standard_normal`,
+    `keras_dp_noisy_gradients`), or None."""
     return _load("TensorFlow", _load_tensorflow)
