@@ -11,8 +11,8 @@ JAX FFI handler or TensorFlow ops, and caches the library:
 
 - in `$KERAS_DP_CACHE_DIR`, else `$XDG_CACHE_HOME/keras_dp`, else
   `~/.cache/keras_dp`, under a name that hashes the sources, the compiler,
-  the flags and the framework's version (a new TensorFlow or jaxlib gets a
-  fresh build);
+  the flags, the platform and the framework's version (a new TensorFlow or
+  jaxlib gets a fresh build);
 - with `$CXX` as the compiler if set, else `c++`, `g++` or `clang++`.
 
 A build takes a few seconds (about 2 s for JAX, 5 s for TensorFlow). When
@@ -26,6 +26,7 @@ traced: a model keeps the sampler it was traced with.
 
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -84,7 +85,8 @@ def build(name, source, compile_flags=(), link_flags=(), version=""):
         with open(os.path.join(_SOURCE_DIR, part), "rb") as f:
             digest.update(f.read())
     flags = list(_FLAGS) + ["-I", _SOURCE_DIR] + list(compile_flags)
-    for part in [compiler, version, sys.platform] + flags + list(link_flags):
+    host = [sys.platform, platform.machine()]
+    for part in [compiler, version] + host + flags + list(link_flags):
         digest.update(part.encode() + b"\0")
     filename = f"{name}-{digest.hexdigest()[:16]}.so"
     directory = cache_dir()
