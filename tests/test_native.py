@@ -81,6 +81,11 @@ def kernel_available():
     )
 
 
+def _key(seed):
+    """The seed generator's state now: the key of its next draw."""
+    return np.asarray(ops.convert_to_numpy(seed.state.value)).astype(np.uint32)
+
+
 def _draw(shape, seed):
     """The backend's sampler inside a compiled function, as in a train step."""
     sampler = backend_lib.get_backend_module().standard_normal
@@ -99,9 +104,7 @@ def test_kernel_matches_its_recipe(kernel_available, shape):
     generator's state before the draw, which then advances."""
     seed = keras.random.SeedGenerator(11)
     for _ in range(2):
-        key0, key1 = np.asarray(ops.convert_to_numpy(seed.state.value)).astype(
-            np.uint32
-        )
+        key0, key1 = _key(seed)
         z = _draw(shape, seed)
         assert z.shape == shape and z.dtype == np.float32
         expected = reference_normal(key0, key1, math.prod(shape)).reshape(shape)
@@ -150,9 +153,7 @@ def test_switched_off_by_environment(monkeypatch, tmp_path):
     _fresh_native(monkeypatch, tmp_path)
     monkeypatch.setenv("KERAS_DP_NATIVE", "0")
     seed = keras.random.SeedGenerator(2)
-    key0, key1 = np.asarray(ops.convert_to_numpy(seed.state.value)).astype(
-        np.uint32
-    )
+    key0, key1 = _key(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         z = _draw((1000,), seed)
@@ -195,9 +196,7 @@ def test_tensorflow_xla_compiled_step_uses_its_own_ops(kernel_available):
 
     sampler = backend_lib.get_backend_module().standard_normal
     seed = keras.random.SeedGenerator(4)
-    key0, key1 = np.asarray(ops.convert_to_numpy(seed.state.value)).astype(
-        np.uint32
-    )
+    key0, key1 = _key(seed)
     z = tf.function(lambda: sampler((999,), seed), jit_compile=True)().numpy()
     assert np.all(np.isfinite(z)) and 0.85 < z.std() < 1.15
     assert np.abs(z - reference_normal(key0, key1, 999)).max() > 0.1
@@ -219,9 +218,7 @@ def test_tensorflow_noisy_gradients_are_the_flat_draw_added(kernel_available):
     grads = [tf.constant(rng.standard_normal(s).astype(np.float32)) for s in shapes]
     before = [g.numpy().copy() for g in grads]
     seed = keras.random.SeedGenerator(9)
-    key0, key1 = np.asarray(ops.convert_to_numpy(seed.state.value)).astype(
-        np.uint32
-    )
+    key0, key1 = _key(seed)
     noisy = tf.function(lambda: tf_backend.noisy_gradients(grads, 0.25, seed))()
     sizes = [math.prod(s) for s in shapes]
     z = reference_normal(key0, key1, sum(sizes))
