@@ -1236,10 +1236,11 @@ def _handle_conv(entry, record, grads, backend_ops, rows_hint):
         def grads(x, B):
             if grouped_conv is not None:
                 return grouped_conv(
-                    _pad_for_conv(group_input(x, g), *conv),
+                    group_input(x, g),
                     ops.reshape(B, (-1,) + out_spatial + (Fg,)),
                     kernel_size,
                     tuple(layer.dilation_rate),
+                    _conv_pads(x.shape[1:-1], *conv),
                 )
             if Cg == 1:
                 P = _single_channel_patches(group_input(x, g), *conv)

@@ -6,7 +6,7 @@ respect to its first argument, a list of tensors, with an auxiliary output),
 tensors)` (tensors read only once the dependencies are computed) and
 `train_step(model, ...)`, the private replacement for its trainer's
 `train_step`. Each also provides `per_example_conv_kernel_grads(x, dy,
-kernel_size, dilation)` (the fast path's kernel gradients of stride-1
+kernel_size, dilation, pads)` (the fast path's kernel gradients of stride-1
 convolutions, without patches) with `GROUPED_CONV_MIN_POSITIONS` and
 `GROUPED_CONV_CHUNK_BYTES`, where on its framework that is faster than
 patches, and `standard_normal(shape, seed)`, the DP optimizers' noise

@@ -66,18 +66,22 @@ GROUPED_CONV_MIN_POSITIONS = 256
 GROUPED_CONV_CHUNK_BYTES = 2**19
 
 
-def per_example_conv_kernel_grads(x, dy, kernel_size, dilation):
-    """Per-example kernel gradients of a stride-1, unpadded convolution.
+def per_example_conv_kernel_grads(x, dy, kernel_size, dilation, pads):
+    """Per-example kernel gradients of a stride-1 convolution.
 
-    `x`: (n, *in_spatial, C) inputs, already padded; `dy`: (n,
-    *out_spatial, F) output gradients. Returns (n, F, K * C), the columns
-    ordered like the kernel's (taps, C) rows.
+    `x`: (n, *in_spatial, C) inputs; `dy`: (n, *out_spatial, F) output
+    gradients; `pads`: the (before, after) zeros the convolution reads on
+    each spatial axis. Returns (n, F, K * C), the columns ordered like the
+    kernel's (taps, C) rows.
 
     Each example's gradient is the correlation of its input with its output
     gradient: one convolution with the examples as feature groups, the
     input channels as its batch and the output gradients as its kernel. No
     patches are built.
     """
+    # Padded first: zeros passed to the convolution as its own padding
+    # made the ResNet benchmark's DP step no faster (1.14 against 1.11-1.13).
+    x = jnp.pad(x, [(0, 0)] + [tuple(p) for p in pads] + [(0, 0)])
     n, channels, filters = x.shape[0], x.shape[-1], dy.shape[-1]
     rank = len(kernel_size)
     spatial = "DHW"[3 - rank:]

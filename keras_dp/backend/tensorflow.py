@@ -121,22 +121,32 @@ GROUPED_CONV_CHUNK_BYTES = 4 * 2**20
 CONV_CLIPPED_SUM_FROM_PATCHES = True
 
 
-def per_example_conv_kernel_grads(x, dy, kernel_size, dilation):
-    """Per-example kernel gradients of a stride-1, unpadded 1-D/2-D conv.
+def per_example_conv_kernel_grads(x, dy, kernel_size, dilation, pads):
+    """Per-example kernel gradients of a stride-1 1-D/2-D convolution.
 
-    `x`: (n, *in_spatial, C) inputs, already padded; `dy`: (n,
-    *out_spatial, F) output gradients. Returns (n, F, K * C), the columns
-    ordered like the kernel's (taps, C) rows.
+    `x`: (n, *in_spatial, C) inputs; `dy`: (n, *out_spatial, F) output
+    gradients; `pads`: the (before, after) zeros the convolution reads on
+    each spatial axis. Returns (n, F, K * C), the columns ordered like the
+    kernel's (taps, C) rows.
 
     The examples become the groups of one grouped convolution, whose filter
     gradient (oneDNN's direct kernel, no patches) has one (taps, C, F)
-    block per example. No patches are built.
+    block per example. No patches are built, and "same" zeros are the
+    op's own padding: on the ResNet benchmark's 32x32x16 layer, 0.74
+    against 0.86 ms per chunk of 30 examples with a `tf.pad` first.
     """
     if len(kernel_size) == 1:
         x, dy = x[:, None], dy[:, None]
         kernel_size, dilation = (1,) + tuple(kernel_size), (1,) + tuple(dilation)
+        pads = [(0, 0)] + list(pads)
     channels, filters = x.shape[-1], dy.shape[-1]
     n = tf.shape(x)[0]
+    same = all(
+        (before, after) == ((k - 1) * d // 2, (k - 1) * d - (k - 1) * d // 2)
+        for (before, after), k, d in zip(pads, kernel_size, dilation)
+    )
+    if not same and any(p != (0, 0) for p in pads):
+        x = tf.pad(x, [(0, 0)] + [tuple(p) for p in pads] + [(0, 0)])
 
     def examples_as_channels(t):
         merged = tf.transpose(t, (1, 2, 0, 3))
@@ -149,7 +159,7 @@ def per_example_conv_kernel_grads(x, dy, kernel_size, dilation):
         ),
         out_backprop=examples_as_channels(dy),
         strides=[1, 1, 1, 1],
-        padding="VALID",
+        padding="SAME" if same else "VALID",
         dilations=[1, dilation[0], dilation[1], 1],
     )
     taps = kernel_size[0] * kernel_size[1]
