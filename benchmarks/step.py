@@ -9,10 +9,13 @@ dp-framework-noise (as dp, but the noise from the framework's own random
 ops instead of keras_dp's compiled kernel, as with KERAS_DP_NATIVE=0).
 
 `time`: builds one model per mode in this process, compiles and warms each
-up with one epoch, then times `BENCH_EPOCHS` (default 5) rounds in which
-every mode runs one epoch of 20 steps, in turn. Alternating in one process
-(as the peers' scripts do) keeps slow drifts of a shared machine out of the
-ratios. Prints one JSON line with each mode's median step time.
+up with one epoch, then times rounds in which every mode runs one epoch of
+20 steps, in turn: at least `BENCH_EPOCHS` (default 5) rounds, and more
+(up to 50) until the timed epochs add up to `BENCH_SECONDS` (default 10),
+so that models with millisecond steps get more than a fraction of a second
+of timing. Alternating in one process (as the peers' scripts do) keeps
+slow drifts of a shared machine out of the ratios. Prints one JSON line
+with each mode's median step time.
 
 `memory`: one mode per process, so that peaks do not mix. After a warm-up
 epoch the freed heap is returned to the OS and the peaks are reset; one
@@ -51,6 +54,8 @@ import keras  # noqa: E402
 import models  # noqa: E402
 
 STEPS = 20
+# Rounds for models whose epochs are short (see `time_modes`).
+MAX_ROUNDS = 50
 
 
 def maxrss_mb():
@@ -161,11 +166,18 @@ def time_modes(name, modes, batch):
         with noise_sampler(mode):
             fit_epoch(model, mode, x, y, batch)  # compile + warm-up
     times = {mode: [] for mode in modes}
-    for _ in range(int(os.environ.get("BENCH_EPOCHS", "5"))):
+    min_rounds = int(os.environ.get("BENCH_EPOCHS", "5"))
+    min_seconds = float(os.environ.get("BENCH_SECONDS", "10"))
+    timed = 0.0
+    while len(times[modes[0]]) < min_rounds or (
+        timed < min_seconds and len(times[modes[0]]) < MAX_ROUNDS
+    ):
         for mode, model in built.items():
             start = time.perf_counter()
             fit_epoch(model, mode, x, y, batch)
-            times[mode].append((time.perf_counter() - start) / STEPS)
+            elapsed = time.perf_counter() - start
+            timed += elapsed
+            times[mode].append(elapsed / STEPS)
     return {
         "backend": keras.backend.backend(), "model": name, "batch": batch,
         "step_s": {m: float(np.median(t)) for m, t in times.items()},
