@@ -1217,12 +1217,11 @@ def _handle_conv(entry, record, grads, backend_ops, rows_hint):
         grouped_conv = None
     # Rows per chunk: about the backend's chunk size of grouped-convolution
     # inputs and output gradients, or `_PATCH_CHUNK_BYTES` of patches.
+    pads = _conv_pads(x.shape[1:-1], *conv)
     if grouped_conv is not None:
         padded_positions = _static_prod(
             size + before + after
-            for size, (before, after) in zip(
-                x.shape[1:-1], _conv_pads(x.shape[1:-1], *conv)
-            )
+            for size, (before, after) in zip(x.shape[1:-1], pads)
         )
         chunk = backend_ops.GROUPED_CONV_CHUNK_BYTES // (
             4 * (padded_positions * Cg + T * Fg)
@@ -1240,7 +1239,7 @@ def _handle_conv(entry, record, grads, backend_ops, rows_hint):
                     ops.reshape(B, (-1,) + out_spatial + (Fg,)),
                     kernel_size,
                     tuple(layer.dilation_rate),
-                    _conv_pads(x.shape[1:-1], *conv),
+                    pads,
                 )
             if Cg == 1:
                 P = _single_channel_patches(group_input(x, g), *conv)
