@@ -7,9 +7,9 @@ The same small CNN is trained twice with the same seed: once with
     KERAS_BACKEND=jax python examples/digits_demo.py --epochs 15
 
 With the defaults (batch 32, 15 epochs, noise multiplier 1.0) the private
-model reaches about 90-92% test accuracy at epsilon ~4.2 (delta=1e-5), against
+model reaches about 89-92% test accuracy at epsilon ~4.2 (delta=1e-5), against
 ~97% without privacy. Batches are Poisson-sampled from a fresh random seed on
-each run, so the private accuracy varies by about a point between runs.
+each run, so the private accuracy varies by a few points between runs.
 """
 
 import argparse
