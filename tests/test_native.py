@@ -232,3 +232,58 @@ def test_tensorflow_noisy_gradients_are_the_flat_draw_added(kernel_available):
         np.testing.assert_array_equal(g.numpy(), b)
     # Not float32: the optimizer's own draw and add.
     assert tf_backend.noisy_gradients([tf.zeros((3,), tf.float16)], 1.0, seed) is None
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="TensorFlow's patches op"
+)
+@pytest.mark.parametrize(
+    "input_shape, kernel_size, strides, dilation, padding",
+    [
+        ((9, 9, 4), (3, 3), (1, 1), (1, 1), "same"),
+        ((8, 7, 3), (2, 3), (2, 1), (1, 1), "same"),
+        ((9, 10, 2), (3, 2), (1, 1), (2, 1), "valid"),
+        ((9, 10, 2), (3, 3), (2, 2), (1, 1), "valid"),
+        ((11, 3), (3,), (1,), (2,), "causal"),
+        ((12, 5), (4,), (3,), (1,), "same"),
+        ((5, 6, 4, 2), (2, 3, 2), (1, 2, 1), (1, 1, 1), "same"),
+        ((5, 6, 4, 2), (2, 3, 2), (1, 1, 1), (1, 1, 2), "same"),
+    ],
+)
+def test_tensorflow_conv_patches_op_matches_pad_and_gather(
+    kernel_available, input_shape, kernel_size, strides, dilation, padding
+):
+    """The compiled patches op reads the conv's zeros from its index: its
+    patches equal those of `tf.pad` and a gather, for strides, dilations,
+    even kernels and causal, valid and same padding, in 1-D to 3-D."""
+    import tensorflow as tf
+
+    from keras_dp import fast_norms
+    from keras_dp.backend import tensorflow as tf_backend
+
+    layer = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D, 3: keras.layers.Conv3D}[
+        len(kernel_size)
+    ](2, kernel_size, strides=strides, dilation_rate=dilation, padding=padding)
+    x = np.random.default_rng(3).standard_normal((4,) + input_shape).astype("float32")
+    out_spatial = layer.compute_output_shape((4,) + input_shape)[1:-1]
+    conv = (kernel_size, strides, dilation, padding, tuple(out_spatial))
+    used = []
+
+    class WithOp:
+        def gather_patches(x, index):
+            used.append(index)
+            return tf_backend.gather_patches(x, index)
+
+    class WithoutOp:
+        pass
+
+    with_op = fast_norms._conv_patches(tf.constant(x), *conv, WithOp)
+    without = fast_norms._conv_patches(tf.constant(x), *conv, WithoutOp)
+    assert used and (used[0] == -1).any() == (padding != "valid")
+    np.testing.assert_array_equal(with_op.numpy(), without.numpy())
+    # An index past the input is an error, not a read out of bounds.
+    with pytest.raises(tf.errors.InvalidArgumentError, match="index out of range"):
+        tf_backend.gather_patches(
+            tf.constant(x.reshape(4, -1, input_shape[-1])),
+            np.full((2, 2), x[0, ..., 0].size, "int32"),
+        )

@@ -11,8 +11,9 @@ convolutions, without patches) with `GROUPED_CONV_MIN_POSITIONS` and
 `GROUPED_CONV_CHUNK_BYTES`, where on its framework that is faster than
 patches, and `standard_normal(shape, seed)`, the DP optimizers' noise
 sampler; a module may add `noisy_gradients(grads, stddev, seed)`, the
-gradients plus that sampler's flat draw in one fused kernel (or None where
-it cannot). Everything else lives in backend-agnostic modules.
+gradients plus that sampler's flat draw in one fused kernel, and
+`gather_patches(x, index)`, conv patches with the padding's zeros read
+from the index (each None where it cannot run). Everything else lives in backend-agnostic modules.
 """
 
 import keras

@@ -22,6 +22,11 @@ distribution, other numbers, a slower step. `KERAS_DP_NATIVE=0` skips the
 kernel (and the warning). Accelerators never use it: there the
 framework's own sampler is fast. The setting is read when a train step is
 traced: a model keeps the sampler it was traced with.
+
+The TensorFlow library also has `KerasDpConvPatches`, the fast path's
+conv patches with the padding's zeros written in the same pass
+(`keras_dp.backend.tensorflow.gather_patches`); without the library the
+fast path pads and gathers with TensorFlow's ops.
 """
 
 import hashlib
@@ -191,5 +196,5 @@ def _load_tensorflow():
 
 def tensorflow_ops():
     """The loaded TensorFlow op module (`keras_dp_standard_normal`,
-    `keras_dp_noisy_gradients`), or None."""
+    `keras_dp_noisy_gradients`, `keras_dp_conv_patches`), or None."""
     return _load("TensorFlow", _load_tensorflow)

@@ -5,7 +5,13 @@
 //     one flat KerasDpStandardNormal draw split over the float32 gradients
 //     in order, added as it is made: TensorFlow would run the slices, the
 //     scaling and the add as separate passes over memory.
+//   KerasDpConvPatches(x, index) -> patches: x float32 (n, P, C) (a conv
+//     layer's input, its positions flattened), index int32 (T, K) (the
+//     input position each output position's taps read, -1 for the conv's
+//     zero padding); patches[i, t, k] = x[i, index[t, k]], or zeros. One
+//     pass: TensorFlow would pad the input and then gather.
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "chunks.h"
@@ -13,6 +19,7 @@
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/util/work_sharder.h"
 
 namespace keras_dp {
 namespace {
@@ -45,6 +52,19 @@ REGISTER_OP("KerasDpNoisyGradients")
       for (int i = 2; i < c->num_inputs(); i++) {
         c->set_output(i - 2, c->input(i));
       }
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("KerasDpConvPatches")
+    .Input("x: float")
+    .Input("index: int32")
+    .Output("patches: float")
+    .SetShapeFn([](InferenceContext* c) {
+      ::tensorflow::shape_inference::ShapeHandle x, index;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 3, &x));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &index));
+      c->set_output(0, c->MakeShape({c->Dim(x, 0), c->Dim(index, 0),
+                                     c->Dim(index, 1), c->Dim(x, 2)}));
       return absl::OkStatus();
     });
 
@@ -125,6 +145,55 @@ class NoisyGradientsOp : public OpKernel {
   }
 };
 
+class ConvPatchesOp : public OpKernel {
+ public:
+  using OpKernel::OpKernel;
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& x = context->input(0);
+    const Tensor& index = context->input(1);
+    OP_REQUIRES(context, x.dims() == 3 && index.dims() == 2,
+                absl::InvalidArgumentError(
+                    "x must be (n, positions, channels), index (T, K)"));
+    const int64_t n = x.dim_size(0), positions = x.dim_size(1),
+                  channels = x.dim_size(2);
+    const int64_t T = index.dim_size(0), K = index.dim_size(1);
+    const int32_t* taps = index.flat<int32_t>().data();
+    for (int64_t j = 0; j < T * K; j++) {
+      OP_REQUIRES(context, taps[j] >= -1 && taps[j] < positions,
+                  absl::InvalidArgumentError("index out of range"));
+    }
+    Tensor* patches = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(
+                                0, TensorShape({n, T, K, channels}), &patches));
+    const float* in = x.flat<float>().data();
+    float* out = patches->flat<float>().data();
+    const size_t row_bytes = channels * sizeof(float);
+    // One unit: one output position of one example (K rows of C floats).
+    auto copy = [=](int64_t lo, int64_t hi) {
+      for (int64_t unit = lo; unit < hi; unit++) {
+        const int64_t i = unit / T, t = unit % T;
+        const float* example = in + i * positions * channels;
+        const int32_t* tap = taps + t * K;
+        float* dst = out + unit * K * channels;
+        for (int64_t k = 0; k < K; k++, dst += channels) {
+          if (tap[k] < 0) {
+            std::memset(dst, 0, row_bytes);
+          } else {
+            std::memcpy(dst, example + tap[k] * channels, row_bytes);
+          }
+        }
+      }
+    };
+    auto* workers = context->device()->tensorflow_cpu_worker_threads();
+    ::tensorflow::Shard(workers->num_threads, workers->workers, n * T,
+                        /*cost_per_unit=*/2 * K * channels, copy);
+  }
+};
+
+REGISTER_KERNEL_BUILDER(
+    Name("KerasDpConvPatches").Device(::tensorflow::DEVICE_CPU),
+    ConvPatchesOp);
 REGISTER_KERNEL_BUILDER(
     Name("KerasDpStandardNormal").Device(::tensorflow::DEVICE_CPU),
     StandardNormalOp);
