@@ -1035,8 +1035,7 @@ def _conv_patches(
         )
         if patches is not None:
             return patches
-    if any(p != (0, 0) for p in pads):
-        x = ops.pad(x, [(0, 0)] + pads + [(0, 0)])
+    x = _pad_for_conv(x, kernel_size, strides, dilation, padding, out_spatial)
     flat = ops.reshape(x, (-1, _static_prod(padded), x.shape[-1]))
     return ops.take(flat, index, axis=1)
 
