@@ -1191,12 +1191,30 @@ def _norms_then_patches(parts, x, B, patches_of, backend_ops):
     return _chunked_squared_norms(parts), clipped
 
 
+def _compiled_conv_parts(squared_norms, grads, x, dy, kernel_grad):
+    """(squared norms, clipped_fn) of a conv layer from the backend's
+    `per_example_conv_kernel_norms`: the clipped sum `sum_i c_i G_i` from
+    the kept (n, F, K*C) gradients `grads`, or, where they were not kept,
+    as one kernel gradient `kernel_grad(x, c * dy)` of the output
+    gradients scaled by the clip factors. Clipped sums come out (K*C, F).
+    """
+    if grads is not None:
+        return squared_norms, lambda c: ops.transpose(ops.tensordot(c, grads, 1))
+
+    def clipped(c):
+        return kernel_grad(x, dy * ops.reshape(c, (-1,) + (1,) * (len(dy.shape) - 1)))
+
+    return squared_norms, clipped
+
+
 def _handle_conv(entry, record, grads, backend_ops, rows_hint):
     """Conv1D/2D/3D as a linear layer of patches (any stride, dilation,
-    padding, groups). Per-example kernel gradients are instantiated from
-    patches in chunks of examples, or ghost norms are taken (see
-    `choose_method`); both are faster on either backend than a vectorized
-    per-example convolution gradient."""
+    padding, groups). Per-example kernel gradients are instantiated, or
+    ghost norms are taken from patches (see `choose_method`); both are
+    faster on either backend than a vectorized per-example convolution
+    gradient. Instantiated: by the backend's compiled op where it has one
+    (`per_example_conv_kernel_norms`, 1-D/2-D, no patches), else from
+    patches or grouped convolutions in chunks of examples."""
     layer = entry.layer
     (inputs,), _ = _call_args(record, 1)
     x = _f32(inputs)
@@ -1278,10 +1296,31 @@ def _handle_conv(entry, record, grads, backend_ops, rows_hint):
 
         return grads
 
+    compiled_norms = getattr(backend_ops, "per_example_conv_kernel_norms", None)
     parts = []
     for g in range(groups):
         Bg = B[:, :, g * Fg:(g + 1) * Fg] if groups > 1 else B
         if choose_method(T, K * Cg, Fg) == "instantiate":
+            xg, spatial_Bg = group_input(x, g), ops.reshape(
+                Bg, (-1,) + out_spatial + (Fg,)
+            )
+            # Kept for the clipped sum unless they outnumber the output
+            # gradients (T <= filters): then one weighted filter gradient.
+            compiled = compiled_norms and compiled_norms(
+                xg, spatial_Bg, kernel_size, tuple(layer.strides),
+                tuple(layer.dilation_rate), pads, keep_grads=T > Fg,
+            )
+            if compiled:
+                parts.append(
+                    _compiled_conv_parts(
+                        *compiled, xg, spatial_Bg,
+                        lambda x, dy: backend_ops.conv_kernel_grad(
+                            x, dy, kernel_size, tuple(layer.strides),
+                            tuple(layer.dilation_rate), pads,
+                        ),
+                    )
+                )
+                continue
             G = _conv_kernel_grads(
                 x, Bg, kernel_grads_of(g), chunk, rows_hint, backend_ops
             )

@@ -15,6 +15,7 @@ from keras import ops
 import keras_dp
 from keras_dp import backend as backend_lib
 from keras_dp import fast_norms
+from keras_dp import native
 
 RTOL = 2e-4
 
@@ -122,6 +123,7 @@ class _ConvKernelGrads:
     def __init__(self, way, monkeypatch):
         self.way = way
         self.grouped_calls = []
+        self.compiled_calls = []
         self.sums_from_patches = 0
         self._monkeypatch = monkeypatch
 
@@ -132,10 +134,16 @@ class _ConvKernelGrads:
             backend_lib.get_backend_module(), "GROUPED_CONV_CHUNK_BYTES", chunk_bytes
         )
 
-    def assert_grouped_used(self, max_rows=None):
-        """Some convolution took the grouped path (when it is the way
-        under test), with at most `max_rows` examples per call."""
-        if self.way != "grouped_conv" or fast_norms._FORCE_METHOD == "ghost":
+    def assert_way_used(self, max_rows=None):
+        """Some convolution took the way under test where it has its own
+        calls: the compiled op, or the grouped path with at most
+        `max_rows` examples per call."""
+        if fast_norms._FORCE_METHOD == "ghost":
+            return
+        if self.way == "compiled":
+            assert any(ran for ran, _ in self.compiled_calls), "no conv took the compiled op"
+            return
+        if self.way != "grouped_conv":
             return
         assert self.grouped_calls, "no convolution took the grouped path"
         if max_rows is not None:
@@ -143,16 +151,34 @@ class _ConvKernelGrads:
             assert all(r is not None and r <= max_rows for r in rows), rows
 
 
-@pytest.fixture(params=["patches", "grouped_conv", "sum_from_patches"])
+@pytest.fixture(params=["patches", "grouped_conv", "sum_from_patches", "compiled"])
 def conv_kernel_grads(request, monkeypatch):
     """How instantiated conv kernel gradients are computed: from patches,
     or by the backend's grouped convolution, for every stride-1 1-D/2-D
     conv with more than one input channel per group, however small; and
     whether they are kept for the clipped sum ("sum_from_patches": not
     kept where T <= filters, the sum comes from the patches again; the
-    other two: always kept)."""
+    other two: always kept). "compiled": the backend's compiled
+    `per_example_conv_kernel_norms` (TensorFlow with keras_dp's kernels),
+    for 1-D/2-D convs; patches for the others."""
     module = backend_lib.get_backend_module()
     state = _ConvKernelGrads(request.param, monkeypatch)
+    if request.param == "compiled":
+        if getattr(module, "per_example_conv_kernel_norms", None) is None:
+            pytest.skip("the backend has no compiled conv kernel gradients")
+        if not native.tensorflow_ops():
+            pytest.skip("keras_dp's kernels did not build here")
+        original = module.per_example_conv_kernel_norms
+
+        def counted(*args, **kwargs):
+            result = original(*args, **kwargs)
+            state.compiled_calls.append((result is not None, kwargs["keep_grads"]))
+            return result
+
+        monkeypatch.setattr(module, "per_example_conv_kernel_norms", counted)
+        monkeypatch.setattr(module, "GROUPED_CONV_MIN_POSITIONS", 10**9)
+        return state
+    monkeypatch.setattr(module, "per_example_conv_kernel_norms", None, raising=False)
     monkeypatch.setattr(
         module, "CONV_CLIPPED_SUM_FROM_PATCHES", request.param == "sum_from_patches"
     )
@@ -350,7 +376,7 @@ def test_conv2d_stride_padding_dilation_groups(method, conv_kernel_grads, input_
     )
     x = rng.rand(5, *input_shape).astype("float32")
     assert_matches_brute_force(model, x, _labels(5))
-    conv_kernel_grads.assert_grouped_used()
+    conv_kernel_grads.assert_way_used()
 
 
 def test_conv_clipped_sum_from_patches_again(method, conv_kernel_grads):
@@ -378,6 +404,9 @@ def test_conv_clipped_sum_from_patches_again(method, conv_kernel_grads):
         assert conv_kernel_grads.sums_from_patches == 3
     else:
         assert conv_kernel_grads.sums_from_patches == 0
+    if conv_kernel_grads.way == "compiled" and instantiated:
+        # Norms only, the clipped sum as one weighted kernel gradient.
+        assert conv_kernel_grads.compiled_calls == [(True, False)] * 3
 
 
 def test_conv_clipped_sum_from_patches_in_chunks(monkeypatch, conv_kernel_grads):
@@ -451,7 +480,7 @@ def test_conv_patches_in_chunks(monkeypatch, conv_kernel_grads):
     monkeypatch.setattr(fast_norms, "_FORCE_METHOD", "instantiate")
     x = rng.rand(5, 7, 7, 3).astype("float32")
     assert_matches_brute_force(model, x, _labels(5))
-    conv_kernel_grads.assert_grouped_used(max_rows=2)
+    conv_kernel_grads.assert_way_used(max_rows=2)
 
 
 @pytest.mark.skipif(
@@ -508,7 +537,7 @@ def test_conv_patches_in_chunks_unknown_batch_size(monkeypatch, conv_kernel_grad
     got = traced(x, y)
     for a, b in zip(tf.nest.flatten(got), tf.nest.flatten(expected)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-    conv_kernel_grads.assert_grouped_used()
+    conv_kernel_grads.assert_way_used()
 
 
 def test_conv1d_causal_and_strided(method, conv_kernel_grads):
@@ -525,7 +554,7 @@ def test_conv1d_causal_and_strided(method, conv_kernel_grads):
     )
     x = rng.rand(5, 10, 3).astype("float32")
     assert_matches_brute_force(model, x, _labels(5))
-    conv_kernel_grads.assert_grouped_used()
+    conv_kernel_grads.assert_way_used()
 
 
 def test_mixed_model_with_generic_layers():

@@ -287,3 +287,110 @@ def test_tensorflow_conv_patches_op_matches_pad_and_gather(
             tf.constant(x.reshape(4, -1, input_shape[-1])),
             np.full((2, 2), x[0, ..., 0].size, "int32"),
         )
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="a TensorFlow op"
+)
+@pytest.mark.parametrize(
+    "input_shape, filters, kernel_size, strides, dilation, padding",
+    [
+        # Channel and filter counts that leave partial tiles (16 channels
+        # by 16 or 32 filters per tile) and padded filter vectors.
+        ((9, 9, 3), 17, (3, 3), (1, 1), (1, 1), "same"),
+        ((8, 7, 20), 10, (2, 3), (2, 1), (1, 1), "same"),
+        ((9, 10, 2), 33, (3, 2), (1, 1), (2, 1), "valid"),
+        ((9, 10, 1), 48, (3, 3), (2, 2), (1, 1), "valid"),
+        ((6, 6, 9), 64, (3, 3), (2, 2), (1, 1), "same"),
+        ((11, 3), 5, (3,), (1,), (2,), "causal"),
+        ((12, 5), 40, (4,), (3,), (1,), "same"),
+    ],
+)
+def test_tensorflow_conv_kernel_grads_op_matches_per_example_loop(
+    kernel_available, input_shape, filters, kernel_size, strides, dilation, padding
+):
+    """The compiled per-example kernel gradients and their norms equal each
+    example's own gradient through the Keras layer (one GradientTape per
+    example), for strides, dilations, even kernels, same, valid and causal
+    padding, in 1-D and 2-D; and `conv_kernel_grad` equals their sum."""
+    import tensorflow as tf
+
+    from keras_dp import fast_norms
+    from keras_dp.backend import tensorflow as tf_backend
+
+    layer = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D}[len(kernel_size)](
+        filters, kernel_size, strides=strides, dilation_rate=dilation,
+        padding=padding, use_bias=False,
+    )
+    n = 5
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((n,) + input_shape).astype("float32")
+    layer.build((n,) + input_shape)
+    dy = rng.standard_normal(layer.compute_output_shape((n,) + input_shape)).astype(
+        "float32"
+    )
+    expected = []
+    for i in range(n):
+        with tf.GradientTape() as tape:
+            inner = tf.reduce_sum(layer(x[i:i + 1]) * dy[i:i + 1])
+        kernel_grad = tape.gradient(inner, layer.kernel).numpy()
+        expected.append(kernel_grad.reshape(-1, filters).T)
+    expected = np.stack(expected)
+    pads = fast_norms._conv_pads(
+        input_shape[:-1], kernel_size, strides, dilation, padding, dy.shape[1:-1]
+    )
+    conv = (kernel_size, strides, dilation, pads)
+    squared, grads = tf_backend.per_example_conv_kernel_norms(
+        tf.constant(x), tf.constant(dy), *conv, keep_grads=True
+    )
+    np.testing.assert_allclose(grads.numpy(), expected, rtol=1e-5, atol=1e-5)
+    expected_squared = np.sum(expected.astype("float64") ** 2, axis=(1, 2))
+    np.testing.assert_allclose(squared.numpy(), expected_squared, rtol=1e-5)
+    squared_only, no_grads = tf_backend.per_example_conv_kernel_norms(
+        tf.constant(x), tf.constant(dy), *conv, keep_grads=False
+    )
+    assert no_grads is None
+    np.testing.assert_allclose(squared_only.numpy(), expected_squared, rtol=1e-5)
+    total = tf_backend.conv_kernel_grad(tf.constant(x), tf.constant(dy), *conv)
+    np.testing.assert_allclose(
+        total.numpy(), expected.sum(0).T, rtol=1e-4, atol=1e-4
+    )
+    # The AVX2 and 128-bit vector code, as on CPUs without AVX-512.
+    spatial = (slice(None),) + (None,) * (2 - len(kernel_size))
+    attrs = dict(
+        kernel_size=[1] * (2 - len(kernel_size)) + list(kernel_size),
+        strides=[1] * (2 - len(kernel_size)) + list(strides),
+        dilations=[1] * (2 - len(kernel_size)) + list(dilation),
+        pads=[0] * (2 - len(kernel_size)) + [before for before, _ in pads],
+    )
+    for width in (8, 4):
+        squared, grads = native.tensorflow_ops().keras_dp_conv_kernel_grads(
+            x[spatial], dy[spatial], **attrs, keep_grads=True, vector_width=width
+        )
+        np.testing.assert_allclose(grads.numpy(), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(squared.numpy(), expected_squared, rtol=1e-5)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="a TensorFlow op"
+)
+def test_tensorflow_conv_kernel_grads_op_checks_its_arguments(kernel_available):
+    import tensorflow as tf
+
+    ops_module = native.tensorflow_ops()
+    x, dy = tf.zeros((2, 5, 5, 3)), tf.zeros((2, 5, 5, 4))
+    conv = dict(kernel_size=[3, 3], strides=[1, 1], dilations=[1, 1], pads=[1, 1])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="must be positive"):
+        ops_module.keras_dp_conv_kernel_grads(
+            x, dy, **{**conv, "strides": [0, 1]}, keep_grads=True
+        )
+    with pytest.raises(tf.errors.InvalidArgumentError, match="one value per"):
+        ops_module.keras_dp_conv_kernel_grads(
+            x, dy, **{**conv, "pads": [1]}, keep_grads=True
+        )
+    with pytest.raises(
+        (tf.errors.InvalidArgumentError, ValueError), match="must be|rank"
+    ):
+        ops_module.keras_dp_conv_kernel_grads(
+            x, tf.zeros((3, 5, 5, 4)), **conv, keep_grads=True
+        )

@@ -13,7 +13,11 @@ patches, and `standard_normal(shape, seed)`, the DP optimizers' noise
 sampler; a module may add `noisy_gradients(grads, stddev, seed)`, the
 gradients plus that sampler's flat draw in one fused kernel, and
 `gather_patches(x, index)`, conv patches with the padding's zeros read
-from the index (each None where it cannot run). Everything else lives in backend-agnostic modules.
+from the index, and `per_example_conv_kernel_norms(x, dy, kernel_size,
+strides, dilation, pads, keep_grads)`, a conv's per-example kernel
+gradients' squared norms (and the gradients) without patches, with
+`conv_kernel_grad(...)`, the batch's summed kernel gradient (each None
+where it cannot run). Everything else lives in backend-agnostic modules.
 """
 
 import keras

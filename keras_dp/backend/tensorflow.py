@@ -141,12 +141,7 @@ def per_example_conv_kernel_grads(x, dy, kernel_size, dilation, pads):
         pads = [(0, 0)] + list(pads)
     channels, filters = x.shape[-1], dy.shape[-1]
     n = tf.shape(x)[0]
-    same = all(
-        (before, after) == ((k - 1) * d // 2, (k - 1) * d - (k - 1) * d // 2)
-        for (before, after), k, d in zip(pads, kernel_size, dilation)
-    )
-    if not same and any(p != (0, 0) for p in pads):
-        x = tf.pad(x, [(0, 0)] + [tuple(p) for p in pads] + [(0, 0)])
+    x, padding = _padded_for_conv2d(x, dy, kernel_size, (1, 1), dilation, pads)
 
     def examples_as_channels(t):
         merged = tf.transpose(t, (1, 2, 0, 3))
@@ -159,12 +154,91 @@ def per_example_conv_kernel_grads(x, dy, kernel_size, dilation, pads):
         ),
         out_backprop=examples_as_channels(dy),
         strides=[1, 1, 1, 1],
-        padding="SAME" if same else "VALID",
+        padding=padding,
         dilations=[1, dilation[0], dilation[1], 1],
     )
     taps = kernel_size[0] * kernel_size[1]
     kernel = tf.reshape(kernel, (taps * channels, -1, filters))
     return tf.transpose(kernel, (1, 2, 0))
+
+
+def per_example_conv_kernel_norms(
+    x, dy, kernel_size, strides, dilation, pads, keep_grads
+):
+    """Squared norms of a 1-D/2-D convolution's per-example kernel
+    gradients, as one compiled op (`keras_dp.native`) that reads them in
+    place from the inputs and output gradients: `(squared_norms (n,),
+    grads)`, `grads` the (n, F, K * C) gradients (columns ordered like the
+    kernel's (taps, C) rows) when `keep_grads`, else None. None where the
+    op cannot run (the caller then instantiates them its own way).
+
+    `x`: (n, *in_spatial, C) inputs; `dy`: (n, *out_spatial, F) output
+    gradients; `pads`: the (before, after) zeros the convolution reads on
+    each spatial axis. Any stride and dilation. On the ResNet benchmark's
+    layers at batch 256, with the norms and a clipped sum included: 3.6
+    against 8.9 ms for 32x32x16 -> 16 (grouped convolutions), 2.8 against
+    5.6 for 32x32x16 -> 16x16x32 and 3.9 against 6.5 for 16x16x32 -> 32
+    (patches); the summed gradient (`conv_kernel_grad`) takes 2.7-3.9.
+    """
+    native_ops = _native_ops()
+    if native_ops is None or x.dtype != tf.float32 or len(kernel_size) > 2:
+        return None
+    if len(kernel_size) == 1:
+        x, dy = x[:, None], dy[:, None]
+        kernel_size, strides, dilation = (
+            (1,) + tuple(v) for v in (kernel_size, strides, dilation)
+        )
+        pads = [(0, 0)] + list(pads)
+    squared_norms, grads = native_ops.keras_dp_conv_kernel_grads(
+        x, dy,
+        kernel_size=list(kernel_size), strides=list(strides),
+        dilations=list(dilation), pads=[before for before, _ in pads],
+        keep_grads=keep_grads,
+    )
+    return squared_norms, grads if keep_grads else None
+
+
+def conv_kernel_grad(x, dy, kernel_size, strides, dilation, pads):
+    """The kernel gradient of a 1-D/2-D convolution summed over the batch,
+    (K * C, F) (rows ordered like the kernel's (taps, C)): one filter
+    gradient, as in the non-private step. With `dy` scaled by the clip
+    factors, the clipped sum of layers whose per-example gradients were
+    not kept (`per_example_conv_kernel_norms`)."""
+    if len(kernel_size) == 1:
+        x, dy = x[:, None], dy[:, None]
+        kernel_size, strides, dilation = (
+            (1,) + tuple(v) for v in (kernel_size, strides, dilation)
+        )
+        pads = [(0, 0)] + list(pads)
+    x, padding = _padded_for_conv2d(x, dy, kernel_size, strides, dilation, pads)
+    kernel = tf.raw_ops.Conv2DBackpropFilter(
+        input=x,
+        filter_sizes=[kernel_size[0], kernel_size[1], x.shape[-1], dy.shape[-1]],
+        out_backprop=dy,
+        strides=[1, strides[0], strides[1], 1],
+        padding=padding,
+        dilations=[1, dilation[0], dilation[1], 1],
+    )
+    return tf.reshape(kernel, (-1, dy.shape[-1]))
+
+
+def _padded_for_conv2d(x, dy, kernel_size, strides, dilation, pads):
+    """`(x, padding)` for a TensorFlow 2-D conv op that reads `pads` zeros:
+    its own "SAME" where those are its pads (oneDNN's kernels then read no
+    padded copy), else a padded copy of `x` and "VALID"."""
+    same = True
+    for i, (before, after) in enumerate(pads):
+        size, k, s, d = x.shape[1 + i], kernel_size[i], strides[i], dilation[i]
+        out = -(-size // s)
+        total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+        same &= dy.shape[1 + i] == out and (before, after) == (
+            total // 2, total - total // 2
+        )
+    if same:
+        return x, "SAME"
+    if any(p != (0, 0) for p in pads):
+        x = tf.pad(x, [(0, 0)] + [tuple(p) for p in pads] + [(0, 0)])
+    return x, "VALID"
 
 
 def gather_patches(x, index):

@@ -23,10 +23,15 @@ kernel (and the warning). Accelerators never use it: there the
 framework's own sampler is fast. The setting is read when a train step is
 traced: a model keeps the sampler it was traced with.
 
-The TensorFlow library also has `KerasDpConvPatches`, the fast path's
-conv patches with the padding's zeros written in the same pass
-(`keras_dp.backend.tensorflow.gather_patches`); without the library the
-fast path pads and gathers with TensorFlow's ops.
+The TensorFlow library also holds two ops of the fast path's conv
+layers. `KerasDpConvKernelGrads` (`conv_grads.h`) computes a 1-D/2-D
+conv's per-example kernel gradients and their norms in place from the
+layer's inputs and output gradients, with no patches
+(`keras_dp.backend.tensorflow.per_example_conv_kernel_norms`).
+`KerasDpConvPatches` writes conv patches with the padding's zeros in the
+same pass (`gather_patches`), for the layers that still use patches
+(ghost norms, 3-D). Without the library the fast path uses TensorFlow's
+ops: patches or grouped convolutions.
 """
 
 import hashlib
@@ -40,7 +45,7 @@ import threading
 import warnings
 
 _SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
-_HEADERS = ("noise.h", "chunks.h")
+_HEADERS = ("noise.h", "chunks.h", "conv_grads.h")
 # -fno-math-errno and -fno-trapping-math let the compiler vectorise the
 # transform (sqrt without errno, comparisons as masks); nothing here reads
 # errno or floating-point exceptions.

@@ -10,11 +10,23 @@
 //     input position each output position's taps read, -1 for the conv's
 //     zero padding); patches[i, t, k] = x[i, index[t, k]], or zeros. One
 //     pass: TensorFlow would pad the input and then gather.
+//   KerasDpConvKernelGrads(x, dy) -> (squared_norms, grads): the per-example
+//     kernel gradients of a 2-D convolution (conv_grads.h) from its inputs
+//     x (n, H, W, C) and output gradients dy (n, Ho, Wo, F), with the
+//     conv's kernel_size, strides, dilations and pads (the zeros before
+//     each spatial axis) as attributes; grads (n, F, kernel_h * kernel_w
+//     * C) when keep_grads, else (0, F, ...) and only the norms (n,) are
+//     computed. The attribute vector_width (tests) caps the vectors' width
+//     (16, 8 or 4 floats; 0, the default: the widest the CPU runs).
+//     TensorFlow has no per-example filter gradient: it would
+//     write the patches and multiply them, or transpose the examples into
+//     the channels of one grouped convolution.
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include "chunks.h"
+#include "conv_grads.h"
 #include "noise.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -65,6 +77,36 @@ REGISTER_OP("KerasDpConvPatches")
       TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 2, &index));
       c->set_output(0, c->MakeShape({c->Dim(x, 0), c->Dim(index, 0),
                                      c->Dim(index, 1), c->Dim(x, 2)}));
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("KerasDpConvKernelGrads")
+    .Input("x: float")
+    .Input("dy: float")
+    .Attr("kernel_size: list(int)")
+    .Attr("strides: list(int)")
+    .Attr("dilations: list(int)")
+    .Attr("pads: list(int)")
+    .Attr("keep_grads: bool")
+    .Attr("vector_width: int = 0")
+    .Output("squared_norms: float")
+    .Output("grads: float")
+    .SetShapeFn([](InferenceContext* c) {
+      ::tensorflow::shape_inference::ShapeHandle x, dy;
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(0), 4, &x));
+      TF_RETURN_IF_ERROR(c->WithRank(c->input(1), 4, &dy));
+      std::vector<int32_t> kernel_size;
+      bool keep_grads;
+      TF_RETURN_IF_ERROR(c->GetAttr("kernel_size", &kernel_size));
+      TF_RETURN_IF_ERROR(c->GetAttr("keep_grads", &keep_grads));
+      c->set_output(0, c->Vector(c->Dim(x, 0)));
+      ::tensorflow::shape_inference::DimensionHandle columns;
+      TF_RETURN_IF_ERROR(c->Multiply(
+          c->Dim(x, 3),
+          kernel_size.size() == 2 ? kernel_size[0] * kernel_size[1] : 0,
+          &columns));
+      c->set_output(1, c->MakeShape({keep_grads ? c->Dim(x, 0) : c->MakeDim(0),
+                                     c->Dim(dy, 3), columns}));
       return absl::OkStatus();
     });
 
@@ -191,6 +233,108 @@ class ConvPatchesOp : public OpKernel {
   }
 };
 
+class ConvKernelGradsOp : public OpKernel {
+ public:
+  explicit ConvKernelGradsOp(OpKernelConstruction* context)
+      : OpKernel(context) {
+    std::vector<int32_t> kernel_size, strides, dilations, pads;
+    OP_REQUIRES_OK(context, context->GetAttr("kernel_size", &kernel_size));
+    OP_REQUIRES_OK(context, context->GetAttr("strides", &strides));
+    OP_REQUIRES_OK(context, context->GetAttr("dilations", &dilations));
+    OP_REQUIRES_OK(context, context->GetAttr("pads", &pads));
+    OP_REQUIRES_OK(context, context->GetAttr("keep_grads", &keep_grads_));
+    // 0: the widest vectors the CPU runs; tests ask for narrower ones.
+    int vector_width;
+    OP_REQUIRES_OK(context, context->GetAttr("vector_width", &vector_width));
+    vector_width_ = ConvGradsVectorWidth();
+    if (vector_width > 0 && vector_width < vector_width_) {
+      vector_width_ = vector_width;
+    }
+    OP_REQUIRES(
+        context,
+        kernel_size.size() == 2 && strides.size() == 2 &&
+            dilations.size() == 2 && pads.size() == 2,
+        absl::InvalidArgumentError(
+            "kernel_size, strides, dilations and pads need one value per "
+            "spatial axis (2)"));
+    for (int i = 0; i < 2; i++) {
+      OP_REQUIRES(context,
+                  kernel_size[i] >= 1 && strides[i] >= 1 &&
+                      dilations[i] >= 1 && pads[i] >= 0,
+                  absl::InvalidArgumentError(
+                      "kernel_size, strides and dilations must be positive, "
+                      "pads not negative"));
+    }
+    geometry_.kernel_h = kernel_size[0];
+    geometry_.kernel_w = kernel_size[1];
+    geometry_.stride_h = strides[0];
+    geometry_.stride_w = strides[1];
+    geometry_.dilation_h = dilations[0];
+    geometry_.dilation_w = dilations[1];
+    geometry_.pad_top = pads[0];
+    geometry_.pad_left = pads[1];
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& x = context->input(0);
+    const Tensor& dy = context->input(1);
+    OP_REQUIRES(context,
+                x.dims() == 4 && dy.dims() == 4 &&
+                    x.dim_size(0) == dy.dim_size(0),
+                absl::InvalidArgumentError(
+                    "x must be (n, H, W, C) and dy (n, Ho, Wo, F)"));
+    // Reads stay inside x whatever the geometry (positions outside it are
+    // the padding's zeros), and inside dy: every (Ho, Wo) position is read.
+    ConvGeometry g = geometry_;
+    const int64_t n = x.dim_size(0);
+    g.in_h = x.dim_size(1);
+    g.in_w = x.dim_size(2);
+    g.channels = x.dim_size(3);
+    g.out_h = dy.dim_size(1);
+    g.out_w = dy.dim_size(2);
+    g.filters = dy.dim_size(3);
+    const int64_t columns = g.kernel_h * g.kernel_w * g.channels;
+    Tensor* squared_norms = nullptr;
+    Tensor* grads = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({n}),
+                                                     &squared_norms));
+    OP_REQUIRES_OK(context,
+                   context->allocate_output(
+                       1, TensorShape({keep_grads_ ? n : 0, g.filters, columns}),
+                       &grads));
+    const float* in = x.flat<float>().data();
+    const float* out_grads = dy.flat<float>().data();
+    float* norms = squared_norms->flat<float>().data();
+    float* kernel_grads = keep_grads_ ? grads->flat<float>().data() : nullptr;
+    const int64_t x_size = g.in_h * g.in_w * g.channels;
+    const int64_t dy_size = g.out_h * g.out_w * g.filters;
+    const int64_t grads_size = g.filters * columns;
+    const int width = vector_width_;
+    auto examples = [&](int64_t lo, int64_t hi) {
+      std::vector<float> scratch(ConvGradsScratchFloats(g));
+      for (int64_t i = lo; i < hi; i++) {
+        norms[i] = static_cast<float>(ConvKernelGradsOfExample(
+            g, in + i * x_size, out_grads + i * dy_size, scratch.data(),
+            kernel_grads ? kernel_grads + i * grads_size : nullptr,
+            width));
+      }
+    };
+    auto* workers = context->device()->tensorflow_cpu_worker_threads();
+    ::tensorflow::Shard(workers->num_threads, workers->workers, n,
+                        /*cost_per_unit=*/g.out_h * g.out_w * columns *
+                            g.filters,
+                        examples);
+  }
+
+ private:
+  ConvGeometry geometry_;
+  bool keep_grads_;
+  int vector_width_;
+};
+
+REGISTER_KERNEL_BUILDER(
+    Name("KerasDpConvKernelGrads").Device(::tensorflow::DEVICE_CPU),
+    ConvKernelGradsOp);
 REGISTER_KERNEL_BUILDER(
     Name("KerasDpConvPatches").Device(::tensorflow::DEVICE_CPU),
     ConvPatchesOp);
