@@ -159,14 +159,19 @@ def conv_kernel_grads(request, monkeypatch):
     whether they are kept for the clipped sum ("sum_from_patches": not
     kept where T <= filters, the sum comes from the patches again; the
     other two: always kept). "compiled": the backend's compiled
-    `per_example_conv_kernel_norms` (TensorFlow with keras_dp's kernels),
-    for 1-D/2-D convs; patches for the others."""
+    `per_example_conv_kernel_norms` (keras_dp's kernels on a CPU), for
+    1-D/2-D convs; patches for the others."""
     module = backend_lib.get_backend_module()
     state = _ConvKernelGrads(request.param, monkeypatch)
     if request.param == "compiled":
         if getattr(module, "per_example_conv_kernel_norms", None) is None:
             pytest.skip("the backend has no compiled conv kernel gradients")
-        if not native.tensorflow_ops():
+        built = (
+            native.tensorflow_ops()
+            if keras.backend.backend() == "tensorflow"
+            else native.jax_target()
+        )
+        if not built:
             pytest.skip("keras_dp's kernels did not build here")
         original = module.per_example_conv_kernel_norms
 

@@ -289,9 +289,61 @@ def test_tensorflow_conv_patches_op_matches_pad_and_gather(
         )
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="a TensorFlow op"
-)
+def _conv_backend():
+    if keras.backend.backend() == "tensorflow":
+        from keras_dp.backend import tensorflow as module
+    else:
+        from keras_dp.backend import jax as module
+    return module
+
+
+def _example_kernel_grad(layer, x_i, dy_i):
+    """The layer's kernel gradient for one example, by the framework's own
+    autodiff, as (taps * C, F)."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            inner = tf.reduce_sum(layer(x_i) * dy_i)
+        grad = tape.gradient(inner, layer.kernel)
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        def inner(kernel):
+            outputs, _ = layer.stateless_call([kernel], [], x_i)
+            return jnp.sum(outputs * dy_i)
+
+        grad = jax.grad(inner)(layer.kernel.value)
+    return np.asarray(grad).reshape(-1, layer.filters)
+
+
+def _compiled_conv_grads(x, dy, geometry, vector_width):
+    """The compiled op called directly, 2-D, `geometry` = (kernel_size,
+    strides, dilations, pads before) of 2 values each, vectors at most
+    `vector_width` floats wide; (squared norms, grads)."""
+    kernel_size, strides, dilations, pads = geometry
+    if keras.backend.backend() == "tensorflow":
+        return native.tensorflow_ops().keras_dp_conv_kernel_grads(
+            x, dy, kernel_size=kernel_size, strides=strides,
+            dilations=dilations, pads=pads, keep_grads=True,
+            vector_width=vector_width,
+        )
+    import jax
+
+    columns = kernel_size[0] * kernel_size[1] * x.shape[-1]
+    return jax.ffi.ffi_call(
+        native.JAX_CONV_TARGET,
+        (
+            jax.ShapeDtypeStruct((x.shape[0],), "float32"),
+            jax.ShapeDtypeStruct((x.shape[0], dy.shape[-1], columns), "float32"),
+        ),
+    )(x, dy, geometry=np.array(
+        list(kernel_size) + list(strides) + list(dilations) + list(pads)
+        + [vector_width], "int64",
+    ))
+
+
 @pytest.mark.parametrize(
     "input_shape, filters, kernel_size, strides, dilation, padding",
     [
@@ -306,18 +358,17 @@ def test_tensorflow_conv_patches_op_matches_pad_and_gather(
         ((12, 5), 40, (4,), (3,), (1,), "same"),
     ],
 )
-def test_tensorflow_conv_kernel_grads_op_matches_per_example_loop(
+def test_conv_kernel_grads_kernel_matches_per_example_loop(
     kernel_available, input_shape, filters, kernel_size, strides, dilation, padding
 ):
     """The compiled per-example kernel gradients and their norms equal each
-    example's own gradient through the Keras layer (one GradientTape per
-    example), for strides, dilations, even kernels, same, valid and causal
-    padding, in 1-D and 2-D; and `conv_kernel_grad` equals their sum."""
-    import tensorflow as tf
-
+    example's own gradient through the Keras layer (the framework's
+    autodiff, one example at a time), for strides, dilations, even
+    kernels, same, valid and causal padding, in 1-D and 2-D, at every
+    vector width; and `conv_kernel_grad` equals their sum."""
     from keras_dp import fast_norms
-    from keras_dp.backend import tensorflow as tf_backend
 
+    module = _conv_backend()
     layer = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D}[len(kernel_size)](
         filters, kernel_size, strides=strides, dilation_rate=dilation,
         padding=padding, use_bias=False,
@@ -329,68 +380,54 @@ def test_tensorflow_conv_kernel_grads_op_matches_per_example_loop(
     dy = rng.standard_normal(layer.compute_output_shape((n,) + input_shape)).astype(
         "float32"
     )
-    expected = []
-    for i in range(n):
-        with tf.GradientTape() as tape:
-            inner = tf.reduce_sum(layer(x[i:i + 1]) * dy[i:i + 1])
-        kernel_grad = tape.gradient(inner, layer.kernel).numpy()
-        expected.append(kernel_grad.reshape(-1, filters).T)
-    expected = np.stack(expected)
+    expected = np.stack(
+        [_example_kernel_grad(layer, x[i:i + 1], dy[i:i + 1]).T for i in range(n)]
+    )
+    expected_squared = np.sum(expected.astype("float64") ** 2, axis=(1, 2))
     pads = fast_norms._conv_pads(
         input_shape[:-1], kernel_size, strides, dilation, padding, dy.shape[1:-1]
     )
     conv = (kernel_size, strides, dilation, pads)
-    squared, grads = tf_backend.per_example_conv_kernel_norms(
-        tf.constant(x), tf.constant(dy), *conv, keep_grads=True
+    x_t, dy_t = ops.convert_to_tensor(x), ops.convert_to_tensor(dy)
+    squared, grads = module.per_example_conv_kernel_norms(
+        x_t, dy_t, *conv, keep_grads=True
     )
-    np.testing.assert_allclose(grads.numpy(), expected, rtol=1e-5, atol=1e-5)
-    expected_squared = np.sum(expected.astype("float64") ** 2, axis=(1, 2))
-    np.testing.assert_allclose(squared.numpy(), expected_squared, rtol=1e-5)
-    squared_only, no_grads = tf_backend.per_example_conv_kernel_norms(
-        tf.constant(x), tf.constant(dy), *conv, keep_grads=False
+    np.testing.assert_allclose(np.asarray(grads), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(squared), expected_squared, rtol=1e-5)
+    squared_only, no_grads = module.per_example_conv_kernel_norms(
+        x_t, dy_t, *conv, keep_grads=False
     )
     assert no_grads is None
-    np.testing.assert_allclose(squared_only.numpy(), expected_squared, rtol=1e-5)
-    total = tf_backend.conv_kernel_grad(tf.constant(x), tf.constant(dy), *conv)
+    np.testing.assert_allclose(np.asarray(squared_only), expected_squared, rtol=1e-5)
+    total = module.conv_kernel_grad(x_t, dy_t, *conv)
     np.testing.assert_allclose(
-        total.numpy(), expected.sum(0).T, rtol=1e-4, atol=1e-4
+        np.asarray(total), expected.sum(0).T, rtol=1e-4, atol=1e-4
     )
     # The AVX2 and 128-bit vector code, as on CPUs without AVX-512.
-    spatial = (slice(None),) + (None,) * (2 - len(kernel_size))
-    attrs = dict(
-        kernel_size=[1] * (2 - len(kernel_size)) + list(kernel_size),
-        strides=[1] * (2 - len(kernel_size)) + list(strides),
-        dilations=[1] * (2 - len(kernel_size)) + list(dilation),
-        pads=[0] * (2 - len(kernel_size)) + [before for before, _ in pads],
+    missing = 2 - len(kernel_size)
+    spatial = (slice(None),) + (None,) * missing
+    geometry = (
+        [1] * missing + list(kernel_size),
+        [1] * missing + list(strides),
+        [1] * missing + list(dilation),
+        [0] * missing + [before for before, _ in pads],
     )
     for width in (8, 4):
-        squared, grads = native.tensorflow_ops().keras_dp_conv_kernel_grads(
-            x[spatial], dy[spatial], **attrs, keep_grads=True, vector_width=width
-        )
-        np.testing.assert_allclose(grads.numpy(), expected, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(squared.numpy(), expected_squared, rtol=1e-5)
+        squared, grads = _compiled_conv_grads(x[spatial], dy[spatial], geometry, width)
+        np.testing.assert_allclose(np.asarray(grads), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(squared), expected_squared, rtol=1e-5)
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="a TensorFlow op"
-)
-def test_tensorflow_conv_kernel_grads_op_checks_its_arguments(kernel_available):
-    import tensorflow as tf
+def test_conv_kernel_grads_kernel_checks_its_arguments(kernel_available):
+    x, dy = np.zeros((2, 5, 5, 3), "float32"), np.zeros((2, 5, 5, 4), "float32")
+    geometry = ([3, 3], [0, 1], [1, 1], [1, 1])
+    with pytest.raises(Exception, match="must be positive"):
+        np.asarray(_compiled_conv_grads(x, dy, geometry, 0)[0])
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
 
-    ops_module = native.tensorflow_ops()
-    x, dy = tf.zeros((2, 5, 5, 3)), tf.zeros((2, 5, 5, 4))
-    conv = dict(kernel_size=[3, 3], strides=[1, 1], dilations=[1, 1], pads=[1, 1])
-    with pytest.raises(tf.errors.InvalidArgumentError, match="must be positive"):
-        ops_module.keras_dp_conv_kernel_grads(
-            x, dy, **{**conv, "strides": [0, 1]}, keep_grads=True
-        )
-    with pytest.raises(tf.errors.InvalidArgumentError, match="one value per"):
-        ops_module.keras_dp_conv_kernel_grads(
-            x, dy, **{**conv, "pads": [1]}, keep_grads=True
-        )
-    with pytest.raises(
-        (tf.errors.InvalidArgumentError, ValueError), match="must be|rank"
-    ):
-        ops_module.keras_dp_conv_kernel_grads(
-            x, tf.zeros((3, 5, 5, 4)), **conv, keep_grads=True
-        )
+        with pytest.raises(tf.errors.InvalidArgumentError, match="one value per"):
+            native.tensorflow_ops().keras_dp_conv_kernel_grads(
+                x, dy, kernel_size=[3, 3], strides=[1, 1], dilations=[1, 1],
+                pads=[1], keep_grads=True,
+            )

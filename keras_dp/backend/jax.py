@@ -41,6 +41,10 @@ def after(dependencies, tensors):
     return jax.tree_util.tree_map(gate, tensors)
 
 
+# The conv fallback's settings (CONV_CLIPPED_SUM_FROM_PATCHES and
+# GROUPED_CONV_*): where keras_dp's compiled kernel
+# runs, 1-D/2-D conv layers take `per_example_conv_kernel_norms` instead.
+#
 # Per-example kernel gradients are kept for the clipped sum: gathering the
 # patches again (`fast_norms._norms_then_patches`) made the ResNet
 # benchmark's DP step slower on JAX (see there).
@@ -102,6 +106,85 @@ def per_example_conv_kernel_grads(x, dy, kernel_size, dilation, pads):
         kernel, (rank + 1, rank + 2) + tuple(range(1, rank + 1)) + (0,)
     )
     return kernel.reshape(n, filters, -1)
+
+
+def per_example_conv_kernel_norms(
+    x, dy, kernel_size, strides, dilation, pads, keep_grads
+):
+    """Squared norms of a 1-D/2-D convolution's per-example kernel
+    gradients, by keras_dp's compiled kernel (`keras_dp/native/
+    conv_grads.h`, an XLA FFI call) that reads them in place from the
+    inputs and output gradients: `(squared_norms (n,), grads)`, `grads`
+    the (n, F, K * C) gradients (columns ordered like the kernel's (taps,
+    C) rows) when `keep_grads`, else None. None where it cannot run: off
+    the CPU, without the kernel, under a `keras.distribution`, for 3-D
+    convolutions or other dtypes (the caller then instantiates them its
+    own way).
+
+    `x`: (n, *in_spatial, C) inputs; `dy`: (n, *out_spatial, F) output
+    gradients; `pads`: the (before, after) zeros the convolution reads on
+    each spatial axis. Any stride and dilation. On the benchmark ResNet
+    (batch 256) the DP step went from 1.10-1.12x the plain step's time to
+    0.87x, and its memory from 1.34x to 0.96x; the CNN from 0.88-0.91x to
+    0.83x.
+    """
+    if (
+        len(kernel_size) > 2
+        or x.dtype != jnp.float32
+        or dy.dtype != jnp.float32
+        or keras.distribution.distribution() is not None
+        or jax.default_backend() != "cpu"
+        or native.jax_target() is None
+    ):
+        return None
+    if len(kernel_size) == 1:
+        x, dy = x[:, None], dy[:, None]
+        kernel_size, strides, dilation = (
+            (1,) + tuple(v) for v in (kernel_size, strides, dilation)
+        )
+        pads = [(0, 0)] + list(pads)
+    n, filters = x.shape[0], dy.shape[-1]
+    columns = kernel_size[0] * kernel_size[1] * x.shape[-1]
+    geometry = np.array(
+        list(kernel_size) + list(strides) + list(dilation)
+        + [before for before, _ in pads] + [0],
+        np.int64,
+    )
+    squared_norms, grads = jax.ffi.ffi_call(
+        native.JAX_CONV_TARGET,
+        (
+            jax.ShapeDtypeStruct((n,), jnp.float32),
+            jax.ShapeDtypeStruct(
+                (n if keep_grads else 0, filters, columns), jnp.float32
+            ),
+        ),
+    )(x, dy, geometry=geometry)
+    return squared_norms, grads if keep_grads else None
+
+
+def conv_kernel_grad(x, dy, kernel_size, strides, dilation, pads):
+    """The kernel gradient of a 1-D/2-D/3-D convolution summed over the
+    batch, (K * C, F) (rows ordered like the kernel's (taps, C)): XLA's
+    filter gradient, as in the non-private step. With `dy` scaled by the
+    clip factors, the clipped sum of layers whose per-example gradients
+    were not kept (`per_example_conv_kernel_norms`)."""
+    rank = len(kernel_size)
+    spatial = "DHW"[3 - rank:]
+    kernel_shape = tuple(kernel_size) + (x.shape[-1], dy.shape[-1])
+
+    def conv(kernel):
+        return jax.lax.conv_general_dilated(
+            x, kernel,
+            window_strides=tuple(strides),
+            padding=[tuple(p) for p in pads],
+            rhs_dilation=tuple(dilation),
+            dimension_numbers=(
+                "N" + spatial + "C", spatial + "IO", "N" + spatial + "C"
+            ),
+        )
+
+    _, vjp = jax.vjp(conv, jnp.zeros(kernel_shape, x.dtype))
+    return vjp(dy)[0].reshape(-1, dy.shape[-1])
 
 
 def standard_normal(shape, seed):

@@ -101,6 +101,10 @@ def after(dependencies, tensors):
         return tf.nest.map_structure(tf.identity, tensors)
 
 
+# The conv fallback's settings (CONV_CLIPPED_SUM_FROM_PATCHES and
+# GROUPED_CONV_*): where keras_dp's compiled kernel
+# runs, 1-D/2-D conv layers take `per_example_conv_kernel_norms` instead.
+#
 # Used for stride-1 1-D/2-D convolutions with at least this many output
 # positions, in chunks of about 4 MiB of inputs and output gradients (see
 # `fast_norms._handle_conv`). Measured per layer at batch 256 (2-core

@@ -1,4 +1,4 @@
-"""keras_dp's compiled CPU noise kernel, built on first use.
+"""keras_dp's compiled CPU kernels (noise, conv gradients), built on first use.
 
 On a CPU the Gaussian noise is most of what a DP step adds to a small
 model's step: 670k numbers for a 784-512-512-10 MLP take about 1.2 ms with
@@ -23,15 +23,16 @@ kernel (and the warning). Accelerators never use it: there the
 framework's own sampler is fast. The setting is read when a train step is
 traced: a model keeps the sampler it was traced with.
 
-The TensorFlow library also holds two ops of the fast path's conv
-layers. `KerasDpConvKernelGrads` (`conv_grads.h`) computes a 1-D/2-D
-conv's per-example kernel gradients and their norms in place from the
-layer's inputs and output gradients, with no patches
-(`keras_dp.backend.tensorflow.per_example_conv_kernel_norms`).
-`KerasDpConvPatches` writes conv patches with the padding's zeros in the
-same pass (`gather_patches`), for the layers that still use patches
-(ghost norms, 3-D). Without the library the fast path uses TensorFlow's
-ops: patches or grouped convolutions.
+Both libraries also hold the fast path's per-example conv kernel
+gradients (`conv_grads.h`: `KerasDpConvKernelGrads`, a TensorFlow op and
+an XLA FFI handler): a 1-D/2-D conv's per-example kernel gradients and
+their norms, computed in place from the layer's inputs and output
+gradients with no patches (`per_example_conv_kernel_norms` in
+`keras_dp.backend.tensorflow` and `.jax`). The TensorFlow library has
+`KerasDpConvPatches` too, conv patches with the padding's zeros written
+in the same pass (`gather_patches`), for the layers that still use
+patches (ghost norms, 3-D). Without the library the fast path uses the
+framework's ops: patches or grouped convolutions.
 """
 
 import hashlib
@@ -158,6 +159,7 @@ def _load(framework, loader):
 
 
 JAX_TARGET = "keras_dp_standard_normal"
+JAX_CONV_TARGET = "keras_dp_conv_kernel_grads"
 
 
 def _load_jax():
@@ -178,11 +180,17 @@ def _load_jax():
         JAX_TARGET, jax.ffi.pycapsule(library.KerasDpStandardNormal),
         platform="cpu",
     )
+    jax.ffi.register_ffi_target(
+        JAX_CONV_TARGET, jax.ffi.pycapsule(library.KerasDpConvKernelGrads),
+        platform="cpu",
+    )
     return JAX_TARGET
 
 
 def jax_target():
-    """The name of the registered XLA FFI target (CPU only), or None."""
+    """The name of the registered noise XLA FFI target (CPU only), or None.
+    Where it is registered, so is `JAX_CONV_TARGET` (the conv kernel
+    gradients), from the same library."""
     return _load("JAX", _load_jax)
 
 

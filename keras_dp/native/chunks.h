@@ -1,5 +1,6 @@
-// Splits a range of pairs into chunks that the calling thread and pool
-// threads take from one atomic counter. The caller never waits on a task
+// Splits a range of work units (pairs of noise numbers, examples) into
+// chunks that the calling thread and pool threads take from one atomic
+// counter. The caller never waits on a task
 // that has not started (the pool may be busy, or be the caller's own
 // thread): it works through the chunks itself and then waits only for
 // chunks already taken, which are being computed.
@@ -20,9 +21,10 @@ namespace keras_dp {
 constexpr int64_t kChunkPairs = 16 * KDP_BLOCK;
 
 struct Chunks {
-  int64_t num_pairs;
+  int64_t num_units;
+  int64_t chunk_size;
   int64_t num_chunks;
-  std::function<void(int64_t, int64_t)> work;  // pair range [lo, hi)
+  std::function<void(int64_t, int64_t)> work;  // unit range [lo, hi)
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> finished{0};
 
@@ -31,23 +33,25 @@ struct Chunks {
     for (;;) {
       const int64_t chunk = next.fetch_add(1);
       if (chunk >= num_chunks) return;
-      const int64_t lo = chunk * kChunkPairs;
-      const int64_t hi = lo + kChunkPairs < num_pairs ? lo + kChunkPairs
-                                                      : num_pairs;
+      const int64_t lo = chunk * chunk_size;
+      const int64_t hi =
+          lo + chunk_size < num_units ? lo + chunk_size : num_units;
       work(lo, hi);
       finished.fetch_add(1, std::memory_order_release);
     }
   }
 };
 
-// Runs work(lo, hi) over [0, num_pairs), with up to `helpers` extra tasks
-// scheduled through `schedule(std::function<void()>)`.
+// Runs work(lo, hi) over [0, num_units) in chunks of `chunk_size` units,
+// with up to `helpers` extra tasks scheduled through
+// `schedule(std::function<void()>)`.
 template <typename Schedule>
-void RunChunks(int64_t num_pairs, int64_t helpers, Schedule schedule,
-               std::function<void(int64_t, int64_t)> work) {
+void RunChunks(int64_t num_units, int64_t chunk_size, int64_t helpers,
+               Schedule schedule, std::function<void(int64_t, int64_t)> work) {
   auto chunks = std::make_shared<Chunks>();
-  chunks->num_pairs = num_pairs;
-  chunks->num_chunks = (num_pairs + kChunkPairs - 1) / kChunkPairs;
+  chunks->num_units = num_units;
+  chunks->chunk_size = chunk_size;
+  chunks->num_chunks = (num_units + chunk_size - 1) / chunk_size;
   chunks->work = std::move(work);
   if (helpers > chunks->num_chunks - 1) helpers = chunks->num_chunks - 1;
   // A task that starts after the call returned finds no chunk left and

@@ -127,7 +127,7 @@ void RunOnWorkers(OpKernelContext* context, int64_t num_pairs,
                   std::function<void(int64_t, int64_t)> work) {
   auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
   RunChunks(
-      num_pairs, pool->NumThreads(),
+      num_pairs, kChunkPairs, pool->NumThreads(),
       [pool](std::function<void()> task) { pool->Schedule(std::move(task)); },
       std::move(work));
 }
