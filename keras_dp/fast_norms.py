@@ -1208,6 +1208,18 @@ def _norms_then_patches(parts, x, B, patches_of, backend_ops):
     return _chunked_squared_norms(parts), clipped
 
 
+def _as_2d_conv(x, dy, conv_args):
+    """`(x, dy, conv_args)` of a 1-D conv as a 2-D one of height 1 (what
+    the backends' compiled kernels take); others unchanged. `conv_args`:
+    (kernel_size, strides, dilation, pads)."""
+    kernel_size, strides, dilation, pads = conv_args
+    if len(kernel_size) != 1:
+        return x, dy, conv_args
+    return ops.expand_dims(x, 1), ops.expand_dims(dy, 1), (
+        (1,) + kernel_size, (1,) + strides, (1,) + dilation, [(0, 0)] + list(pads)
+    )
+
+
 def _compiled_conv_parts(squared_norms, grads, x, dy, kernel_grad):
     """(squared norms, clipped_fn) of a conv layer from the backend's
     `per_example_conv_kernel_norms`: the clipped sum `sum_i c_i G_i` from
@@ -1230,7 +1242,7 @@ def _handle_conv(entry, record, grads, backend_ops, rows_hint):
     ghost norms are taken from patches (see `choose_method`); both are
     faster on either backend than a vectorized per-example convolution
     gradient. Instantiated: by the backend's compiled op where it has one
-    (`per_example_conv_kernel_norms`, 1-D/2-D, no patches), else from
+    (`per_example_conv_kernel_norms`, 1-D as 2-D, no patches), else from
     patches or grouped convolutions in chunks of examples."""
     layer = entry.layer
     (inputs,), _ = _call_args(record, 1)
@@ -1314,6 +1326,9 @@ def _handle_conv(entry, record, grads, backend_ops, rows_hint):
         return grads
 
     compiled_norms = getattr(backend_ops, "per_example_conv_kernel_norms", None)
+    conv_args = (
+        kernel_size, tuple(layer.strides), tuple(layer.dilation_rate), pads
+    )
     parts = []
     for g in range(groups):
         Bg = B[:, :, g * Fg:(g + 1) * Fg] if groups > 1 else B
@@ -1329,18 +1344,13 @@ def _handle_conv(entry, record, grads, backend_ops, rows_hint):
             # against 5.6 ms for the 64 -> 64 one, but 38 MB less memory.
             compiled = None
             if compiled_norms is not None:
-                compiled = compiled_norms(
-                    xg, spatial_Bg, kernel_size, tuple(layer.strides),
-                    tuple(layer.dilation_rate), pads, keep_grads=T > Fg,
-                )
+                x2, dy2, conv2 = _as_2d_conv(xg, spatial_Bg, conv_args)
+                compiled = compiled_norms(x2, dy2, *conv2, keep_grads=T > Fg)
             if compiled is not None:
                 parts.append(
                     _compiled_conv_parts(
-                        *compiled, xg, spatial_Bg,
-                        lambda x, dy: backend_ops.conv_kernel_grad(
-                            x, dy, kernel_size, tuple(layer.strides),
-                            tuple(layer.dilation_rate), pads,
-                        ),
+                        *compiled, x2, dy2,
+                        lambda x, dy: backend_ops.conv_kernel_grad(x, dy, *conv2),
                     )
                 )
                 continue

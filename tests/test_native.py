@@ -387,8 +387,10 @@ def test_conv_kernel_grads_kernel_matches_per_example_loop(
     pads = fast_norms._conv_pads(
         input_shape[:-1], kernel_size, strides, dilation, padding, dy.shape[1:-1]
     )
-    conv = (kernel_size, strides, dilation, pads)
-    x_t, dy_t = ops.convert_to_tensor(x), ops.convert_to_tensor(dy)
+    x_t, dy_t, conv = fast_norms._as_2d_conv(
+        ops.convert_to_tensor(x), ops.convert_to_tensor(dy),
+        (kernel_size, strides, dilation, pads),
+    )
     squared, grads = module.per_example_conv_kernel_norms(
         x_t, dy_t, *conv, keep_grads=True
     )
@@ -404,16 +406,15 @@ def test_conv_kernel_grads_kernel_matches_per_example_loop(
         np.asarray(total), expected.sum(0).T, rtol=1e-4, atol=1e-4
     )
     # The AVX2 and 128-bit vector code, as on CPUs without AVX-512.
-    missing = 2 - len(kernel_size)
-    spatial = (slice(None),) + (None,) * missing
+    kernel_2d, strides_2d, dilation_2d, pads_2d = conv
     geometry = (
-        [1] * missing + list(kernel_size),
-        [1] * missing + list(strides),
-        [1] * missing + list(dilation),
-        [0] * missing + [before for before, _ in pads],
+        list(kernel_2d), list(strides_2d), list(dilation_2d),
+        [before for before, _ in pads_2d],
     )
     for width in (8, 4):
-        squared, grads = _compiled_conv_grads(x[spatial], dy[spatial], geometry, width)
+        squared, grads = _compiled_conv_grads(
+            np.asarray(x_t), np.asarray(dy_t), geometry, width
+        )
         np.testing.assert_allclose(np.asarray(grads), expected, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(squared), expected_squared, rtol=1e-5)
 

@@ -14,7 +14,7 @@ sampler; a module may add `noisy_gradients(grads, stddev, seed)`, the
 gradients plus that sampler's flat draw in one fused kernel, and
 `gather_patches(x, index)`, conv patches with the padding's zeros read
 from the index, and `per_example_conv_kernel_norms(x, dy, kernel_size,
-strides, dilation, pads, keep_grads)`, a conv's per-example kernel
+strides, dilation, pads, keep_grads)`, a 2-D conv's per-example kernel
 gradients' squared norms (and the gradients) without patches, with
 `conv_kernel_grad(...)`, the batch's summed kernel gradient (each None
 where it cannot run). Everything else lives in backend-agnostic modules.

@@ -111,7 +111,7 @@ def per_example_conv_kernel_grads(x, dy, kernel_size, dilation, pads):
 def per_example_conv_kernel_norms(
     x, dy, kernel_size, strides, dilation, pads, keep_grads
 ):
-    """Squared norms of a 1-D/2-D convolution's per-example kernel
+    """Squared norms of a 2-D convolution's per-example kernel
     gradients, by keras_dp's compiled kernel (`keras_dp/native/
     conv_grads.h`, an XLA FFI call) that reads them in place from the
     inputs and output gradients: `(squared_norms (n,), grads)`, `grads`
@@ -129,7 +129,7 @@ def per_example_conv_kernel_norms(
     0.83x.
     """
     if (
-        len(kernel_size) > 2
+        len(kernel_size) != 2
         or x.dtype != jnp.float32
         or dy.dtype != jnp.float32
         or keras.distribution.distribution() is not None
@@ -137,12 +137,6 @@ def per_example_conv_kernel_norms(
         or native.jax_target() is None
     ):
         return None
-    if len(kernel_size) == 1:
-        x, dy = x[:, None], dy[:, None]
-        kernel_size, strides, dilation = (
-            (1,) + tuple(v) for v in (kernel_size, strides, dilation)
-        )
-        pads = [(0, 0)] + list(pads)
     n, filters = x.shape[0], dy.shape[-1]
     columns = kernel_size[0] * kernel_size[1] * x.shape[-1]
     geometry = np.array(

@@ -169,7 +169,7 @@ def per_example_conv_kernel_grads(x, dy, kernel_size, dilation, pads):
 def per_example_conv_kernel_norms(
     x, dy, kernel_size, strides, dilation, pads, keep_grads
 ):
-    """Squared norms of a 1-D/2-D convolution's per-example kernel
+    """Squared norms of a 2-D convolution's per-example kernel
     gradients, as one compiled op (`keras_dp.native`) that reads them in
     place from the inputs and output gradients: `(squared_norms (n,),
     grads)`, `grads` the (n, F, K * C) gradients (columns ordered like the
@@ -185,14 +185,8 @@ def per_example_conv_kernel_norms(
     (patches); the summed gradient (`conv_kernel_grad`) takes 2.7-3.9.
     """
     native_ops = _native_ops()
-    if native_ops is None or x.dtype != tf.float32 or len(kernel_size) > 2:
+    if native_ops is None or x.dtype != tf.float32 or len(kernel_size) != 2:
         return None
-    if len(kernel_size) == 1:
-        x, dy = x[:, None], dy[:, None]
-        kernel_size, strides, dilation = (
-            (1,) + tuple(v) for v in (kernel_size, strides, dilation)
-        )
-        pads = [(0, 0)] + list(pads)
     squared_norms, grads = native_ops.keras_dp_conv_kernel_grads(
         x, dy,
         kernel_size=list(kernel_size), strides=list(strides),
@@ -203,17 +197,11 @@ def per_example_conv_kernel_norms(
 
 
 def conv_kernel_grad(x, dy, kernel_size, strides, dilation, pads):
-    """The kernel gradient of a 1-D/2-D convolution summed over the batch,
+    """The kernel gradient of a 2-D convolution summed over the batch,
     (K * C, F) (rows ordered like the kernel's (taps, C)): one filter
     gradient, as in the non-private step. With `dy` scaled by the clip
     factors, the clipped sum of layers whose per-example gradients were
     not kept (`per_example_conv_kernel_norms`)."""
-    if len(kernel_size) == 1:
-        x, dy = x[:, None], dy[:, None]
-        kernel_size, strides, dilation = (
-            (1,) + tuple(v) for v in (kernel_size, strides, dilation)
-        )
-        pads = [(0, 0)] + list(pads)
     x, padding = _padded_for_conv2d(x, dy, kernel_size, strides, dilation, pads)
     kernel = tf.raw_ops.Conv2DBackpropFilter(
         input=x,

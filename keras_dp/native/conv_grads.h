@@ -21,6 +21,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace keras_dp {
 
@@ -32,12 +33,6 @@ struct ConvGeometry {
   int64_t dilation_h, dilation_w;
   int64_t pad_top, pad_left;
 };
-
-// Floats of scratch one example needs: its output gradients with the
-// filters padded to a whole number of vectors.
-inline int64_t ConvGradsScratchFloats(const ConvGeometry& g) {
-  return g.out_h * g.out_w * ((g.filters + 15) / 16 * 16);
-}
 
 namespace conv_grads_internal {
 
@@ -165,33 +160,82 @@ __attribute__((target("avx2,fma"))) inline double ExampleAvx2(
 
 }  // namespace conv_grads_internal
 
-// The widest vectors this CPU runs: 16, 8 or 4 floats.
-inline int ConvGradsVectorWidth() {
+// The widest vectors this CPU runs (16, 8 or 4 floats), at most `cap`
+// unless it is 0.
+inline int ConvGradsVectorWidth(int64_t cap) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const int width = __builtin_cpu_supports("avx512f") ? 16
-                           : (__builtin_cpu_supports("avx2") &&
-                              __builtin_cpu_supports("fma"))
-                               ? 8
-                               : 4;
-  return width;
+  static const int widest = __builtin_cpu_supports("avx512f") ? 16
+                            : (__builtin_cpu_supports("avx2") &&
+                               __builtin_cpu_supports("fma"))
+                                ? 8
+                                : 4;
 #else
-  return 4;
+  static const int widest = 4;
 #endif
+  return cap > 0 && cap < widest ? static_cast<int>(cap) : widest;
 }
 
-// The squared norm of one example's kernel gradient; the gradient itself,
-// (filters, kernel_h * kernel_w * channels), goes to `grads` unless it is
-// null. `scratch`: ConvGradsScratchFloats(g) floats. `width`: vectors of
-// at most that many floats (a value from ConvGradsVectorWidth or less).
-inline double ConvKernelGradsOfExample(const ConvGeometry& g, const float* x,
-                                       const float* dy, float* scratch,
-                                       float* grads, int width) {
+// The geometry of a conv from its attributes, `attributes` = (kernel_h,
+// kernel_w, stride_h, stride_w, dilation_h, dilation_w, pad_top,
+// pad_left), and the dimensions of x (n, H, W, C) and dy (n, Ho, Wo, F);
+// an error message (and `g` unset) where they do not make one. Any
+// (Ho, Wo) is safe: reads stay inside x whatever the geometry (positions
+// outside it are the padding's zeros), and inside dy.
+inline const char* SetConvGeometry(const int64_t attributes[8],
+                                   const int64_t x_dims[4],
+                                   const int64_t dy_dims[4], ConvGeometry* g) {
+  for (int i = 0; i < 6; i++) {
+    if (attributes[i] < 1) {
+      return "kernel_size, strides and dilations must be positive, pads not "
+             "negative";
+    }
+  }
+  if (attributes[6] < 0 || attributes[7] < 0) {
+    return "kernel_size, strides and dilations must be positive, pads not "
+           "negative";
+  }
+  if (x_dims[0] != dy_dims[0]) {
+    return "x must be (n, H, W, C) and dy (n, Ho, Wo, F)";
+  }
+  *g = ConvGeometry{x_dims[1],     x_dims[2],     x_dims[3],     dy_dims[1],
+                    dy_dims[2],    dy_dims[3],    attributes[0], attributes[1],
+                    attributes[2], attributes[3], attributes[4], attributes[5],
+                    attributes[6], attributes[7]};
+  return nullptr;
+}
+
+// Examples [lo, hi) of x (n, H, W, C) and dy (n, Ho, Wo, F): each one's
+// squared norm into `squared_norms`, and its gradients, (filters,
+// kernel_h * kernel_w * channels), into `grads` unless it is null.
+// `width`: from ConvGradsVectorWidth.
+inline void ConvKernelGradsOfExamples(const ConvGeometry& g, int width,
+                                      const float* x, const float* dy,
+                                      float* squared_norms, float* grads,
+                                      int64_t lo, int64_t hi) {
   using namespace conv_grads_internal;
+  const int64_t x_size = g.in_h * g.in_w * g.channels;
+  const int64_t dy_size = g.out_h * g.out_w * g.filters;
+  const int64_t grads_size = g.filters * g.kernel_h * g.kernel_w * g.channels;
+  // The output gradients with the filters padded to whole vectors.
+  std::vector<float> scratch(g.out_h * g.out_w * ((g.filters + 15) / 16 * 16));
+  for (int64_t i = lo; i < hi; i++) {
+    const float* xi = x + i * x_size;
+    const float* dyi = dy + i * dy_size;
+    float* gi = grads == nullptr ? nullptr : grads + i * grads_size;
+    double squared_norm;
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (width >= 16) return ExampleAvx512(g, x, dy, scratch, grads);
-  if (width >= 8) return ExampleAvx2(g, x, dy, scratch, grads);
+    if (width >= 16) {
+      squared_norm = ExampleAvx512(g, xi, dyi, scratch.data(), gi);
+    } else if (width >= 8) {
+      squared_norm = ExampleAvx2(g, xi, dyi, scratch.data(), gi);
+    } else {
+      squared_norm = Example<4>(g, xi, dyi, scratch.data(), gi);
+    }
+#else
+    squared_norm = Example<4>(g, xi, dyi, scratch.data(), gi);
 #endif
-  return Example<4>(g, x, dy, scratch, grads);
+    squared_norms[i] = static_cast<float>(squared_norm);
+  }
 }
 
 }  // namespace keras_dp

@@ -9,7 +9,6 @@
 //     widest the CPU runs); grads (n, F, kernel_h * kernel_w * C), or
 //     (0, ...) for the norms alone.
 #include <cstdint>
-#include <vector>
 
 #include "chunks.h"
 #include "conv_grads.h"
@@ -48,62 +47,40 @@ static ffi::Error ConvKernelGrads(ffi::ThreadPool pool,
                                   ffi::Span<const int64_t> geometry,
                                   ffi::ResultBuffer<ffi::F32> squared_norms,
                                   ffi::ResultBuffer<ffi::F32> grads) {
-  const auto x_dims = x.dimensions();
-  const auto dy_dims = dy.dimensions();
-  if (x_dims.size() != 4 || dy_dims.size() != 4 || x_dims[0] != dy_dims[0]) {
+  if (x.dimensions().size() != 4 || dy.dimensions().size() != 4) {
     return ffi::Error::InvalidArgument(
         "x must be (n, H, W, C) and dy (n, Ho, Wo, F)");
   }
   if (geometry.size() != 9) {
     return ffi::Error::InvalidArgument("geometry needs 9 values");
   }
-  keras_dp::ConvGeometry g;
-  g.kernel_h = geometry[0];
-  g.kernel_w = geometry[1];
-  g.stride_h = geometry[2];
-  g.stride_w = geometry[3];
-  g.dilation_h = geometry[4];
-  g.dilation_w = geometry[5];
-  g.pad_top = geometry[6];
-  g.pad_left = geometry[7];
-  if (g.kernel_h < 1 || g.kernel_w < 1 || g.stride_h < 1 || g.stride_w < 1 ||
-      g.dilation_h < 1 || g.dilation_w < 1 || g.pad_top < 0 || g.pad_left < 0) {
-    return ffi::Error::InvalidArgument(
-        "kernel_size, strides and dilations must be positive, pads not "
-        "negative");
+  int64_t attributes[8], x_dims[4], dy_dims[4];
+  for (int i = 0; i < 8; i++) attributes[i] = geometry[i];
+  for (int i = 0; i < 4; i++) {
+    x_dims[i] = x.dimensions()[i];
+    dy_dims[i] = dy.dimensions()[i];
   }
-  int width = keras_dp::ConvGradsVectorWidth();
-  if (geometry[8] > 0 && geometry[8] < width) width = geometry[8];
+  keras_dp::ConvGeometry g;
+  const char* error = keras_dp::SetConvGeometry(attributes, x_dims, dy_dims, &g);
+  if (error != nullptr) return ffi::Error::InvalidArgument(error);
   const int64_t n = x_dims[0];
-  g.in_h = x_dims[1];
-  g.in_w = x_dims[2];
-  g.channels = x_dims[3];
-  g.out_h = dy_dims[1];
-  g.out_w = dy_dims[2];
-  g.filters = dy_dims[3];
-  const int64_t columns = g.kernel_h * g.kernel_w * g.channels;
   const bool keep_grads = grads->element_count() != 0;
   if (squared_norms->element_count() != n ||
-      (keep_grads && grads->element_count() != n * g.filters * columns)) {
+      (keep_grads && grads->element_count() !=
+                         n * g.filters * g.kernel_h * g.kernel_w * g.channels)) {
     return ffi::Error::InvalidArgument("unexpected result shapes");
   }
+  const int width = keras_dp::ConvGradsVectorWidth(geometry[8]);
   const float* in = x.typed_data();
   const float* out_grads = dy.typed_data();
   float* norms = squared_norms->typed_data();
   float* kernel_grads = keep_grads ? grads->typed_data() : nullptr;
-  const int64_t x_size = g.in_h * g.in_w * g.channels;
-  const int64_t dy_size = g.out_h * g.out_w * g.filters;
-  const int64_t grads_size = g.filters * columns;
   keras_dp::RunChunks(
       n, 1, pool.num_threads(),
       [&pool](std::function<void()> task) { pool.Schedule(std::move(task)); },
       [=](int64_t lo, int64_t hi) {
-        std::vector<float> scratch(keras_dp::ConvGradsScratchFloats(g));
-        for (int64_t i = lo; i < hi; i++) {
-          norms[i] = static_cast<float>(keras_dp::ConvKernelGradsOfExample(
-              g, in + i * x_size, out_grads + i * dy_size, scratch.data(),
-              kernel_grads ? kernel_grads + i * grads_size : nullptr, width));
-        }
+        keras_dp::ConvKernelGradsOfExamples(g, width, in, out_grads, norms,
+                                            kernel_grads, lo, hi);
       });
   return ffi::Error::Success();
 }

@@ -237,62 +237,38 @@ class ConvKernelGradsOp : public OpKernel {
  public:
   explicit ConvKernelGradsOp(OpKernelConstruction* context)
       : OpKernel(context) {
-    std::vector<int32_t> kernel_size, strides, dilations, pads;
-    OP_REQUIRES_OK(context, context->GetAttr("kernel_size", &kernel_size));
-    OP_REQUIRES_OK(context, context->GetAttr("strides", &strides));
-    OP_REQUIRES_OK(context, context->GetAttr("dilations", &dilations));
-    OP_REQUIRES_OK(context, context->GetAttr("pads", &pads));
+    const char* names[4] = {"kernel_size", "strides", "dilations", "pads"};
+    for (int k = 0; k < 4; k++) {
+      std::vector<int32_t> values;
+      OP_REQUIRES_OK(context, context->GetAttr(names[k], &values));
+      OP_REQUIRES(context, values.size() == 2,
+                  absl::InvalidArgumentError(
+                      "kernel_size, strides, dilations and pads need one "
+                      "value per spatial axis (2)"));
+      attributes_[2 * k] = values[0];
+      attributes_[2 * k + 1] = values[1];
+    }
     OP_REQUIRES_OK(context, context->GetAttr("keep_grads", &keep_grads_));
-    // 0: the widest vectors the CPU runs; tests ask for narrower ones.
     int vector_width;
     OP_REQUIRES_OK(context, context->GetAttr("vector_width", &vector_width));
-    vector_width_ = ConvGradsVectorWidth();
-    if (vector_width > 0 && vector_width < vector_width_) {
-      vector_width_ = vector_width;
-    }
-    OP_REQUIRES(
-        context,
-        kernel_size.size() == 2 && strides.size() == 2 &&
-            dilations.size() == 2 && pads.size() == 2,
-        absl::InvalidArgumentError(
-            "kernel_size, strides, dilations and pads need one value per "
-            "spatial axis (2)"));
-    for (int i = 0; i < 2; i++) {
-      OP_REQUIRES(context,
-                  kernel_size[i] >= 1 && strides[i] >= 1 &&
-                      dilations[i] >= 1 && pads[i] >= 0,
-                  absl::InvalidArgumentError(
-                      "kernel_size, strides and dilations must be positive, "
-                      "pads not negative"));
-    }
-    geometry_.kernel_h = kernel_size[0];
-    geometry_.kernel_w = kernel_size[1];
-    geometry_.stride_h = strides[0];
-    geometry_.stride_w = strides[1];
-    geometry_.dilation_h = dilations[0];
-    geometry_.dilation_w = dilations[1];
-    geometry_.pad_top = pads[0];
-    geometry_.pad_left = pads[1];
+    width_ = ConvGradsVectorWidth(vector_width);
   }
 
   void Compute(OpKernelContext* context) override {
     const Tensor& x = context->input(0);
     const Tensor& dy = context->input(1);
-    OP_REQUIRES(context,
-                x.dims() == 4 && dy.dims() == 4 &&
-                    x.dim_size(0) == dy.dim_size(0),
+    OP_REQUIRES(context, x.dims() == 4 && dy.dims() == 4,
                 absl::InvalidArgumentError(
                     "x must be (n, H, W, C) and dy (n, Ho, Wo, F)"));
-    // Reads stay inside x whatever the geometry (positions outside it are
-    // the padding's zeros), and inside dy: every (Ho, Wo) position is read.
-    ConvGeometry g = geometry_;
-    const int64_t n = x.dim_size(0);
-    g.in_h = x.dim_size(1);
-    g.in_w = x.dim_size(2);
-    g.channels = x.dim_size(3);
-    g.out_h = dy.dim_size(1);
-    g.out_w = dy.dim_size(2);
-    g.filters = dy.dim_size(3);
+    int64_t x_dims[4], dy_dims[4];
+    for (int i = 0; i < 4; i++) {
+      x_dims[i] = x.dim_size(i);
+      dy_dims[i] = dy.dim_size(i);
+    }
+    ConvGeometry g;
+    const char* error = SetConvGeometry(attributes_, x_dims, dy_dims, &g);
+    OP_REQUIRES(context, error == nullptr, absl::InvalidArgumentError(error));
+    const int64_t n = x_dims[0];
     const int64_t columns = g.kernel_h * g.kernel_w * g.channels;
     Tensor* squared_norms = nullptr;
     Tensor* grads = nullptr;
@@ -306,30 +282,21 @@ class ConvKernelGradsOp : public OpKernel {
     const float* out_grads = dy.flat<float>().data();
     float* norms = squared_norms->flat<float>().data();
     float* kernel_grads = keep_grads_ ? grads->flat<float>().data() : nullptr;
-    const int64_t x_size = g.in_h * g.in_w * g.channels;
-    const int64_t dy_size = g.out_h * g.out_w * g.filters;
-    const int64_t grads_size = g.filters * columns;
-    const int width = vector_width_;
-    auto examples = [&](int64_t lo, int64_t hi) {
-      std::vector<float> scratch(ConvGradsScratchFloats(g));
-      for (int64_t i = lo; i < hi; i++) {
-        norms[i] = static_cast<float>(ConvKernelGradsOfExample(
-            g, in + i * x_size, out_grads + i * dy_size, scratch.data(),
-            kernel_grads ? kernel_grads + i * grads_size : nullptr,
-            width));
-      }
-    };
+    const int width = width_;
     auto* workers = context->device()->tensorflow_cpu_worker_threads();
-    ::tensorflow::Shard(workers->num_threads, workers->workers, n,
-                        /*cost_per_unit=*/g.out_h * g.out_w * columns *
-                            g.filters,
-                        examples);
+    ::tensorflow::Shard(
+        workers->num_threads, workers->workers, n,
+        /*cost_per_unit=*/g.out_h * g.out_w * columns * g.filters,
+        [&](int64_t lo, int64_t hi) {
+          ConvKernelGradsOfExamples(g, width, in, out_grads, norms,
+                                    kernel_grads, lo, hi);
+        });
   }
 
  private:
-  ConvGeometry geometry_;
+  int64_t attributes_[8];
   bool keep_grads_;
-  int vector_width_;
+  int width_;
 };
 
 REGISTER_KERNEL_BUILDER(
