@@ -42,8 +42,8 @@ def after(dependencies, tensors):
 
 
 # The conv fallback's settings (CONV_CLIPPED_SUM_FROM_PATCHES and
-# GROUPED_CONV_*): where keras_dp's compiled kernel
-# runs, 1-D/2-D conv layers take `per_example_conv_kernel_norms` instead.
+# GROUPED_CONV_*): where keras_dp's compiled kernel runs, 1-D/2-D conv
+# layers take `per_example_conv_kernel_norms` instead.
 #
 # Per-example kernel gradients are kept for the clipped sum: gathering the
 # patches again (`fast_norms._norms_then_patches`) made the ResNet
@@ -121,9 +121,10 @@ def per_example_conv_kernel_norms(
     convolutions or other dtypes (the caller then instantiates them its
     own way).
 
-    `x`: (n, *in_spatial, C) inputs; `dy`: (n, *out_spatial, F) output
-    gradients; `pads`: the (before, after) zeros the convolution reads on
-    each spatial axis. Any stride and dilation. On the benchmark ResNet
+    `x`: (n, H, W, C) inputs; `dy`: (n, Ho, Wo, F) output gradients;
+    `pads`: the (before, after) zeros the convolution reads on each
+    spatial axis (1-D convs come as 2-D, `fast_norms._as_2d_conv`). Any
+    stride and dilation. On the benchmark ResNet
     (batch 256) the DP step went from 1.10-1.12x the plain step's time to
     0.87x, and its memory from 1.34x to 0.96x; the CNN from 0.88-0.91x to
     0.83x.

@@ -102,8 +102,8 @@ def after(dependencies, tensors):
 
 
 # The conv fallback's settings (CONV_CLIPPED_SUM_FROM_PATCHES and
-# GROUPED_CONV_*): where keras_dp's compiled kernel
-# runs, 1-D/2-D conv layers take `per_example_conv_kernel_norms` instead.
+# GROUPED_CONV_*): where keras_dp's compiled kernel runs, 1-D/2-D conv
+# layers take `per_example_conv_kernel_norms` instead.
 #
 # Used for stride-1 1-D/2-D convolutions with at least this many output
 # positions, in chunks of about 4 MiB of inputs and output gradients (see
@@ -176,9 +176,10 @@ def per_example_conv_kernel_norms(
     kernel's (taps, C) rows) when `keep_grads`, else None. None where the
     op cannot run (the caller then instantiates them its own way).
 
-    `x`: (n, *in_spatial, C) inputs; `dy`: (n, *out_spatial, F) output
-    gradients; `pads`: the (before, after) zeros the convolution reads on
-    each spatial axis. Any stride and dilation. On the ResNet benchmark's
+    `x`: (n, H, W, C) inputs; `dy`: (n, Ho, Wo, F) output gradients;
+    `pads`: the (before, after) zeros the convolution reads on each
+    spatial axis (1-D convs come as 2-D, `fast_norms._as_2d_conv`). Any
+    stride and dilation. On the ResNet benchmark's
     layers at batch 256, with the norms and a clipped sum included: 3.6
     against 8.9 ms for 32x32x16 -> 16 (grouped convolutions), 2.8 against
     5.6 for 32x32x16 -> 16x16x32 and 3.9 against 6.5 for 16x16x32 -> 32
@@ -254,8 +255,9 @@ def gather_patches(x, index):
 # convert it when a traced train step calls it.
 @tf.autograph.experimental.do_not_convert
 def _native_ops():
-    """keras_dp's compiled ops (noise, conv patches), where they can run:
-    on a CPU-only machine, outside XLA compilation (`jit_compile=True`)."""
+    """keras_dp's compiled ops (noise, conv gradients and patches), where
+    they can run: on a CPU-only machine, outside XLA compilation
+    (`jit_compile=True`)."""
     if tf.config.list_logical_devices("GPU") or (
         control_flow_util.GraphOrParentsInXlaContext(
             tf.compat.v1.get_default_graph()

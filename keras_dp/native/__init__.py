@@ -209,5 +209,6 @@ def _load_tensorflow():
 
 def tensorflow_ops():
     """The loaded TensorFlow op module (`keras_dp_standard_normal`,
-    `keras_dp_noisy_gradients`, `keras_dp_conv_patches`), or None."""
+    `keras_dp_noisy_gradients`, `keras_dp_conv_kernel_grads`,
+    `keras_dp_conv_patches`), or None."""
     return _load("TensorFlow", _load_tensorflow)

@@ -184,15 +184,12 @@ inline int ConvGradsVectorWidth(int64_t cap) {
 inline const char* SetConvGeometry(const int64_t attributes[8],
                                    const int64_t x_dims[4],
                                    const int64_t dy_dims[4], ConvGeometry* g) {
-  for (int i = 0; i < 6; i++) {
-    if (attributes[i] < 1) {
+  for (int i = 0; i < 8; i++) {
+    // Kernel size, strides and dilations at least 1; pads at least 0.
+    if (attributes[i] < (i < 6 ? 1 : 0)) {
       return "kernel_size, strides and dilations must be positive, pads not "
              "negative";
     }
-  }
-  if (attributes[6] < 0 || attributes[7] < 0) {
-    return "kernel_size, strides and dilations must be positive, pads not "
-           "negative";
   }
   if (x_dims[0] != dy_dims[0]) {
     return "x must be (n, H, W, C) and dy (n, Ho, Wo, F)";
