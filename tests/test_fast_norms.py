@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from keras import layers as L
 from keras import ops
+from keras.src.backend.common import masking
 
 import keras_dp
 from keras_dp import backend as backend_lib
@@ -668,6 +669,118 @@ def test_choose_method():
     # Short sequence, wide layer: ghost.
     assert fast_norms.choose_method(8, 1024, 1024) == "ghost"
     assert fast_norms.choose_method(None, 64, 64) == "ghost"
+
+
+def _one_example_losses(model, y, y_pred, sw):
+    """Each example's loss from the compiled loss on a one-example batch."""
+    out = []
+    for i in range(len(y_pred)):
+        out.append(float(model.compute_loss(
+            y=y[i : i + 1], y_pred=y_pred[i : i + 1],
+            sample_weight=None if sw is None else sw[i : i + 1],
+        )))
+    return np.array(out)
+
+
+@pytest.mark.parametrize(
+    "loss, loss_weights, out_shape, sw_shape",
+    [
+        (keras.losses.SparseCategoricalCrossentropy(from_logits=True), None, (3,), None),
+        ("categorical_crossentropy", 0.5, (4,), (12,)),
+        ("binary_crossentropy", None, (1,), (12, 1)),
+        (keras.losses.BinaryFocalCrossentropy(gamma=1.5, label_smoothing=0.1), None, (5, 2), (12, 5)),
+        ("mse", None, (6, 3), (12, 6)),
+        (keras.losses.Huber(delta=0.3), 2.0, (2, 3, 2), None),
+        (keras.losses.CosineSimilarity(), None, (7,), None),
+        ("sparse_categorical_crossentropy", None, (5, 4), (12, 5)),
+    ],
+)
+def test_batched_example_losses_equal_one_example_batches(
+    loss, loss_weights, out_shape, sw_shape
+):
+    """One call of the compiled loss on the batch gives each example's loss
+    as the loss of that example alone: sequence outputs averaged per
+    example, sample weights of every rank, loss weights, and exactly 0 for
+    rows whose weights are all 0."""
+    rng = np.random.default_rng(2)
+    n = 12
+    model = keras.Sequential([keras.Input((3,)), L.Dense(1)])
+    model.compile(loss=loss, loss_weights=loss_weights)
+    y_pred = rng.random((n,) + out_shape).astype("float32") * 0.8 + 0.1
+    if "sparse" in str(getattr(loss, "name", loss)):
+        y = rng.integers(0, out_shape[-1], (n,) + out_shape[:-1]).astype("int32")
+    elif out_shape[-1] == 1 or "binary" in str(getattr(loss, "name", loss)):
+        y = rng.integers(0, 2, (n,) + out_shape).astype("float32")
+    else:
+        y = rng.random((n,) + out_shape).astype("float32")
+    sw = None
+    if sw_shape is not None:
+        sw = rng.random(sw_shape).astype("float32")
+        sw[3] = 0.0
+    losses = fast_norms._batched_example_losses(
+        model, ops.convert_to_tensor(y), ops.convert_to_tensor(y_pred),
+        None if sw is None else ops.convert_to_tensor(sw),
+    )
+    assert losses is not None
+    np.testing.assert_allclose(
+        np.asarray(losses), _one_example_losses(model, y, y_pred, sw),
+        rtol=1e-5, atol=1e-7,
+    )
+    if sw is not None:
+        assert float(np.asarray(losses)[3]) == 0.0
+
+
+class _OwnLoss(keras.Model):
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return ops.mean(ops.square(y_pred - y))
+
+
+def _mean_over_batch(y_true, y_pred):
+    return ops.mean(y_pred - y_true)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["own_loss_function", "dice", "axis", "compute_loss", "two_outputs", "mask",
+     "ignore_class"],
+)
+def test_batched_example_losses_only_where_exact(case):
+    """Losses that may mix examples or weigh them by the batch (user
+    functions, `dice`, another axis, masks, `ignore_class`), an overridden
+    `compute_loss` and several outputs: None, so the step maps the
+    compiled loss over the examples, and trains like the vmap path."""
+    n = 8
+    inputs = keras.Input((3,))
+    outputs = L.Dense(2)(inputs)
+    model = (_OwnLoss if case == "compute_loss" else keras.Model)(inputs, outputs)
+    y = np.random.default_rng(0).random((n, 2)).astype("float32")
+    y_pred = ops.convert_to_tensor(y[::-1].copy())
+    loss = {
+        "own_loss_function": _mean_over_batch,
+        "dice": keras.losses.Dice(),
+        "axis": keras.losses.CategoricalCrossentropy(axis=0),
+        "ignore_class": keras.losses.SparseCategoricalCrossentropy(ignore_class=0),
+    }.get(case, "mse")
+    if case == "two_outputs":
+        model = keras.Model(inputs, [outputs, L.Dense(1)(inputs)])
+        model.compile(loss=["mse", "mse"])
+        y_true, y_pred = (y, y[:, :1]), (y_pred, y_pred[:, :1])
+    else:
+        model.compile(loss=loss)
+        y_true = y
+    if case == "ignore_class":
+        y_true = np.zeros((n,), "int32")
+    if case == "mask":
+        y_pred = L.Masking(0.5)(y_pred)
+        if masking.get_keras_mask(y_pred) is None:
+            pytest.skip("this backend's tensors carry no Keras mask here")
+    assert (
+        fast_norms._batched_example_losses(
+            model, keras.tree.map_structure(ops.convert_to_tensor, y_true),
+            y_pred, None,
+        )
+        is None
+    )
 
 
 def _shared_layer_model():

@@ -235,6 +235,29 @@ def test_tensorflow_noisy_gradients_are_the_flat_draw_added(kernel_available):
 
 
 @pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="TensorFlow's norms op"
+)
+@pytest.mark.parametrize(
+    "shape", [(5, 1), (4, 17), (3, 2, 33), (2, 3, 4100), (2, 9000), (0, 7)]
+)
+def test_tensorflow_squared_norms_op_matches_float64_sums(kernel_available, shape):
+    """Each example's sum of squares, over rows shorter than the 16 lanes,
+    with a partial last vector, and over several of the kernel's 4096-long
+    blocks, to float32 precision of the float64 sum."""
+    import tensorflow as tf
+
+    from keras_dp.backend import tensorflow as tf_backend
+
+    x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    sq = tf.function(tf_backend.per_example_squared_norms)(tf.constant(x))
+    expected = (x.astype(np.float64) ** 2).sum(axis=tuple(range(1, len(shape))))
+    assert sq.shape == (shape[0],)
+    np.testing.assert_allclose(sq.numpy(), expected, rtol=1e-6, atol=0)
+    # Not float32: the caller squares and sums.
+    assert tf_backend.per_example_squared_norms(tf.zeros((2, 3), tf.float16)) is None
+
+
+@pytest.mark.skipif(
     keras.backend.backend() != "tensorflow", reason="TensorFlow's patches op"
 )
 @pytest.mark.parametrize(

@@ -234,6 +234,16 @@ def _padded_for_conv2d(x, dy, kernel_size, strides, dilation, pads):
     return x, "VALID"
 
 
+def per_example_squared_norms(x):
+    """Each example's sum of squares, `(n,)` from a float32 `(n, ...)`
+    tensor, as one compiled op (`keras_dp.native`) that reads `x` once;
+    None where it cannot run (the caller then squares and sums)."""
+    native_ops = _native_ops()
+    if native_ops is None or x.dtype != tf.float32:
+        return None
+    return native_ops.keras_dp_squared_norms(x)
+
+
 def gather_patches(x, index):
     """Conv patches `x[:, index]` with zeros where `index` is -1, as one
     compiled op (`keras_dp.native`); None where it cannot run (the caller

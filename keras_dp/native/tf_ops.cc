@@ -21,6 +21,10 @@
 //     TensorFlow has no per-example filter gradient: it would
 //     write the patches and multiply them, or transpose the examples into
 //     the channels of one grouped convolution.
+//   KerasDpSquaredNorms(x) -> squared_norms: x float32 (n, ...), the sum
+//     of squares of each x[i] (n,), in one pass over x: TensorFlow's
+//     Square and Sum are two passes, and its Sum is slow on the fast
+//     path's many small per-example reductions.
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -64,6 +68,16 @@ REGISTER_OP("KerasDpNoisyGradients")
       for (int i = 2; i < c->num_inputs(); i++) {
         c->set_output(i - 2, c->input(i));
       }
+      return absl::OkStatus();
+    });
+
+REGISTER_OP("KerasDpSquaredNorms")
+    .Input("x: float")
+    .Output("squared_norms: float")
+    .SetShapeFn([](InferenceContext* c) {
+      ::tensorflow::shape_inference::ShapeHandle x;
+      TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(0), 1, &x));
+      c->set_output(0, c->Vector(c->Dim(x, 0)));
       return absl::OkStatus();
     });
 
@@ -187,6 +201,53 @@ class NoisyGradientsOp : public OpKernel {
   }
 };
 
+class SquaredNormsOp : public OpKernel {
+ public:
+  using OpKernel::OpKernel;
+
+  void Compute(OpKernelContext* context) override {
+    const Tensor& x = context->input(0);
+    OP_REQUIRES(context, x.dims() >= 1,
+                absl::InvalidArgumentError("x must have a batch axis"));
+    const int64_t n = x.dim_size(0);
+    const int64_t row = n > 0 ? x.NumElements() / n : 0;
+    Tensor* squared_norms = nullptr;
+    OP_REQUIRES_OK(context, context->allocate_output(0, TensorShape({n}),
+                                                     &squared_norms));
+    const float* in = x.flat<float>().data();
+    float* out = squared_norms->flat<float>().data();
+    auto* workers = context->device()->tensorflow_cpu_worker_threads();
+    ::tensorflow::Shard(workers->num_threads, workers->workers, n,
+                        /*cost_per_unit=*/row, [=](int64_t lo, int64_t hi) {
+                          for (int64_t i = lo; i < hi; i++) {
+                            out[i] = SquaredNorm(in + i * row, row);
+                          }
+                        });
+  }
+
+ private:
+  // Blocks of 4096 summed in 16 float lanes (which the compiler
+  // vectorises), the blocks' sums in double: long rows (a sequence
+  // layer's per-example kernel gradient) keep float32's precision.
+  static float SquaredNorm(const float* x, int64_t size) {
+    constexpr int64_t kLanes = 16, kBlock = 4096;
+    double total = 0.0;
+    for (int64_t start = 0; start < size; start += kBlock) {
+      const int64_t end = start + kBlock < size ? start + kBlock : size;
+      float lanes[kLanes] = {0.0f};
+      int64_t j = start;
+      for (; j + kLanes <= end; j += kLanes) {
+        for (int64_t k = 0; k < kLanes; k++) lanes[k] += x[j + k] * x[j + k];
+      }
+      float block = 0.0f;
+      for (; j < end; j++) block += x[j] * x[j];
+      for (int64_t k = 0; k < kLanes; k++) block += lanes[k];
+      total += block;
+    }
+    return static_cast<float>(total);
+  }
+};
+
 class ConvPatchesOp : public OpKernel {
  public:
   using OpKernel::OpKernel;
@@ -305,6 +366,9 @@ REGISTER_KERNEL_BUILDER(
 REGISTER_KERNEL_BUILDER(
     Name("KerasDpConvPatches").Device(::tensorflow::DEVICE_CPU),
     ConvPatchesOp);
+REGISTER_KERNEL_BUILDER(
+    Name("KerasDpSquaredNorms").Device(::tensorflow::DEVICE_CPU),
+    SquaredNormsOp);
 REGISTER_KERNEL_BUILDER(
     Name("KerasDpStandardNormal").Device(::tensorflow::DEVICE_CPU),
     StandardNormalOp);
