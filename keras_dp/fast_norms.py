@@ -642,9 +642,7 @@ def _per_example_losses(model, trainable, new_non_trainable, x, y, y_pred, sw):
 
 
 def _make_run(model, trainable, non_trainable, x, y, sw):
-    num_regularized = sum(
-        1 for v in model.trainable_weights if v.regularizer is not None
-    )
+    num_regularized = per_example_lib.num_regularized_weights(model)
     call_kwargs = {"training": True} if model._call_has_training_arg else {}
 
     def run():

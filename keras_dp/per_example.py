@@ -46,6 +46,19 @@ def _squeeze(structure):
     return tree.map_structure(lambda t: ops.squeeze(t, 0), structure)
 
 
+def num_regularized_weights(model):
+    """How many trainable weights carry a weight regularizer.
+
+    `stateless_call(..., return_losses=True)` lists activity losses first and
+    then one term per such weight, so this count splits the two.
+    """
+    return sum(
+        1
+        for v in model.trainable_weights
+        if getattr(v, "regularizer", None) is not None
+    )
+
+
 def regularization_loss(model, trainable_values):
     """Sum of weight-regularizer losses at `trainable_values` (no data)."""
     mapping = list(zip(model.trainable_variables, trainable_values))
@@ -78,9 +91,7 @@ def example_loss_fn(model):
         for k, v in enumerate(model.non_trainable_variables)
         if id(v) in seed_ids
     ]
-    num_regularized = sum(
-        1 for v in model.trainable_weights if v.regularizer is not None
-    )
+    num_regularized = num_regularized_weights(model)
     call_kwargs = {"training": True} if model._call_has_training_arg else {}
 
     def loss_fn(trainable, non_trainable, example):
@@ -648,10 +659,7 @@ def private_gradients(
         for s, v in zip(result["clipped_sum"], model.trainable_variables)
     ]
     reg_loss = 0.0
-    if any(
-        getattr(v, "regularizer", None) is not None
-        for v in model.trainable_variables
-    ):
+    if num_regularized_weights(model):
         (reg_loss, _), reg_grads = backend_ops.value_and_grad(
             lambda params: (regularization_loss(model, params), ())
         )(trainable)
