@@ -542,7 +542,7 @@ def _batched_example_losses(model, y, y_pred, sw):
         or y is None
         or any(tree.is_nested(t) for t in (y, y_pred, sw))
         or masking.get_keras_mask(y_pred) is not None
-        or _replicas_in_sync() != 1
+        or backend_lib.get_backend_module().replicas_in_sync() != 1
     ):
         return None
     if not compile_loss.built:
@@ -580,14 +580,6 @@ def _batched_example_losses(model, y, y_pred, sw):
         present = per_example_lib._row_mask(sw) > 0
         values = ops.where(present, values, ops.zeros_like(values))
     return values
-
-
-def _replicas_in_sync():
-    if keras.backend.backend() != "tensorflow":
-        return 1
-    import tensorflow as tf
-
-    return tf.distribute.get_strategy().num_replicas_in_sync
 
 
 def _per_example_losses(model, trainable, new_non_trainable, x, y, y_pred, sw):

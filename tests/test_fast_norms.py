@@ -742,13 +742,18 @@ def _mean_over_batch(y_true, y_pred):
 @pytest.mark.parametrize(
     "case",
     ["own_loss_function", "dice", "axis", "compute_loss", "two_outputs", "mask",
-     "ignore_class"],
+     "ignore_class", "replicas"],
 )
-def test_batched_example_losses_only_where_exact(case):
+def test_batched_example_losses_only_where_exact(case, monkeypatch):
     """Losses that may mix examples or weigh them by the batch (user
     functions, `dice`, another axis, masks, `ignore_class`), an overridden
-    `compute_loss` and several outputs: None, so the step maps the
-    compiled loss over the examples, and trains like the vmap path."""
+    `compute_loss`, several outputs and several replicas (whose loss is
+    scaled by their number): None, so the step maps the compiled loss over
+    the examples, and trains like the vmap path."""
+    if case == "replicas":
+        monkeypatch.setattr(
+            backend_lib.get_backend_module(), "replicas_in_sync", lambda: 2
+        )
     n = 8
     inputs = keras.Input((3,))
     outputs = L.Dense(2)(inputs)

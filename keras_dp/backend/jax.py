@@ -70,6 +70,12 @@ GROUPED_CONV_MIN_POSITIONS = 256
 GROUPED_CONV_CHUNK_BYTES = 2**19
 
 
+def replicas_in_sync():
+    """1: a JAX step sees the whole batch, also under a
+    `keras.distribution` (one program over all devices)."""
+    return 1
+
+
 def per_example_conv_kernel_grads(x, dy, kernel_size, dilation, pads):
     """Per-example kernel gradients of a stride-1 convolution.
 

@@ -234,6 +234,11 @@ def _padded_for_conv2d(x, dy, kernel_size, strides, dilation, pads):
     return x, "VALID"
 
 
+def replicas_in_sync():
+    """Replicas of the `tf.distribute` strategy in scope (1 without one)."""
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
 def per_example_squared_norms(x):
     """Each example's sum of squares, `(n,)` from a float32 `(n, ...)`
     tensor, as one compiled op (`keras_dp.native`) that reads `x` once;
