@@ -4,6 +4,9 @@ References are per-example loops: one GradientTape / jax.grad call per
 example, using plain Keras only.
 """
 
+import os
+import subprocess
+import sys
 import warnings
 
 import keras
@@ -786,6 +789,62 @@ def test_batched_example_losses_only_where_exact(case, monkeypatch):
         )
         is None
     )
+
+
+_MIRRORED_REPLICAS_CHECK = """
+import os
+os.environ["KERAS_BACKEND"] = "tensorflow"
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(
+    cpu, [tf.config.LogicalDeviceConfiguration()] * 2
+)
+import keras
+from keras_dp import fast_norms
+from keras_dp.backend import tensorflow as tf_backend
+
+inputs = keras.Input((3,))
+model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+model.compile(loss="mse")
+y = np.random.default_rng(0).random((8, 2)).astype("float32")
+y_pred = tf.constant(y[::-1].copy())
+assert tf_backend.replicas_in_sync() == 1
+assert fast_norms._batched_example_losses(model, y, y_pred, None) is not None
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+def in_replica():
+    replicas = tf_backend.replicas_in_sync()
+    losses = fast_norms._batched_example_losses(model, y, y_pred, None)
+    return tf.constant(replicas), tf.constant(losses is None)
+
+per_replica = strategy.run(tf.function(in_replica))
+for replicas, refused in zip(*(strategy.experimental_local_results(t)
+                               for t in per_replica)):
+    assert int(replicas) == 2, int(replicas)
+    assert bool(refused)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow",
+    reason="tf.distribute strategies are TensorFlow's",
+)
+def test_batched_example_losses_refused_under_mirrored_strategy():
+    """Under a real MirroredStrategy of two CPU devices (own process: the
+    logical devices must be set before TensorFlow starts), the backend
+    counts two replicas and the batched losses are refused; outside it,
+    one replica and batched losses."""
+    result = subprocess.run(
+        [sys.executable, "-c", _MIRRORED_REPLICAS_CHECK],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
 
 
 def _shared_layer_model():
