@@ -4,7 +4,6 @@ References are per-example loops: one GradientTape / jax.grad call per
 example, using plain Keras only.
 """
 
-import os
 import subprocess
 import sys
 import warnings
@@ -841,7 +840,6 @@ def test_batched_example_losses_refused_under_mirrored_strategy():
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
