@@ -108,7 +108,6 @@ def main():
         learning_rate=args.learning_rate,
         noise_multiplier=args.noise_multiplier,
         auto_clip=True,
-        seed=0,
     )
     dp_acc, dp_s, history = train(
         x_train, y_train, x_test, y_test, dp_optimizer, args, private=True

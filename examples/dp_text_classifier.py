@@ -206,7 +206,6 @@ def fine_tune(method, weights, data, args):
             ),
             noise_multiplier=args.noise_multiplier,
             auto_clip=True,
-            seed=args.seed,
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],

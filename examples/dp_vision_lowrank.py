@@ -101,7 +101,6 @@ def train(method, data, args):
             learning_rate=args.learning_rate,
             noise_multiplier=args.noise_multiplier,
             l2_norm_clip=1.0,
-            seed=args.seed,
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],

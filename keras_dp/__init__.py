@@ -19,6 +19,7 @@ from keras_dp.groups import get_clip_group
 from keras_dp.groups import set_clip_group
 from keras_dp.ledger import PrivacyLedger
 from keras_dp.low_rank import LowRankSparse
+from keras_dp.normalization import replace_batch_normalization
 from keras_dp.optimizers import DPAdam
 from keras_dp.optimizers import DPAdamW
 from keras_dp.optimizers import DPLamb
@@ -27,6 +28,7 @@ from keras_dp.optimizers import DPSGD
 from keras_dp.optimizers import make_dp_optimizer
 from keras_dp.private_model import is_private
 from keras_dp.private_model import make_private
+from keras_dp.summary import privacy_summary
 
 DPLAMB = DPLamb
 

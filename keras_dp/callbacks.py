@@ -5,11 +5,11 @@ from keras.src.utils import io_utils
 
 from keras_dp import accounting
 from keras_dp import ledger as ledger_lib
-from keras_dp import private_model
+from keras_dp.privacy_settings import is_private
 
 
 def _check_private(model, callback):
-    if not private_model.is_private(model):
+    if not is_private(model):
         raise ValueError(
             f"{type(callback).__name__} reports the privacy of DP training, "
             "but this model is not private. Pass it through "
@@ -49,8 +49,9 @@ class EpsilonLogger(keras.callbacks.Callback):
     ```
 
     Args:
-        delta: the delta of the guarantee. Defaults to `1 / n**1.1` for a
-            training set of `n` examples; a warning is issued when
+        delta: the delta of the guarantee. Defaults to the optimizer's
+            `target_delta` when it was given one, else to `1 / n**1.1` for
+            a training set of `n` examples; a warning is issued when
             `delta >= 1 / n`.
         accountant: `"rdp"` (default) or `"pld"` (tighter, slower).
         every_n_batches: also log every this many batches (None: only at
@@ -76,6 +77,8 @@ class EpsilonLogger(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         _check_private(self.model, self)
         n = _dataset_size(self.model)
+        if self.delta is None:
+            self.delta = getattr(self.model.optimizer, "target_delta", None)
         if self.delta is None:
             if n is None:
                 raise ValueError(
@@ -117,6 +120,10 @@ class PrivacyBudget(keras.callbacks.Callback):
     After every step it computes the epsilon that one more noisy update would
     reach; if that exceeds `target_epsilon`, training stops and says so. A
     `fit` that starts with the budget already spent trains no step at all.
+    Keras runs callbacks once per `steps_per_execution` steps, so with
+    `compile(steps_per_execution=s)` it looks ahead by the updates of one
+    execution (`ceil(s / gradient_accumulation_steps)`) and may stop up
+    to that many updates early, never late.
 
     Example:
 
@@ -150,10 +157,11 @@ class PrivacyBudget(keras.callbacks.Callback):
         _check_private(self.model, self)
 
     def next_step_epsilon(self, model):
-        """Epsilon after one more noisy update with the current setting."""
+        """Epsilon after the updates of one more execution (one update
+        without `steps_per_execution`) with the current setting."""
         steps = ledger_lib.optimizer_steps(model)
         return model.optimizer.privacy_ledger.epsilon(
-            steps + 1, self.delta, self.accountant
+            steps + updates_per_execution(model), self.delta, self.accountant
         )
 
     def check_before_fit(self, model):
@@ -176,3 +184,11 @@ class PrivacyBudget(keras.callbacks.Callback):
         if self.next_step_epsilon(self.model) > self.target_epsilon:
             self.model.stop_training = True
             self._stop(self.model)
+
+
+def updates_per_execution(model):
+    """The most optimizer updates one call of the train function applies:
+    `ceil(steps_per_execution / gradient_accumulation_steps)`."""
+    steps = int(getattr(model, "steps_per_execution", 1) or 1)
+    accumulation = model.optimizer.gradient_accumulation_steps or 1
+    return -(-steps // accumulation)

@@ -10,15 +10,21 @@ EXAMPLE_MIXING_LAYERS = (keras.layers.BatchNormalization,)
 
 
 def check_no_example_mixing_layers(model):
+    """Refuses trainable batch normalization (frozen layers run in inference
+    mode, with their stored statistics, and are accepted)."""
     for layer in model._flatten_layers(include_self=False):
-        if isinstance(layer, EXAMPLE_MIXING_LAYERS):
+        if isinstance(layer, EXAMPLE_MIXING_LAYERS) and layer.trainable:
             raise ValueError(
                 f"Layer {layer.name!r} ({type(layer).__name__}) normalizes "
                 "with statistics of the whole batch, so one example's output "
                 "depends on the others and per-example clipping cannot bound "
-                "its influence. Replace it with keras.layers."
-                "GroupNormalization or keras.layers.LayerNormalization, "
-                "which normalize each example on its own."
+                "its influence. Freeze it (`layer.trainable = False`: it "
+                "then uses its stored statistics, as when fine-tuning a "
+                "pretrained network), or replace it: "
+                "`model = keras_dp.replace_batch_normalization(model)` "
+                "swaps every trainable BatchNormalization for a "
+                "GroupNormalization, which normalizes each example on its "
+                "own."
             )
 
 

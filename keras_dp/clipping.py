@@ -7,11 +7,22 @@ Every privatised gradient has the form
 where `c_i` is the clip factor of example `i` and `Delta` the L2 sensitivity
 of the clipped sum. This module computes `c_i` from the per-example gradient
 norms and states `Delta` for each mode; the optimizers own the settings.
+
+Non-finite examples: an example whose gradient norm or loss is not a finite
+float32 number (an infinite or NaN gradient entry, or a norm that overflows)
+gets `c_i = 0` in every mode (`nonfinite_examples`, `zero_factors`), and its
+gradient is left out of the sum by selection, never multiplied by 0 (`0 *
+inf` is NaN): `weighted_sum(..., zero_rows=True)`. Its contribution is then
+exactly zero, like that of an example that was not sampled, so a NaN update
+cannot reveal that it was in the batch. `||c_i g_i|| <= C` still holds for
+every example, so the sensitivity is unchanged.
 """
 
 import math
 
 from keras import ops
+
+from keras_dp import backend as backend_lib
 
 CLIPPING_MODES = ("flat", "auto", "global")
 
@@ -138,13 +149,17 @@ def total_norms(squared_norms):
     return ops.sqrt(sum(squared_norms[1:], squared_norms[0]))
 
 
-def weighted_sum(per_example_grads, factors, partitions=None):
+def weighted_sum(per_example_grads, factors, partitions=None, zero_rows=False):
     """`sum_i factors_i * g_i` for each variable's per-example gradients.
 
     `factors` is one `(batch,)` tensor shared by all variables, or a list
     with one per variable. With `partitions` (see
     `per_example_squared_norms`), a partitioned variable's factors are
     `(batch, shards)`: piece `j` of example `i` is scaled by `f[i, j]`.
+
+    With `zero_rows`, an example (or piece) whose factor is 0 contributes
+    exactly 0 even where its gradient is infinite or NaN (one more pass
+    over the gradients); without it, `0 * inf` makes the sum NaN.
     """
     if not isinstance(factors, (list, tuple)):
         factors = [factors] * len(per_example_grads)
@@ -152,18 +167,94 @@ def weighted_sum(per_example_grads, factors, partitions=None):
     result = []
     for f, g, part in zip(factors, per_example_grads, partitions):
         if part is None or len(f.shape) == 1:
+            if zero_rows:
+                g = multiply_no_nan(g, rows_of(ops.not_equal(f, 0), g))
             result.append(ops.tensordot(f, g, axes=1))
             continue
         axis, shards = part
         split = _split_shape(g, part)
         pieces = ops.reshape(g, split)
-        scale = ops.reshape(
-            f,
-            (split[0],) + (1,) * axis + (shards,) + (1,) * (len(split) - axis - 2),
+        scale = ops.cast(
+            ops.reshape(
+                f,
+                (split[0],) + (1,) * axis + (shards,) + (1,) * (len(split) - axis - 2),
+            ),
+            pieces.dtype,
         )
-        summed = ops.sum(pieces * ops.cast(scale, pieces.dtype), axis=0)
+        if zero_rows:
+            weighted = multiply_no_nan(pieces, scale)
+        else:
+            weighted = pieces * scale
+        summed = ops.sum(weighted, axis=0)
         result.append(ops.reshape(summed, tuple(g.shape[1:])))
     return result
+
+
+def rows_of(values, x):
+    """`values` (batch,) as `x.dtype`, shaped to broadcast along the rows
+    of `x` (batch, ...)."""
+    return ops.reshape(
+        ops.cast(values, x.dtype), (-1,) + (1,) * (len(x.shape) - 1)
+    )
+
+
+def multiply_no_nan(x, y):
+    """`x * y` (broadcast), exactly 0 wherever `y` is 0, even where `x` is
+    infinite or NaN. One fused op: the backend's own where it has one
+    (TensorFlow's `multiply_no_nan`), else a select that XLA fuses with
+    the product."""
+    fused = getattr(backend_lib.get_backend_module(), "multiply_no_nan", None)
+    if fused is not None:
+        return fused(x, y)
+    y = ops.cast(y, x.dtype)
+    return ops.where(ops.equal(y, 0), ops.zeros((), x.dtype), x * y)
+
+
+def nonfinite_examples(squared_norms, losses=None):
+    """Examples whose gradient norm or loss is not finite: `(batch,)` bool.
+
+    `squared_norms`: one `(batch,)` (or `(batch, shards)`) tensor per
+    variable, `losses`: `(batch,)` per-example losses or None. An example is
+    non-finite when the sum of its squared norms is infinite or NaN (an
+    infinite or NaN gradient entry, or a norm beyond float32's range) or its
+    loss is. A few ops on `(batch,)` tensors, however many variables.
+    """
+    total = ops.sum(_example_columns(squared_norms, losses), axis=1)
+    return ops.logical_not(ops.isfinite(total))
+
+
+def all_finite(squared_norms, losses=None):
+    """Whether no example is non-finite (`nonfinite_examples`): a boolean
+    scalar from one sum over the batch (infinities and NaNs propagate; a
+    batch whose total overflows counts as not finite, a false alarm that
+    only costs the exact way of `weighted_sum(zero_rows=True)`)."""
+    return ops.isfinite(ops.sum(_example_columns(squared_norms, losses)))
+
+
+def _example_columns(squared_norms, losses):
+    """`(batch, k)`: each example's squared norm per variable, and 0 where
+    its loss is finite (NaN where it is not)."""
+    columns = [
+        ops.sum(sq, axis=tuple(range(1, len(sq.shape)))) if len(sq.shape) > 1 else sq
+        for sq in squared_norms
+    ]
+    if losses is not None:
+        columns.append(ops.cast(losses - losses, columns[0].dtype))
+    return ops.stack(columns, axis=1)
+
+
+def zero_factors(factors, nonfinite):
+    """Per-variable clip factors with the rows of non-finite examples set to
+    exactly 0 (a select: their factors may be NaN). Variables sharing one
+    factor tensor share the result."""
+    selected = {}
+    for f in factors:
+        if id(f) not in selected:
+            drop = nonfinite
+            if len(f.shape) > 1:
+                drop = ops.reshape(drop, (-1,) + (1,) * (len(f.shape) - 1))
+            selected[id(f)] = ops.where(drop, ops.zeros((), f.dtype), f)
+    return [selected[id(f)] for f in factors]
 
 
 def group_clip_factors(group_norms, clipping, thresholds, scale_ratio=1.0):

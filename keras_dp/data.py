@@ -5,8 +5,10 @@ assumes each example joins each batch independently with probability
 `q = batch_size / n`. Shuffled fixed-size batches are a different mechanism
 whose guarantee can be weaker. `PoissonSampler` draws batches the way the
 accountant assumes and pads them to a fixed number of rows, so compiled train
-steps keep one shape; padding rows have sample weight 0 and contribute exactly
-nothing to the clipped gradient sum.
+steps keep one shape; padding rows are all zeros (inputs, targets, sample
+weight 0), so no real example's values enter a step it was not sampled in,
+and they contribute exactly nothing to the clipped gradient sum (even where a
+row of zeros gives the model a non-finite loss: see `keras_dp.per_example`).
 
 `fit` on a private model uses it automatically for in-memory data; build one
 yourself for a custom pipeline:
@@ -65,9 +67,10 @@ class PoissonSampler(keras.utils.PyDataset):
             who can predict its pseudo-random stream.)
 
     Each item is `(x, y, sample_weight)` with `padded_batch_size` rows; rows
-    beyond the sampled examples have weight 0 and repeat the dataset's first
-    example (real data keeps the padded loss finite, so its exactly-zero
-    gradient cannot turn into NaN).
+    beyond the sampled examples are zeros with sample weight 0 (copies of
+    a real example would carry its values into steps it was not sampled
+    in). The train step leaves rows of weight 0 out of the update exactly,
+    even where their loss or gradient is not finite.
     """
 
     def __init__(
@@ -133,23 +136,33 @@ class PoissonSampler(keras.utils.PyDataset):
         )[part]
         rows = max(self.padded_size, _round_up(len(chosen), 8))
         return (
-            _take_padded(self.x, chosen, rows),
-            _take_padded(self.y, chosen, rows),
-            _take_padded(self.sample_weight, chosen, rows, weights=True),
+            _lists_as_tuples(_take_padded(self.x, chosen, rows)),
+            _lists_as_tuples(_take_padded(self.y, chosen, rows)),
+            _take_padded(self.sample_weight, chosen, rows),
         )
 
     def on_epoch_end(self):
         self.epoch += 1
 
 
-def _take_padded(structure, indices, rows, weights=False):
+def _take_padded(structure, indices, rows):
+    """The rows `indices` of each array, then zeros up to `rows` rows."""
+
     def take(array):
         array = np.asarray(array)
-        if weights:
-            out = np.zeros((rows,) + array.shape[1:], dtype=array.dtype)
-        else:
-            out = np.repeat(array[:1], rows, axis=0)
+        out = np.zeros((rows,) + array.shape[1:], dtype=array.dtype)
         out[: len(indices)] = array[indices]
         return out
 
     return tree.map_structure(take, structure)
+
+
+def _lists_as_tuples(structure):
+    """Lists of arrays as tuples: Keras turns a `PyDataset`'s items into a
+    `tf.data` signature on TensorFlow, which takes tuples, not lists (a
+    model with several inputs or outputs takes either)."""
+    if isinstance(structure, (list, tuple)):
+        return tuple(_lists_as_tuples(item) for item in structure)
+    if isinstance(structure, dict):
+        return {key: _lists_as_tuples(value) for key, value in structure.items()}
+    return structure

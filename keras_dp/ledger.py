@@ -1,10 +1,13 @@
 """The privacy ledger: what the accountant needs, kept as optimizer state.
 
-The number of noisy updates is the optimizer's `iterations` variable (it
-counts updates, not micro-steps, under gradient accumulation), saved with the
-model. The ledger adds the change points of the noise multiplier and the
-sampling rate, stored in the optimizer's config, so `model.save` ->
-`keras.saving.load_model` -> `fit` continues the count.
+The number of noisy updates that touched a model's weights is the ledger's
+`step_offset` (updates taken by earlier optimizers of the same model) plus
+the current optimizer's `iterations` variable (it counts updates, not
+micro-steps, under gradient accumulation), saved with the model. The ledger
+adds the change points of the noise multiplier and the sampling rate, stored
+in the optimizer's config, so `model.save` -> `keras.saving.load_model` ->
+`fit` continues the count, and a private model compiled again with a new DP
+optimizer hands its ledger on to it (`keras_dp.make_private` does this).
 """
 
 import keras
@@ -18,15 +21,27 @@ class PrivacyLedger:
     Each entry is a dict with `start_step`, `noise_multiplier`,
     `sample_rate`, `poisson` (whether batches really were Poisson sampled;
     if not, the epsilon computed from the ledger assumes it) and `n`, the
-    training-set size when known.
+    training-set size when known. `step_offset` counts the updates taken by
+    earlier optimizers of the same model; steps are numbered from the
+    model's first private update.
     """
 
-    def __init__(self, entries=None):
+    def __init__(self, entries=None, step_offset=0):
+        if isinstance(entries, dict):
+            # The saved form of `get_config`.
+            step_offset = entries.get("step_offset", 0)
+            entries = entries.get("entries")
         self.entries = [dict(entry) for entry in (entries or [])]
+        self.step_offset = int(step_offset)
 
     def record(self, step, noise_multiplier, sample_rate, poisson, n=None):
-        """Notes that steps from `step` on use this setting."""
-        if not 0 < sample_rate <= 1:
+        """Notes that steps from `step` on use this setting.
+
+        `sample_rate=None` records updates whose sampling rate is unknown
+        (`train_on_batch` without `make_private(sample_rate=...)`): epsilon
+        over them is refused.
+        """
+        if sample_rate is not None and not 0 < sample_rate <= 1:
             raise ValueError(
                 f"The sample rate q = batch_size / n = {sample_rate:.4g} is "
                 "outside (0, 1]. The expected batch size cannot exceed the "
@@ -35,7 +50,7 @@ class PrivacyLedger:
         entry = {
             "start_step": int(step),
             "noise_multiplier": float(noise_multiplier),
-            "sample_rate": float(sample_rate),
+            "sample_rate": None if sample_rate is None else float(sample_rate),
             "poisson": bool(poisson),
             "n": None if n is None else int(n),
         }
@@ -49,8 +64,9 @@ class PrivacyLedger:
                 self.entries.pop()
         self.entries.append(entry)
 
-    def segments(self, steps):
-        """`(noise_multiplier, sample_rate, steps)` tuples up to `steps`."""
+    def recorded_segments(self, steps):
+        """`(noise_multiplier, sample_rate, steps)` tuples up to `steps`, as
+        recorded: a sample rate is None where it is unknown."""
         segments = []
         for k, entry in enumerate(self.entries):
             end = (
@@ -65,6 +81,39 @@ class PrivacyLedger:
                 )
         return segments
 
+    def segments(self, steps):
+        """`(noise_multiplier, sample_rate, steps)` tuples up to `steps`.
+
+        Raises ValueError when some of the `steps` have no recorded
+        setting (noisy updates taken outside `fit` / `train_on_batch` of a
+        private model) or an unknown sampling rate: their privacy cost is
+        unknown.
+        """
+        if steps > 0 and (
+            not self.entries or self.entries[0]["start_step"] > 0
+        ):
+            first = self.entries[0]["start_step"] if self.entries else steps
+            raise ValueError(
+                f"The privacy ledger has no sampling rate for the first "
+                f"{min(first, steps)} of the {steps} noisy updates taken, so "
+                "keras_dp cannot account for them. Train a private model "
+                "only through model.fit or model.train_on_batch (they record "
+                "the sampling rate), or compute epsilon with "
+                "keras_dp.accounting.compute_epsilon_for_segments."
+            )
+        segments = self.recorded_segments(steps)
+        unknown = sum(count for _, q, count in segments if q is None)
+        if unknown:
+            raise ValueError(
+                f"{unknown} of the {steps} noisy updates were taken by "
+                "train_on_batch at a sampling rate keras_dp does not "
+                "know, so it cannot account for them. Pass "
+                "`sample_rate=batch_size / n` to keras_dp.make_private("
+                "model, ...) before train_on_batch (n: the training-set "
+                "size), or train with model.fit."
+            )
+        return segments
+
     def assumes_poisson(self, steps):
         """Whether any counted step used batches that were not Poisson."""
         return any(
@@ -75,36 +124,48 @@ class PrivacyLedger:
 
     def epsilon(self, steps, delta, accountant="rdp"):
         """Epsilon after `steps` noisy updates."""
-        if steps > 0 and not self.entries:
-            raise ValueError(
-                "The privacy ledger has no sampling rate for the steps taken. "
-                "Train with model.fit on a private model (it records the "
-                "sampling rate), or compute epsilon with "
-                "keras_dp.compute_epsilon."
-            )
         return accounting.compute_epsilon_for_segments(
             self.segments(steps), delta, accountant=accountant
         )
 
     def get_config(self):
-        return [dict(entry) for entry in self.entries]
+        return {
+            "entries": [dict(entry) for entry in self.entries],
+            "step_offset": self.step_offset,
+        }
 
 
 def optimizer_steps(model):
-    """Noisy updates taken so far, also in the middle of a JAX `fit`.
-
-    JAX's trainer keeps the live state outside the variables during an
-    epoch; reading it from there avoids a full state sync.
-    """
+    """Noisy updates that touched the model's weights so far (those of
+    earlier optimizers included), also in the middle of a JAX `fit`."""
     optimizer = model.optimizer
-    state = getattr(model, "_jax_state", None)
+    return optimizer.privacy_ledger.step_offset + optimizer_updates(
+        optimizer, model
+    )
+
+
+def optimizer_updates(optimizer, model=None):
+    """Updates `optimizer` itself has applied.
+
+    In the middle of a JAX `fit` the trainer keeps the live state outside
+    the variables; reading it from there avoids a full state sync.
+    """
+    state = getattr(model, "_jax_state", None) if model is not None else None
     if state and not getattr(model, "_jax_state_synced", True):
         values = state.get("optimizer_variables")
         if values is not None:
             for variable, value in zip(optimizer.variables, values):
                 if variable is optimizer._iterations:
-                    iterations = int(value)
-                    break
-            steps = optimizer.gradient_accumulation_steps or 1
-            return iterations // steps
+                    steps = optimizer.gradient_accumulation_steps or 1
+                    return int(value) // steps
+    if not optimizer.built:
+        return 0
     return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
+def micro_steps(optimizer):
+    """Train steps `optimizer` has taken (micro-steps under gradient
+    accumulation; equal to its updates without)."""
+    if not optimizer.built:
+        return 0
+    return int(keras.ops.convert_to_numpy(optimizer._iterations))

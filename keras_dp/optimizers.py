@@ -28,6 +28,7 @@ import contextlib
 import itertools
 import math
 import numbers
+import secrets
 import sys
 import weakref
 
@@ -75,8 +76,12 @@ class DPOptimizerMixin:
         target_epsilon, target_delta, epochs: instead of `noise_multiplier`:
             the smallest `sigma` that keeps training for `epochs` epochs
             within `(target_epsilon, target_delta)`-DP is calibrated when
-            `fit` first sees the dataset size, printed, and kept in
-            `optimizer.noise_multiplier`.
+            `fit` first sees the dataset size (for the number of updates
+            `fit` really runs per epoch), printed, and kept in
+            `optimizer.noise_multiplier`. `fit` then also stops training
+            before the update that would exceed `target_epsilon` (training
+            past `epochs` epochs, say), and `keras_dp.EpsilonLogger()`
+            reports at `target_delta`.
         clipping: `"flat"` (Abadi et al., the default), `"auto"` (AUTO-S,
             Bu et al.: `c_i = R / (||g_i|| + 0.01)`, no threshold to tune) or
             `"global"` (Bu et al. 2023: examples with `||g_i|| <= Z` are
@@ -84,8 +89,15 @@ class DPOptimizerMixin:
         auto_clip: shorthand for `clipping="auto"`.
         global_clip_threshold: `Z` for `clipping="global"`; defaults to
             `l2_norm_clip`.
-        seed: integer seed of the noise. The noise generator's state is an
-            optimizer variable, so it is saved and restored with the model.
+        seed: None (the default) or an integer. None draws the noise key
+            from the operating system's entropy (`secrets`), independent of
+            `keras.utils.set_random_seed`, and keeps it in this process's
+            memory only: the saved optimizer state holds the step counter,
+            not the key, so nobody can recompute the noise from a saved
+            model. An integer makes the noise reproducible (tests,
+            debugging); anyone who knows it can subtract the noise, which
+            voids the guarantee against them. Do not train models you
+            release with a fixed seed.
         privacy_ledger: restored from a saved config; leave it unset.
         clip_groups: group-wise clipping (He et al.; see `keras_dp.groups`):
             `"flat"` (one group), `"layers"` (groups named on layers with
@@ -159,6 +171,15 @@ class DPOptimizerMixin:
             )
         if seed is not None and not isinstance(seed, int):
             raise ValueError(f"`seed` must be an integer. Received: {seed!r}.")
+        for name in ("clipnorm", "global_clipnorm", "clipvalue"):
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"`{name}` is Keras's clipping of the batch gradient, "
+                    "which a DP optimizer would apply after the noise: it "
+                    "is not the per-example clipping that differential "
+                    "privacy needs. Remove it and set `l2_norm_clip` (each "
+                    "example's gradient norm bound) instead."
+                )
         if kwargs.get("loss_scale_factor") is not None:
             raise ValueError(
                 "`loss_scale_factor` is not supported by DP optimizers: the "
@@ -248,24 +269,58 @@ class DPOptimizerMixin:
         self._clip_counts = None
         self._static_batch_size = None
 
-    def calibrate_noise(self, sample_rate):
+    def __repr__(self):
+        noise = (
+            f"noise_multiplier={self.noise_multiplier:.4g}"
+            if self.noise_multiplier is not None
+            else f"target_epsilon={self.target_epsilon} (not calibrated yet)"
+        )
+        groups = "" if self.clip_groups is None else f", clip_groups={self.clip_groups!r}"
+        adaptive = "" if self.adaptive_clipping is None else ", adaptive"
+        return (
+            f"<{type(self).__name__} name={self.name!r} "
+            f"l2_norm_clip={self.l2_norm_clip:g} {noise} "
+            f"clipping={self.clipping!r}{groups}{adaptive}"
+            + (
+                f" gradient_accumulation_steps={self.gradient_accumulation_steps}"
+                if self.gradient_accumulation_steps
+                else ""
+            )
+            + (" seed=fixed" if self.seed is not None else "")
+            + ">"
+        )
+
+    def calibrate_noise(self, sample_rate, updates_per_epoch=None):
         """Sets `noise_multiplier` from the target budget, once.
 
-        Called by `fit` on a private model when it knows the sampling rate.
+        Called by `fit` on a private model when it knows the sampling rate
+        and, where it can, the number of updates per epoch (without it,
+        `ceil(epochs / sample_rate)` updates are assumed). The privacy
+        already spent by the model (its ledger) counts against the target.
         Returns the noise multiplier in use.
         """
         if self.noise_multiplier is None:
+            if updates_per_epoch is None:
+                steps = accounting.steps_for_epochs(self.epochs, sample_rate)
+            else:
+                steps = int(math.ceil(self.epochs * updates_per_epoch))
+            ledger = self.privacy_ledger
+            spent = ledger.segments(
+                ledger.step_offset + ledger_lib.optimizer_updates(self)
+            )
             self.noise_multiplier = accounting.calibrate_noise_multiplier(
                 self.target_epsilon,
                 self.target_delta,
                 sample_rate,
-                epochs=self.epochs,
+                steps=steps,
+                prior_segments=spent,
             )
             io_utils.print_msg(
                 f"keras_dp: noise_multiplier={self.noise_multiplier:.4f} "
                 f"gives epsilon <= {self.target_epsilon} at delta="
-                f"{self.target_delta} for {self.epochs} epochs at sample "
-                f"rate {sample_rate:.4g}."
+                f"{self.target_delta} for {self.epochs} epochs ({steps} "
+                f"updates) at sample rate {sample_rate:.4g}; training stops "
+                "before an update that would exceed it."
             )
         return self.noise_multiplier
 
@@ -593,7 +648,7 @@ class DPOptimizerMixin:
         # The noise generator's state is an optimizer variable: it is saved
         # with the model and threaded through JAX's stateless steps.
         with keras.name_scope(self.name, caller=self):
-            self._noise_seed_generator = keras.random.SeedGenerator(
+            self._noise_seed_generator = NoiseSeedGenerator(
                 self.seed, name="dp_noise_seed"
             )
         self._track_variable(self._noise_seed_generator.state)
@@ -687,8 +742,8 @@ class DPOptimizerMixin:
                 ops.cast(self._expected_batch_size, "float32") * steps
             )
             grads = self._add_noise(grads, stddev)
-        # Keras's own clipnorm/clipvalue, if set, act on the noised gradient
-        # (post-processing, no privacy cost).
+        # Keras's clipnorm/clipvalue are refused in __init__; the base class
+        # still gets its turn (a no-op then).
         return super()._clip_gradients(grads)
 
     def _add_noise(self, grads, stddev):
@@ -809,6 +864,33 @@ class DPOptimizerMixin:
         if layer_groups:
             config["layer_clip_groups"] = layer_groups
         return config
+
+
+class NoiseSeedGenerator(keras.random.SeedGenerator):
+    """The DP noise's seed: a `keras.random.SeedGenerator` whose keys are
+    offset by a secret when no seed is given.
+
+    With `seed=None` the state variable (saved with the optimizer) starts
+    at `[0, 0]` and two 31-bit words from the operating system's entropy
+    are added to every key it hands out; they live in this object only, so
+    neither `keras.utils.set_random_seed` nor a saved model reveals the
+    noise. With an integer seed there is no secret: the noise is the
+    reproducible stream of `keras.random.SeedGenerator(seed)`.
+    """
+
+    def __init__(self, seed=None, name=None):
+        super().__init__(0 if seed is None else seed, name=name)
+        self._secret = (
+            None
+            if seed is not None
+            else (secrets.randbits(31), secrets.randbits(31))
+        )
+
+    def next(self, ordered=True):
+        key = super().next(ordered=ordered)
+        if self._secret is None:
+            return key
+        return key + ops.convert_to_tensor(self._secret, dtype=key.dtype)
 
 
 def _check_calibration_target(noise_multiplier, target_epsilon, target_delta, epochs):

@@ -12,7 +12,23 @@ to their trainer's state; everything here is written with `keras.ops`:
 - every `SeedGenerator` in the model gets a different state per example, so
   dropout and other random layers draw an independent mask per example;
 - with `microbatch_size`, the batch is processed in chunks under a scan
-  and only one chunk's per-example gradients exist at a time.
+  and only one chunk's per-example gradients exist at a time; the last
+  chunk is padded with rows of zeros that have sample weight 0.
+
+Non-finite examples (both this path and `keras_dp.fast_norms`): an
+example whose gradient norm or loss is infinite or NaN (an overflowing
+loss, an infinite input, a norm beyond float32's range) gets clip factor
+exactly 0 and its gradient is left out of the clipped sum by a select,
+never multiplied by 0 (`0 * inf` is NaN), so the update is the one of the
+batch without it: finite, and no sign that the example was sampled. Rows
+with sample weight 0 (padding) contribute exactly nothing even when their
+values are not finite. `private_gradients` counts the dropped real examples
+(`nonfinite_examples`, logged by the train step) and leaves their losses
+(infinite or NaN ones among them) out of the logged loss. Like the logged
+loss, that count is computed from the data without noise: it is for the
+person training, not differentially private. A step without a non-finite
+example pays only for a test on the squared norms and losses: the exact way
+of leaving rows out runs under `ops.cond` in the other steps.
 """
 
 import contextlib
@@ -23,6 +39,11 @@ from keras import ops
 from keras import tree
 
 from keras_dp import clipping as clipping_lib
+
+# The train step's log of the real examples left out of the update because
+# their gradient norm or loss was not finite (a count per step; like the
+# logged loss, not differentially private).
+NONFINITE_LOG = "nonfinite_examples"
 
 # Odd constant that spreads example indices over the first word of a
 # SeedGenerator state; the second word is the per-call counter, which must
@@ -181,8 +202,9 @@ def _reduce_non_trainable(model, stacked, mask, updated_positions, before):
     State no example updated keeps its value `before`. Seed states and other
     integer state take the first example's value (all examples advance them
     alike). Float state (statistics kept by custom layers) takes the mean
-    over the real examples, which is what a batched forward pass gives for
-    mean-type statistics.
+    over the examples with `mask` 1 (real, finite ones), which is what a
+    batched forward pass gives for mean-type statistics; the others are
+    left out by a select, so a NaN there does not spread.
     """
     seed_ids = _seed_state_ids(model)
     reduced = []
@@ -196,13 +218,13 @@ def _reduce_non_trainable(model, stacked, mask, updated_positions, before):
         ):
             reduced.append(values[0])
         else:
-            weights = ops.reshape(
-                ops.cast(mask, values.dtype),
-                (-1,) + (1,) * (len(values.shape) - 1),
+            keep = ops.reshape(
+                ops.not_equal(mask, 0), (-1,) + (1,) * (len(values.shape) - 1)
             )
             total = ops.maximum(ops.sum(mask), 1.0)
+            kept = ops.where(keep, values, ops.zeros((), values.dtype))
             reduced.append(
-                ops.sum(values * weights, axis=0) / ops.cast(total, values.dtype)
+                ops.sum(kept, axis=0) / ops.cast(total, values.dtype)
             )
     return reduced
 
@@ -253,8 +275,10 @@ def clipped_gradient_sum(
 
     Returns:
         Dict with `clipped_sum` (list, one tensor per trainable variable),
-        `losses` (per-example losses, shape `(rows,)`), `y_pred` (batched)
-        and `non_trainable` (updated values).
+        `losses` (per-example losses, shape `(rows,)`), `nonfinite`
+        (`(rows,)` bool: the examples whose gradient norm or loss is not
+        finite, given factor 0 and left out of the sum), `y_pred`
+        (batched) and `non_trainable` (updated values).
 
     With the model's `per_example` setting "auto" (the default) the fast
     path of `keras_dp.fast_norms` (ghost norms, book-keeping) is used when
@@ -344,13 +368,32 @@ def clipped_gradient_sum(
         factors = scaled_factors(
             optimizer.variable_clip_factors(squared_norms), scale
         )
-        clipped = [
-            part
-            for variable_parts, f, p in zip(parts, factors, partitions)
-            for part in clipping_lib.weighted_sum(
-                variable_parts, f, [p] * len(variable_parts)
-            )
-        ]
+
+        def sums(factors, zero_rows):
+            return [
+                part
+                for variable_parts, f, p in zip(parts, factors, partitions)
+                for part in clipping_lib.weighted_sum(
+                    variable_parts, f, [p] * len(variable_parts), zero_rows
+                )
+            ]
+
+        def finite_step():
+            return sums(factors, False), ops.zeros(ops.shape(losses), "bool")
+
+        def step_with_nonfinite():
+            # Factor 0 for the non-finite examples, left out exactly (a
+            # pass over the per-example gradients).
+            nonfinite = clipping_lib.nonfinite_examples(squared_norms, losses)
+            zeroed = clipping_lib.zero_factors(factors, nonfinite)
+            return sums(zeroed, True), nonfinite
+
+        clipped, nonfinite = ops.cond(
+            clipping_lib.all_finite(squared_norms, losses),
+            finite_step,
+            step_with_nonfinite,
+        )
+        clipped = list(clipped)
         if count_groups:
             mask = (
                 _row_mask(chunk["sample_weight"])
@@ -358,11 +401,11 @@ def clipped_gradient_sum(
                 else None
             )
             clipped.append(optimizer.clip_counts(squared_norms, mask))
-        return clipped, losses, y_pred, new_nt
+        return clipped, losses, y_pred, new_nt, nonfinite
 
     if microbatch_size is None:
         examples["index"] = ops.arange(rows, dtype="int32")
-        clipped, losses, y_pred, new_nt = chunk_fn(examples)
+        clipped, losses, y_pred, new_nt, nonfinite = chunk_fn(examples)
         mask = ops.ones((rows,), dtype="float32")
         if sample_weight is not None:
             mask = _row_mask(sample_weight)
@@ -381,9 +424,9 @@ def clipped_gradient_sum(
         )
 
         def scan_fn(total, chunk):
-            clipped, losses, y_pred, new_nt = chunk_fn(chunk)
+            clipped, losses, y_pred, new_nt, nonfinite = chunk_fn(chunk)
             total = [a + b for a, b in zip(total, clipped)]
-            return total, (losses, y_pred, new_nt)
+            return total, (losses, y_pred, new_nt, nonfinite)
 
         init = [
             ops.zeros(shape, dtype="float32")
@@ -393,11 +436,13 @@ def clipped_gradient_sum(
         if count_groups:
             init.append(ops.zeros((count_groups,), dtype="float32"))
         clipped, stacked = backend_ops.scan(scan_fn, init, chunks)
-        losses, y_pred, new_nt = tree.map_structure(
+        losses, y_pred, new_nt, nonfinite = tree.map_structure(
             lambda t: ops.reshape(t, (-1,) + tuple(t.shape[2:]))[:rows],
             stacked,
         )
         mask = _row_mask(examples["sample_weight"])[:rows]
+    # Non-finite examples' state updates are left out too.
+    state_mask = ops.where(nonfinite, ops.zeros_like(mask), mask)
     clip_counts = None
     if count_groups:
         clipped, clip_counts = list(clipped[:-1]), clipped[-1]
@@ -406,9 +451,10 @@ def clipped_gradient_sum(
         "clipped_sum": space.reconstruct(_unflatten_parts(clipped, part_shapes)),
         "noise_spaces": space.noise_spaces(),
         "losses": losses,
+        "nonfinite": nonfinite,
         "y_pred": y_pred,
         "non_trainable": _reduce_non_trainable(
-            model, new_nt, mask, loss_fn.updated_positions, non_trainable
+            model, new_nt, state_mask, loss_fn.updated_positions, non_trainable
         ),
     }
 
@@ -632,7 +678,12 @@ def private_gradients(
             the optimizer adds `N(0, (sigma * Delta / B)^2)` to these.
         `expected_batch_size`: `B`, the batch's own row count unless the
             model's privacy settings fix it (Poisson sampling).
-        `loss`: mean per-example loss over `B` plus regularization, for logs.
+        `loss`: the sum of the per-example losses over `B` plus
+            regularization, for logs; the losses of the examples left out
+            of the update (non-finite ones) are left out.
+        `nonfinite_examples`: how many real examples (rows with a non-zero
+            sample weight) had a non-finite gradient norm or loss and were
+            left out of the update (float32 scalar).
         `y_pred`, `non_trainable`: as in a normal step.
     """
     settings = model._keras_dp
@@ -664,10 +715,21 @@ def private_gradients(
             lambda params: (regularization_loss(model, params), ())
         )(trainable)
         grads = [g + ops.cast(r, g.dtype) for g, r in zip(grads, reg_grads)]
-    loss = ops.sum(result["losses"]) / expected + reg_loss
+    # The examples left out of the update are left out of the logged loss.
+    losses = result["losses"]
+    nonfinite = result["nonfinite"]
+    loss = (
+        ops.sum(ops.where(nonfinite, ops.zeros_like(losses), losses)) / expected
+        + reg_loss
+    )
+    # Rows of weight 0 (padding) are not counted.
+    row_mask = None if sample_weight is None else _row_mask(sample_weight)
+    dropped = ops.cast(nonfinite, "float32")
+    if row_mask is not None:
+        dropped = dropped * row_mask
     padded = settings.expected_batch_size is not None and sample_weight is not None
     return {
-        "row_mask": _row_mask(sample_weight) if padded else None,
+        "row_mask": row_mask if padded else None,
         "grads": grads,
         "noise_spaces": result.get("noise_spaces"),
         "expected_batch_size": expected,
@@ -676,6 +738,7 @@ def private_gradients(
         "static_expected_batch_size": static_expected,
         "clip_counts": result.get("clip_counts"),
         "loss": loss,
+        "nonfinite_examples": ops.sum(dropped),
         "y_pred": result["y_pred"],
         "non_trainable": result["non_trainable"],
     }

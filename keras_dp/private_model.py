@@ -11,50 +11,15 @@ from keras.src.trainers.data_adapters import array_slicing
 from keras.src.trainers import data_adapters
 
 from keras_dp import backend as backend_lib
+from keras_dp import callbacks as callbacks_lib
 from keras_dp import checks
 from keras_dp import data as data_lib
+from keras_dp import example_independence
+from keras_dp import fit_data
 from keras_dp import ledger as ledger_lib
-
-
-class PrivacySettings:
-    """Per-model settings of the private train step.
-
-    Attributes:
-        microbatch_size: examples whose per-example gradients are
-            materialised at once (None: the whole batch).
-        poisson_sampling: whether `fit` on in-memory arrays draws Poisson
-            batches.
-        sample_rate: the sampling rate for data whose size `fit` cannot
-            see (generators), or None.
-        expected_batch_size: the `B` that clipped sums are divided by.
-            None means each batch's own size (fixed-size batches); Poisson
-            sampling sets it to the expected size `q * n`.
-        per_example: "auto", "fast" or "vmap" (see `make_private`).
-        per_example_path: set when a train step is traced: `("fast", None)`
-            or `("vmap", reason the fast path was not used)`.
-    """
-
-    def __init__(
-        self,
-        microbatch_size=None,
-        poisson_sampling=True,
-        sample_rate=None,
-        per_example="auto",
-    ):
-        self.microbatch_size = microbatch_size
-        self.per_example = per_example
-        self.per_example_path = None
-        self.poisson_sampling = poisson_sampling
-        self.sample_rate = sample_rate
-        self.expected_batch_size = None
-        # Rows per batch of the current `fit`, when known: TensorFlow traces
-        # the step with an unknown batch size, and the fast path sizes its
-        # memory-bounded chunks by this.
-        self.batch_size_hint = None
-        self.sampling_seed = None
-        self.warned_fixed_batches = False
-        # What the current train function was traced with.
-        self.traced_with = None
+from keras_dp import summary as summary_lib
+from keras_dp.privacy_settings import PrivacySettings
+from keras_dp.privacy_settings import is_private  # noqa: F401 (public API)
 
 
 def make_private(
@@ -164,7 +129,16 @@ def make_private(
             _checked_make_train_function(type(model).make_train_function),
             model,
         )
-        model.fit = types.MethodType(_private_fit(type(model).fit), model)
+        model.fit = types.MethodType(_private_fit(_trainer_fit(model)), model)
+        model.train_on_batch = types.MethodType(
+            _private_train_on_batch(type(model).train_on_batch), model
+        )
+        model.compile = types.MethodType(
+            _private_compile(type(model).compile), model
+        )
+        model.summary = types.MethodType(
+            _private_summary(type(model).summary), model
+        )
     else:
         settings.microbatch_size = microbatch_size
         settings.poisson_sampling = poisson_sampling
@@ -199,6 +173,49 @@ def _checked_make_train_function(make_train_function):
     return checked
 
 
+def _trainer_fit(model):
+    """The `fit` that the private one calls: the model's own, except that of
+    keras-hub pipeline models (`Task`s), which batch and preprocess the data
+    in their own `tf.data` pipeline where no Poisson sampler fits; for them
+    keras_dp preprocesses the data itself (`_preprocessed`) and calls the
+    Keras trainer's `fit`."""
+    for cls in type(model).__mro__:
+        if "fit" in vars(cls) and not cls.__module__.startswith("keras_hub."):
+            return cls.fit
+    return type(model).fit
+
+
+def _preprocessed(model, x, y, sample_weight, validation_data):
+    """`(x, y, sample_weight, validation_data)` through a keras-hub task's
+    preprocessor, for arrays and `tf.data` (the preprocessor works on each
+    example alone: tokenizing, packing; it sees no other example)."""
+    if getattr(model, "preprocessor", None) is None:
+        return x, y, sample_weight, validation_data
+    preprocess = model.preprocess_samples
+
+    def arrays(x, y, sample_weight):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(
+            preprocess(x, y, sample_weight)
+        )
+        return tree.map_structure(
+            lambda t: None if t is None else keras.ops.convert_to_numpy(t),
+            (x, y, sample_weight),
+        )
+
+    if data_adapters.is_tf_dataset(x):
+        x = x.map(preprocess)
+    elif x is not None and not isinstance(x, keras.utils.PyDataset):
+        x, y, sample_weight = arrays(x, y, sample_weight)
+    if validation_data is not None:
+        if data_adapters.is_tf_dataset(validation_data):
+            validation_data = validation_data.map(preprocess)
+        else:
+            validation_data = arrays(
+                *keras.utils.unpack_x_y_sample_weight(validation_data)
+            )
+    return x, y, sample_weight, validation_data
+
+
 def _private_fit(fit):
     def private_fit(
         model,
@@ -220,6 +237,10 @@ def _private_fit(fit):
         settings = model._keras_dp
         checks.check_dp_optimizer(model)
         optimizer = model.optimizer
+        fit_data.check_whole_windows_done(optimizer)
+        x, y, sample_weight, validation_data = _preprocessed(
+            model, x, y, sample_weight, validation_data
+        )
         accumulation = optimizer.gradient_accumulation_steps or 1
         expected_batch_size = None
         arrays = (x, y, sample_weight)
@@ -247,16 +268,14 @@ def _private_fit(fit):
                 seed=settings.sampling_seed,
             )
             y = sample_weight = batch_size = steps_per_epoch = None
-        n = None
         if isinstance(x, data_lib.PoissonSampler):
-            sample_rate, poisson, n = x.sample_rate, True, x.n
+            plan = fit_data.poisson_plan(x, accumulation)
             expected_batch_size = x.expected_batch_size
         else:
-            if array_data_adapter.can_convert_arrays((x, y)):
-                n = data_lib.num_examples(x) * (1 - validation_split)
-            sample_rate, poisson = _fixed_batch_sample_rate(
-                model, x, y, batch_size, steps_per_epoch, accumulation
-            ), False
+            plan = fit_data.fixed_batch_plan(
+                model, x, y, batch_size, steps_per_epoch, validation_split,
+                accumulation,
+            )
             if not settings.warned_fixed_batches:
                 settings.warned_fixed_batches = True
                 warnings.warn(
@@ -264,25 +283,31 @@ def _private_fit(fit):
                     "poisson_sampling=False): batches are shuffled fixed-size "
                     "slices, not Poisson samples. The epsilon that keras_dp "
                     "reports assumes Poisson sampling at rate "
-                    f"q={sample_rate:.4g}; for fixed-size batches the real "
-                    "guarantee can be weaker. Pass in-memory arrays or a "
+                    f"q={plan.sample_rate:.4g}; for fixed-size batches the "
+                    "real guarantee can be weaker. Pass in-memory arrays or a "
                     "keras_dp.data.PoissonSampler for the analysed mechanism.",
                     stacklevel=2,
                 )
-        noise_multiplier = optimizer.calibrate_noise(sample_rate)
+        if not settings.examples_checked:
+            ex_x, ex_y, ex_w, x = fit_data.first_examples(x, y, sample_weight)
+            check_examples(model, ex_x, ex_y, ex_w)
+        noise_multiplier = optimizer.calibrate_noise(
+            plan.sample_rate, plan.updates_per_epoch
+        )
         optimizer.privacy_ledger.record(
             ledger_lib.optimizer_steps(model),
             noise_multiplier,
-            sample_rate,
-            poisson,
-            n,
+            plan.sample_rate,
+            plan.poisson,
+            plan.n,
         )
+        callbacks = _private_callbacks(optimizer, callbacks)
         for callback in _as_list(callbacks):
             if hasattr(callback, "check_before_fit") and not (
                 callback.check_before_fit(model)
             ):
                 return keras.callbacks.History()
-        if poisson:
+        if plan.poisson:
             # The sampler's batches are already random; Keras shuffling its
             # items would split the parts of one logical batch (gradient
             # accumulation) across updates.
@@ -314,6 +339,152 @@ def _private_fit(fit):
 
     private_fit.__doc__ = fit.__doc__
     return private_fit
+
+
+def _private_callbacks(optimizer, callbacks):
+    """`callbacks` as `fit` on a private model runs them.
+
+    keras_dp's `EpsilonLogger`s come first, so that every other callback
+    (`CSVLogger`, `TensorBoard`, ...) sees `epsilon` in the logs whatever
+    the order the user listed them in; and an optimizer given a target
+    epsilon adds a `PrivacyBudget` at that target, so training past the
+    calibrated epochs stops before it exceeds the target instead of
+    overshooting silently.
+    """
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        listed = callbacks.callbacks
+    else:
+        listed = _as_list(callbacks)
+    loggers = [c for c in listed if isinstance(c, callbacks_lib.EpsilonLogger)]
+    ordered = loggers + [c for c in listed if c not in loggers]
+    if optimizer.target_epsilon is not None:
+        ordered.append(
+            callbacks_lib.PrivacyBudget(
+                optimizer.target_epsilon, optimizer.target_delta
+            )
+        )
+    if isinstance(callbacks, keras.callbacks.CallbackList):
+        callbacks.callbacks = ordered
+        return callbacks
+    return ordered
+
+
+def check_examples(model, x, y=None, sample_weight=None):
+    """Runs the checks that need real examples, once per model, before its
+    first private step (see `keras_dp.example_independence`)."""
+    settings = model._keras_dp
+    if settings.examples_checked or x is None:
+        return
+    example_independence.check_examples_independent(model, x, y, sample_weight)
+    settings.examples_checked = True
+
+
+def _private_train_on_batch(train_on_batch):
+    def private_train_on_batch(
+        model, x, y=None, sample_weight=None, class_weight=None,
+        return_dict=False,
+    ):
+        settings = model._keras_dp
+        checks.check_dp_optimizer(model)
+        optimizer = model.optimizer
+        if optimizer.noise_multiplier is None:
+            raise ValueError(
+                f"{type(optimizer).__name__} was given target_epsilon and "
+                "calibrates its noise for a number of epochs, which "
+                "train_on_batch cannot tell. Pass `noise_multiplier` (and "
+                "keep to a budget with keras_dp.PrivacyBudget or "
+                "keras_dp.accounting), or train with model.fit."
+            )
+        # Without `make_private(sample_rate=...)` the update is recorded
+        # with an unknown rate: epsilon is then refused, never understated.
+        sample_rate = None
+        if settings.sample_rate is not None:
+            accumulation = optimizer.gradient_accumulation_steps or 1
+            sample_rate = min(1.0, settings.sample_rate * accumulation)
+        check_examples(model, x, y, sample_weight)
+        steps = ledger_lib.optimizer_steps(model)
+        ledger = optimizer.privacy_ledger
+        ledger.record(steps, optimizer.noise_multiplier, sample_rate, False)
+        if optimizer.target_epsilon is not None and ledger.epsilon(
+            steps + 1, optimizer.target_delta
+        ) > optimizer.target_epsilon:
+            raise ValueError(
+                f"One more update would exceed the optimizer's "
+                f"target_epsilon={optimizer.target_epsilon} at delta="
+                f"{optimizer.target_delta}: this model has spent its "
+                "privacy budget."
+            )
+        return train_on_batch(
+            model, x, y=y, sample_weight=sample_weight,
+            class_weight=class_weight, return_dict=return_dict,
+        )
+
+    private_train_on_batch.__doc__ = train_on_batch.__doc__
+    return private_train_on_batch
+
+
+def _private_compile(compile_fn):
+    def private_compile(model, *args, **kwargs):
+        previous = getattr(model, "optimizer", None)
+        spent = None
+        if isinstance(
+            getattr(previous, "privacy_ledger", None), ledger_lib.PrivacyLedger
+        ):
+            steps = ledger_lib.optimizer_steps(model)
+            if steps:
+                spent = (previous.privacy_ledger, steps)
+        new = args[0] if args else kwargs.get("optimizer")
+        if spent is not None and new is not previous:
+            _check_no_history_of_its_own(new, spent[1])
+        if hasattr(new, "privacy_ledger"):
+            # Keras would wrap a DP optimizer in a LossScaleOptimizer under
+            # mixed_float16, which scales the summed loss; the private step
+            # scales each example's loss itself (`per_example`) and clips
+            # in float32.
+            kwargs["auto_scale_loss"] = False
+        result = compile_fn(model, *args, **kwargs)
+        optimizer = model.optimizer
+        if spent is not None and optimizer is not previous:
+            if isinstance(
+                getattr(optimizer, "privacy_ledger", None),
+                ledger_lib.PrivacyLedger,
+            ):
+                ledger, steps = spent
+                optimizer.privacy_ledger = ledger_lib.PrivacyLedger(
+                    ledger.entries, step_offset=steps
+                )
+        return result
+
+    private_compile.__doc__ = compile_fn.__doc__
+    return private_compile
+
+
+def _private_summary(summary_fn):
+    def private_summary(model, *args, **kwargs):
+        result = summary_fn(model, *args, **kwargs)
+        print_fn = kwargs.get("print_fn") or print
+        print_fn(summary_lib.privacy_summary(model))
+        return result
+
+    private_summary.__doc__ = summary_fn.__doc__
+    return private_summary
+
+
+def _check_no_history_of_its_own(optimizer, steps):
+    """The privacy a model has spent is handed on to its new optimizer (the
+    guarantee is about the model's weights, not about one optimizer); one
+    that trained before cannot take it on."""
+    ledger = getattr(optimizer, "privacy_ledger", None)
+    if not isinstance(ledger, ledger_lib.PrivacyLedger):
+        return  # Not a DP optimizer: `fit` refuses it.
+    if ledger.entries or ledger_lib.optimizer_updates(optimizer):
+        raise ValueError(
+            f"This model has taken {steps} noisy updates, and the new "
+            f"optimizer {optimizer.name!r} has a privacy history of its own "
+            "(it has trained before), so the privacy spent cannot be "
+            "combined into one ledger. Compile with a new DP optimizer "
+            "(the model's ledger is carried over to it)."
+        )
 
 
 def _rows_per_batch(x, batch_size):
@@ -353,32 +524,3 @@ def _class_weights_as_sample_weights(y, class_weight, sample_weight):
     if sample_weight is not None:
         weights = weights * np.asarray(sample_weight, dtype="float32")
     return weights
-
-
-def _fixed_batch_sample_rate(model, x, y, batch_size, steps_per_epoch, accumulation):
-    """Sampling rate of fixed-size batches: one update per `1/q` updates."""
-    settings = model._keras_dp
-    if settings.sample_rate is not None:
-        return settings.sample_rate
-    if array_data_adapter.can_convert_arrays((x, y)):
-        n = data_lib.num_examples(x)
-        return min(1.0, (batch_size or 32) * accumulation / n)
-    batches = None
-    if isinstance(x, keras.utils.PyDataset):
-        batches = x.num_batches
-    elif data_adapters.is_tf_dataset(x):
-        cardinality = int(x.cardinality())
-        batches = cardinality if cardinality > 0 else None
-    if batches is None:
-        raise ValueError(
-            "keras_dp cannot tell the sampling rate of this data (no known "
-            "dataset size), so it could not account for privacy. Pass "
-            "`sample_rate=batch_size / n` to keras_dp.make_private(model, "
-            "...), or train on arrays or a keras_dp.data.PoissonSampler."
-        )
-    return min(1.0, accumulation / batches)
-
-
-def is_private(model):
-    """Whether `make_private` was applied to `model`."""
-    return getattr(model, "_keras_dp", None) is not None

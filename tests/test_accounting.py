@@ -5,6 +5,7 @@ these tests check that `keras_dp.accounting` builds the right `DpEvent`s and
 accountants, not just that it returns what it returned before.
 """
 
+import logging
 import math
 import pathlib
 import subprocess
@@ -320,3 +321,24 @@ def test_module_does_not_import_ml_frameworks():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_small_noise_epsilon_is_right_and_logs_nothing(caplog):
+    # At q = 0.125, sigma = 1 dp-accounting leaves the fractional orders
+    # near 1 out (its series does not converge there) and says so once per
+    # order and call. The value must still lie between PLD's and the one of
+    # integer orders only, and the log stay clean.
+    sigma, q, steps, delta = 1.0, 0.125, 80, 1e-5
+    with caplog.at_level(logging.WARNING):
+        epsilon = accounting.compute_epsilon(sigma, q, steps, delta)
+    assert not [r for r in caplog.records if "converge" in r.getMessage()]
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(
+            q, dp_accounting.GaussianDpEvent(sigma)
+        ),
+        steps,
+    )
+    integer_orders = rdp.RdpAccountant(list(range(2, 1025)))
+    integer = integer_orders.compose(event).get_epsilon(delta)
+    tight = pld.PLDAccountant(value_discretization_interval=1e-4)
+    assert tight.compose(event).get_epsilon(delta) <= epsilon <= integer

@@ -223,20 +223,22 @@ def test_every_n_batches_writes_batch_logs(accumulation):
     assert logged == batches_per_epoch // every
 
 
-def test_csv_logger_gets_an_epsilon_column(tmp_path):
+@pytest.mark.parametrize("logger_first", [True, False])
+def test_csv_logger_gets_an_epsilon_column(tmp_path, logger_first):
     x, y = make_regression()
     model = private_model()
     path = tmp_path / "log.csv"
+    callbacks = [
+        keras_dp.EpsilonLogger(delta=DELTA),
+        keras.callbacks.CSVLogger(str(path)),
+    ]
     history = model.fit(
         x,
         y,
         batch_size=BATCH,
         epochs=2,
         verbose=0,
-        callbacks=[
-            keras_dp.EpsilonLogger(delta=DELTA),
-            keras.callbacks.CSVLogger(str(path)),
-        ],
+        callbacks=callbacks if logger_first else callbacks[::-1],
     )
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))

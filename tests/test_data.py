@@ -176,6 +176,23 @@ def test_padded_batches_have_fixed_rows_zero_weight_padding_and_real_rows():
         sampler.on_epoch_end()
 
 
+def test_padding_rows_are_zeros_in_every_array():
+    """Padding rows carry no real example's values (issue 30): zeros in
+    every input, target and weight, whatever their structure and dtype."""
+    x, y = make_arrays(100)
+    inputs = {"a": x, "ids": np.arange(1, 101, dtype="int32").reshape(100, 1)}
+    sampler = data_lib.PoissonSampler(inputs, y, batch_size=10, seed=4)
+    for index in range(len(sampler)):
+        bx, by, bw = sampler[index]
+        count = len(sampler.sample_indices(index))
+        assert count < len(bw)  # the batch has padding rows
+        assert bx["ids"].dtype == np.int32
+        for array in (bx["a"], bx["ids"], by, bw):
+            np.testing.assert_array_equal(array[count:], 0)
+        # Real rows are never zero here (ids start at 1).
+        assert np.all(bx["ids"][:count] > 0)
+
+
 def test_oversized_draw_is_padded_further_not_truncated():
     x, y = make_arrays(400)
 

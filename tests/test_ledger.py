@@ -140,7 +140,7 @@ def test_get_config_round_trip():
     assert restored.entries == ledger.entries
     assert restored.epsilon(40, DELTA) == ledger.epsilon(40, DELTA)
     # The config is a copy: editing it leaves the ledger alone.
-    config[0]["noise_multiplier"] = 99.0
+    config["entries"][0]["noise_multiplier"] = 99.0
     assert ledger.entries[0]["noise_multiplier"] == 1.0
 
 

@@ -293,6 +293,9 @@ def train_step(model, state, data):
             metrics_variables, step["loss"], x, y, step["y_pred"], sample_weight
         )
     logs.update(optimizer.clip_threshold_logs(optimizer_variables))
+    # Real examples of this step left out of the update for a non-finite
+    # gradient norm or loss (see `per_example`).
+    logs[per_example.NONFINITE_LOG] = step["nonfinite_examples"]
     state = (
         trainable,
         non_trainable,

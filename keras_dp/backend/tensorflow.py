@@ -85,7 +85,17 @@ def train_step(model, data):
             x, y, step["y_pred"], sample_weight=sample_weight
         )
     logs.update(optimizer.clip_threshold_logs())
+    # Real examples of this step left out of the update for a non-finite
+    # gradient norm or loss (see `per_example`).
+    logs[per_example.NONFINITE_LOG] = step["nonfinite_examples"]
     return logs
+
+
+def multiply_no_nan(x, y):
+    """`x * y` (broadcast), exactly 0 where `y` is 0 even where `x` is
+    infinite or NaN: one op (`tf.math.multiply_no_nan`), where a select
+    after the product would be a second pass in TensorFlow."""
+    return tf.math.multiply_no_nan(x, tf.cast(y, x.dtype))
 
 
 def after(dependencies, tensors):

@@ -1,0 +1,239 @@
+"""What keras_dp reads from the data given to `fit` before training.
+
+The accountant needs the sampling rate `q` of every noisy update and, to
+calibrate a target epsilon, the number of updates per epoch; the checks
+that run before the first step need a few real examples. This module works
+them out for every kind of data `fit` accepts, and refuses the settings in
+which an example could enter one update more than once:
+
+- Poisson batches (`keras_dp.data.PoissonSampler`, built by `fit` for
+  in-memory arrays): `q = k * B / n` for `k` accumulation steps, and the
+  sampler must draw one logical batch per update (its
+  `accumulation_steps` equal to the optimizer's).
+- Fixed-size batches (`poisson_sampling=False`, `PyDataset`, `tf.data`,
+  generators): `q = k * B / n`, from the training part of the arrays
+  (after `validation_split`), the dataset's number of batches, or the
+  `sample_rate = B / n` given to `make_private`. With gradient
+  accumulation the batches of one pass over the data must fill whole
+  windows of `k`, so that no window spans the reshuffle between two passes
+  (where it could hold the same example twice).
+
+Example (what `fit` does):
+
+```python
+plan = fit_data.fixed_batch_plan(model, x, y, batch_size=32,
+                                 steps_per_epoch=None, validation_split=0.0,
+                                 accumulation=1)
+plan.sample_rate, plan.n, plan.updates_per_epoch
+```
+"""
+
+import math
+import types
+
+import keras
+import numpy as np
+from keras import tree
+from keras.src.trainers.data_adapters import array_data_adapter
+from keras.src.trainers.data_adapters import data_adapter_utils
+from keras.src.trainers import data_adapters
+
+from keras_dp import data as data_lib
+
+# Rows that the checks before the first step look at.
+CHECK_ROWS = 4
+
+
+class SamplingPlan:
+    """How `fit`'s data becomes noisy updates.
+
+    Attributes:
+        sample_rate: `q`, the probability (Poisson) or fraction (fixed
+            batches) of the examples that one update sees.
+        poisson: whether batches are Poisson samples.
+        n: the training-set size, or None when unknown.
+        updates_per_epoch: optimizer updates per epoch, or None when
+            unknown.
+    """
+
+    def __init__(self, sample_rate, poisson, n=None, updates_per_epoch=None):
+        self.sample_rate = sample_rate
+        self.poisson = poisson
+        self.n = n
+        self.updates_per_epoch = updates_per_epoch
+
+
+def poisson_plan(sampler, accumulation):
+    """The plan of a `PoissonSampler`; refuses one whose logical batches
+    do not match the optimizer's gradient accumulation."""
+    if sampler.accumulation_steps != accumulation:
+        raise ValueError(
+            f"The PoissonSampler draws one logical batch per "
+            f"{sampler.accumulation_steps} batches (accumulation_steps="
+            f"{sampler.accumulation_steps}), but the optimizer applies an "
+            f"update every {accumulation} batches "
+            f"(gradient_accumulation_steps={accumulation if accumulation > 1 else None}"
+            "), so one example could enter an update more than once while "
+            "the accountant assumes at most once. Build the sampler with "
+            f"accumulation_steps={accumulation}."
+        )
+    return SamplingPlan(
+        sampler.sample_rate, True, sampler.n, sampler.updates_per_epoch
+    )
+
+
+def fixed_batch_plan(
+    model, x, y, batch_size, steps_per_epoch, validation_split, accumulation
+):
+    """The plan of shuffled fixed-size batches (see the module docstring)."""
+    settings = model._keras_dp
+    batch_size = batch_size or 32
+    n = None
+    batches = None  # in one pass over the data
+    if array_data_adapter.can_convert_arrays((x, y)):
+        n = data_lib.num_examples(x)
+        if validation_split:
+            # Keras's own split: the first floor(n * (1 - split)) rows train.
+            n = int(math.floor(n * (1.0 - validation_split)))
+        batches = -(-n // batch_size)
+    elif isinstance(x, keras.utils.PyDataset):
+        batches = x.num_batches
+    elif data_adapters.is_tf_dataset(x):
+        batches = _tf_dataset_batches(x, settings.sample_rate is not None)
+    if accumulation > 1:
+        _check_whole_windows(
+            batches if batches is not None else steps_per_epoch,
+            steps_per_epoch,
+            accumulation,
+        )
+    if settings.sample_rate is not None:
+        sample_rate = min(1.0, settings.sample_rate * accumulation)
+    elif n is not None:
+        sample_rate = min(1.0, batch_size * accumulation / n)
+    elif batches is not None:
+        sample_rate = min(1.0, accumulation / batches)
+    else:
+        raise ValueError(
+            "keras_dp cannot tell the sampling rate of this data (no known "
+            "dataset size), so it could not account for privacy. Pass "
+            "`sample_rate=batch_size / n` to keras_dp.make_private(model, "
+            "...), or train on arrays or a keras_dp.data.PoissonSampler."
+        )
+    steps = steps_per_epoch or batches
+    updates = None if steps is None else steps // accumulation
+    return SamplingPlan(sample_rate, False, n, updates)
+
+
+def _tf_dataset_batches(dataset, sample_rate_given):
+    """Batches in one pass over a `tf.data` dataset, or None if unknown.
+
+    A `repeat()` in the pipeline makes the cardinality count every example
+    several times, which would understate `q`: refused unless the user
+    gives the rate.
+    """
+    if not sample_rate_given and _repeats(dataset):
+        raise ValueError(
+            "This tf.data pipeline calls repeat(), so its length counts each "
+            "example several times and keras_dp cannot tell the sampling "
+            "rate from it. Remove the repeat() (fit's `epochs` repeats the "
+            "data), or pass `sample_rate=batch_size / n` to "
+            "keras_dp.make_private(model, ...) with n the number of distinct "
+            "examples."
+        )
+    cardinality = int(dataset.cardinality())
+    return cardinality if cardinality > 0 else None
+
+
+def _repeats(dataset):
+    pending = [dataset]
+    while pending:
+        current = pending.pop()
+        if type(current).__name__ in ("_RepeatDataset", "RepeatDataset"):
+            return True
+        inputs = getattr(current, "_inputs", None)
+        if inputs is not None:
+            pending.extend(inputs())
+    return False
+
+
+def _check_whole_windows(batches, steps_per_epoch, accumulation):
+    if batches is None:
+        raise ValueError(
+            f"gradient_accumulation_steps={accumulation} with fixed-size "
+            "batches of data whose length keras_dp cannot see: an update "
+            "could combine batches from two passes over the data and hold "
+            "one example twice. Train on arrays (Poisson sampling), a "
+            "keras_dp.data.PoissonSampler, a PyDataset or a tf.data "
+            "dataset of known length."
+        )
+    for name, count in (("batches", batches), ("steps_per_epoch", steps_per_epoch)):
+        if count is not None and count % accumulation:
+            raise ValueError(
+                f"With fixed-size batches and gradient_accumulation_steps="
+                f"{accumulation}, the {count} {name} of an epoch do not fill "
+                f"whole accumulation windows, so one update would combine "
+                "batches from two shuffles of the data and could hold the "
+                f"same example twice. Make the number of batches per epoch "
+                f"a multiple of {accumulation} (batch_size or "
+                "steps_per_epoch), or use Poisson sampling (the default "
+                "for in-memory arrays)."
+            )
+
+
+def check_whole_windows_done(optimizer):
+    """Refuses to start training in the middle of an accumulation window
+    left by an earlier `fit`: its accumulated gradients came from other
+    batches, which new data could repeat."""
+    steps = optimizer.gradient_accumulation_steps or 1
+    if steps == 1:
+        return
+    done = int(keras.ops.convert_to_numpy(optimizer._iterations))
+    if done % steps:
+        raise ValueError(
+            f"The optimizer is in the middle of a gradient-accumulation "
+            f"window ({done % steps} of {steps} batches accumulated, "
+            "training stopped before the update): new data could add the "
+            "same examples to this update again. Compile the model with a "
+            "new DP optimizer (the privacy already spent is carried over) "
+            "to drop the partial window."
+        )
+
+
+def first_examples(x, y=None, sample_weight=None):
+    """`(x, y, sample_weight, x_for_fit)`: a few real examples of the data
+    `fit` will train on, without consuming it (`x_for_fit` replaces `x`:
+    a generator is chained back together). Examples are None when they
+    cannot be read (the checks then run on the first batch `fit` draws)."""
+    if isinstance(x, data_lib.PoissonSampler):
+        return _rows(x.x), _rows(x.y), None, x
+    if array_data_adapter.can_convert_arrays((x, y, sample_weight)):
+        return _rows(x), _rows(y), _rows(sample_weight), x
+    batch = None
+    if isinstance(x, keras.utils.PyDataset):
+        batch = x[0]
+    elif data_adapters.is_tf_dataset(x):
+        batch = next(iter(x.take(1)))
+        batch = tree.map_structure(
+            lambda t: t.numpy() if hasattr(t, "numpy") else t, batch
+        )
+    elif isinstance(x, types.GeneratorType):
+        batch = next(x)
+        x = _chained(batch, x)
+    if batch is None:
+        return None, None, None, x
+    bx, by, bw = data_adapter_utils.unpack_x_y_sample_weight(batch)
+    return _rows(bx), _rows(by), _rows(bw), x
+
+
+def _chained(first, rest):
+    # A generator again: Keras takes generators, not other iterators.
+    yield first
+    yield from rest
+
+
+def _rows(structure):
+    if structure is None:
+        return None
+    return tree.map_structure(
+        lambda t: np.asarray(t)[:CHECK_ROWS] if np.ndim(t) else t, structure
+    )
