@@ -40,7 +40,9 @@ needs, instead of one forward/backward per example (`per_example.py`):
    - keras-hub `PositionEmbedding`: the output gradient itself.
    - any other leaf layer (custom layers, DepthwiseConv, ...): per-example
      gradients instantiated by a layer-local vector-Jacobian product under
-     `vectorized_map`.
+     `vectorized_map`. Recurrent layers and TimeDistributed are handled
+     the same way as a whole (their cell or inner layer runs once per time
+     step, or on all steps as one batch, so its own rows are not examples).
    Layers are handled in the order their output gradients become
    available, each after the previous one (`backend.after`), so that the
    intermediates of one layer at a time are in memory; otherwise
@@ -96,6 +98,7 @@ Assumed, not checkable: a layer's weights are only used inside its own
 
 import functools
 import itertools
+import re
 import string
 import sys
 
@@ -112,6 +115,14 @@ from keras_dp import per_example as per_example_lib
 
 class Unsupported(Exception):
     """The fast path does not handle this model; use the vmap path."""
+
+    @property
+    def reason(self):
+        """The message alone: raised inside a layer's call, Keras adds the
+        layer's arguments and terminal bold codes around it."""
+        text = str(self)
+        match = re.search(r"\x1b\[1m(.*?)\x1b\[0m", text, re.DOTALL)
+        return (match.group(1) if match else text).strip()
 
 
 # Tests may force "ghost" or "instantiate" for every linear layer.
@@ -191,6 +202,40 @@ def _layer_kind(layer):
     return "generic"
 
 
+def _handled_whole(layer):
+    """Layers whose per-example gradients come from their whole call:
+    recurrent layers (LSTM, GRU, SimpleRNN, ConvLSTM, and each direction of
+    a Bidirectional) and TimeDistributed."""
+    return isinstance(layer, (keras.layers.RNN, keras.layers.TimeDistributed))
+
+
+def _uses_randomness(layer):
+    """Whether `layer` (or a sublayer) draws random numbers in training:
+    dropout rates above 0 of recurrent cells, or any other layer that owns
+    a seed generator."""
+    for sub in layer._flatten_layers(include_self=True):
+        rates = [
+            getattr(sub, name, None) for name in ("dropout", "recurrent_dropout")
+        ]
+        if any(isinstance(r, (int, float)) and r > 0 for r in rates):
+            return True
+        if getattr(sub, "_seed_generators", None) and not any(
+            isinstance(r, (int, float)) for r in rates
+        ):
+            return True
+    return False
+
+
+def _check_no_random_state(layer):
+    if _uses_randomness(layer):
+        raise Unsupported(
+            f"layer {layer.name!r} ({type(layer).__name__}) has weights and "
+            "draws random numbers in training (dropout): the fast path "
+            "recomputes its per-example gradients in a separate call, which "
+            "would draw other masks than the batched pass"
+        )
+
+
 def _is_keras_hub_position_embedding(layer):
     """keras-hub's learned `PositionEmbedding` (its own `call`)."""
     hub = sys.modules.get("keras_hub")
@@ -244,9 +289,32 @@ def build_plan(model):
         raise Unsupported("the model itself owns trainable variables")
     covered = set()
     entries = []
+    inside_whole = set()
     for layer in model._flatten_layers(include_self=False):
+        if id(layer) in inside_whole:
+            continue
         if getattr(layer, "activity_regularizer", None) is not None:
             raise Unsupported(f"layer {layer.name!r} has an activity regularizer")
+        if _handled_whole(layer):
+            # Recurrent layers call their cell once per time step and
+            # TimeDistributed its layer on all time steps as one batch: a
+            # per-example gradient of the whole layer, through its own
+            # call, has neither problem.
+            for sub in layer._flatten_layers(include_self=False):
+                inside_whole.add(id(sub))
+            own = [v for v in layer.trainable_variables if id(v) in positions]
+            if not own:
+                continue
+            _check_no_random_state(layer)
+            kind = "generic"
+            for v in own:
+                if id(v) in covered:
+                    raise Unsupported(f"variable {v.path!r} is shared by layers")
+                covered.add(id(v))
+            entries.append(
+                _Entry(len(entries), layer, kind, [positions[id(v)] for v in own])
+            )
+            continue
         own = [v for v in _own_trainable(layer) if id(v) in positions]
         if not own:
             continue
@@ -259,10 +327,8 @@ def build_plan(model):
         kind = _layer_kind(layer)
         if kind == "einsum" and _einsum_structure(layer, None) is None:
             kind = "generic"
-        if kind == "generic" and getattr(layer, "_seed_generators", None):
-            raise Unsupported(
-                f"layer {layer.name!r} has weights and random state"
-            )
+        if kind == "generic":
+            _check_no_random_state(layer)
         for v in own:
             if id(v) in covered:
                 raise Unsupported(f"variable {v.path!r} is shared by layers")

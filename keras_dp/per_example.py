@@ -318,7 +318,7 @@ def clipped_gradient_sum(
                 scale=scale,
             )
         except fast_norms.Unsupported as error:
-            reason = str(error)
+            reason = error.reason
             if mode == "auto":
                 _warn_fallback(settings, reason)
         else:
@@ -333,6 +333,24 @@ def clipped_gradient_sum(
         )
     if settings is not None:
         settings.per_example_path = ("vmap", reason)
+    with getattr(backend_ops, "vectorizable_layers", _unchanged)(model):
+        return _vmap_clipped_gradient_sum(
+            model, optimizer, backend_ops, trainable, non_trainable, x, y,
+            sample_weight, microbatch_size, scale,
+        )
+
+
+@contextlib.contextmanager
+def _unchanged(model):
+    yield
+
+
+def _vmap_clipped_gradient_sum(
+    model, optimizer, backend_ops, trainable, non_trainable, x, y,
+    sample_weight, microbatch_size, scale,
+):
+    """The vmap path of `clipped_gradient_sum`: per-example gradients of
+    the whole model under `ops.vectorized_map`."""
     rows = ops.shape(tree.flatten(x)[0])[0]
     examples = {"x": x}
     if y is not None:

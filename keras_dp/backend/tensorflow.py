@@ -5,6 +5,7 @@ so `tf.vectorized_map` runs those few ops (dropout masks) in a loop and
 everything else vectorized.
 """
 
+import contextlib
 import logging
 import math
 import sys
@@ -96,6 +97,39 @@ def multiply_no_nan(x, y):
     infinite or NaN: one op (`tf.math.multiply_no_nan`), where a select
     after the product would be a second pass in TensorFlow."""
     return tf.math.multiply_no_nan(x, tf.cast(y, x.dtype))
+
+
+@contextlib.contextmanager
+def vectorizable_layers(model):
+    """Recurrent layers unrolled while the vmap path traces its
+    per-example step.
+
+    `tf.vectorized_map` cannot vectorize the TensorList of the while loop
+    in which a recurrent layer with a mask or dropout runs ("`dtype`
+    variant is not compatible"); unrolled, the loop has none. Only layers
+    whose number of time steps is known are unrolled (Keras cannot unroll
+    others).
+    """
+    changed = []
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, keras.layers.RNN) and not layer.unroll and (
+            _static_time_steps(layer)
+        ):
+            layer.unroll = True
+            changed.append(layer)
+    try:
+        yield
+    finally:
+        for layer in changed:
+            layer.unroll = False
+
+
+def _static_time_steps(layer):
+    shapes = getattr(layer, "_build_shapes_dict", None) or {}
+    for shape in shapes.values():
+        shape = tuple(shape) if shape is not None else ()
+        return len(shape) > 1 and isinstance(shape[1], int)
+    return False
 
 
 def after(dependencies, tensors):

@@ -1,0 +1,118 @@
+"""Recurrent layers and TimeDistributed on the fast per-example path.
+
+They are handled whole (a per-example gradient of the layer's own call),
+so the clipped sums must equal one backward pass per example, masks from
+`Embedding(mask_zero=True)` included; with dropout they fall back to the
+vmap path with a reason a user can read.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_dp
+from keras_dp import fast_norms
+from test_fast_norms import assert_matches_brute_force
+
+STEPS, VOCAB = 6, 20
+
+
+def _tokens(n=5, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, VOCAB, size=(n, STEPS))
+    tokens[1, 4:] = 0  # padding, masked with mask_zero=True
+    tokens[3, 2:] = 0
+    return tokens
+
+
+def _model(kind):
+    L = keras.layers
+    mask = kind.endswith("_masked")
+    body = {
+        "lstm": [L.LSTM(5)],
+        "lstm_masked": [L.LSTM(5)],
+        "gru_sequences": [L.GRU(4, return_sequences=True), L.Flatten()],
+        "simple_rnn": [L.SimpleRNN(3)],
+        "bidirectional_masked": [
+            L.Bidirectional(L.GRU(4, return_sequences=True)),
+            L.GlobalAveragePooling1D(),
+        ],
+        "time_distributed": [L.TimeDistributed(L.Dense(3)), L.Flatten()],
+    }[kind]
+    return keras.Sequential(
+        [keras.Input((STEPS,), dtype="int32"), L.Embedding(VOCAB, 8, mask_zero=mask)]
+        + body
+        + [L.Dense(3)]
+    )
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["lstm", "lstm_masked", "gru_sequences", "simple_rnn",
+     "bidirectional_masked", "time_distributed"],
+)
+def test_recurrent_and_time_distributed_match_brute_force(kind):
+    model = _model(kind)
+    entries = fast_norms.build_plan(model)
+    whole = [e for e in entries if e.kind == "generic"]
+    assert whole and all(fast_norms._handled_whole(e.layer) for e in whole)
+    assert_matches_brute_force(model, _tokens(), np.array([0, 1, 2, 1, 0]))
+
+
+def test_recurrent_model_takes_the_fast_path_in_fit():
+    model = keras_dp.make_private(_model("bidirectional_masked"))
+    model.compile(
+        optimizer=keras_dp.DPSGD(learning_rate=0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    tokens = _tokens(32, seed=1)
+    labels = np.random.default_rng(2).integers(0, 3, size=(32,))
+    model.fit(tokens, labels, batch_size=8, epochs=1, verbose=0)
+    assert model._keras_dp.per_example_path == ("fast", None)
+
+
+def test_recurrent_dropout_falls_back_with_a_readable_reason():
+    model = keras.Sequential(
+        [keras.Input((STEPS,), dtype="int32"), keras.layers.Embedding(VOCAB, 8),
+         keras.layers.LSTM(5, dropout=0.2, name="lstm"), keras.layers.Dense(3)]
+    )
+    with pytest.raises(fast_norms.Unsupported, match="'lstm'.*dropout") as info:
+        fast_norms.build_plan(model)
+    assert "\x1b" not in str(info.value)
+
+
+def test_fallback_reason_raised_inside_a_layer_call_is_readable():
+    # A layer called twice (shared weights) is found while the model runs,
+    # inside Keras's call, which decorates the exception it re-raises.
+    inputs = keras.Input((4,))
+    shared = keras.layers.Dense(4, name="shared")
+    outputs = keras.layers.Dense(2)(shared(shared(inputs)))
+    model = keras_dp.make_private(keras.Model(inputs, outputs))
+    model.compile(optimizer=keras_dp.DPSGD(learning_rate=0.1), loss="mse")
+    x = np.ones((16, 4), "float32")
+    with pytest.warns(UserWarning, match="vmap path") as record:
+        model.fit(x, np.ones((16, 2), "float32"), batch_size=8, verbose=0)
+    path, reason = model._keras_dp.per_example_path
+    assert path == "vmap"
+    assert reason.startswith("layer 'shared' is called more than once")
+    assert "\x1b" not in reason and "Arguments received" not in reason
+    assert any("\x1b" not in str(w.message) for w in record)
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_recurrent_dropout_trains_on_the_vmap_path(mask):
+    model = keras.Sequential(
+        [keras.Input((STEPS,), dtype="int32"),
+         keras.layers.Embedding(VOCAB, 8, mask_zero=mask),
+         keras.layers.LSTM(5, dropout=0.2), keras.layers.Dense(3)]
+    )
+    model = keras_dp.make_private(model, per_example="vmap")
+    model.compile(
+        optimizer=keras_dp.DPSGD(learning_rate=0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    tokens = _tokens(32, seed=3)
+    labels = np.random.default_rng(4).integers(0, 3, size=(32,))
+    history = model.fit(tokens, labels, batch_size=8, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+    assert not model.layers[1].unroll  # restored after tracing
