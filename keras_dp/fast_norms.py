@@ -303,30 +303,22 @@ def build_plan(model):
             for sub in layer._flatten_layers(include_self=False):
                 inside_whole.add(id(sub))
             own = [v for v in layer.trainable_variables if id(v) in positions]
-            if not own:
-                continue
-            _check_no_random_state(layer)
             kind = "generic"
-            for v in own:
-                if id(v) in covered:
-                    raise Unsupported(f"variable {v.path!r} is shared by layers")
-                covered.add(id(v))
-            entries.append(
-                _Entry(len(entries), layer, kind, [positions[id(v)] for v in own])
-            )
-            continue
-        own = [v for v in _own_trainable(layer) if id(v) in positions]
+        else:
+            own = [v for v in _own_trainable(layer) if id(v) in positions]
+            kind = None
         if not own:
             continue
-        for sub in layer._flatten_layers(include_self=False):
-            if sub.trainable_variables:
-                raise Unsupported(
-                    f"layer {layer.name!r} owns weights and has sublayers "
-                    "with weights"
-                )
-        kind = _layer_kind(layer)
-        if kind == "einsum" and _einsum_structure(layer, None) is None:
-            kind = "generic"
+        if kind is None:
+            for sub in layer._flatten_layers(include_self=False):
+                if sub.trainable_variables:
+                    raise Unsupported(
+                        f"layer {layer.name!r} owns weights and has "
+                        "sublayers with weights"
+                    )
+            kind = _layer_kind(layer)
+            if kind == "einsum" and _einsum_structure(layer, None) is None:
+                kind = "generic"
         if kind == "generic":
             _check_no_random_state(layer)
         for v in own:

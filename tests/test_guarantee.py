@@ -149,20 +149,21 @@ def test_fixed_batches_in_whole_windows_train_and_record_k_b_over_n():
     assert entry["sample_rate"] == pytest.approx(8 / 16)
 
 
+def _endless_batches(n=40, batch_size=10):
+    """A generator of fixed batches, repeating the data without end."""
+    x, y = make_regression(n)
+    while True:
+        for i in range(0, n, batch_size):
+            yield x[i : i + batch_size], y[i : i + batch_size]
+
+
 def test_generator_with_accumulation_needs_a_known_epoch_length():
-    x, y = make_regression(40)
-
-    def batches():
-        while True:
-            for i in range(0, 40, 10):
-                yield x[i : i + 10], y[i : i + 10]
-
     model = private_model(
         keras_dp.DPSGD(learning_rate=0.05, gradient_accumulation_steps=2),
         sample_rate=0.25,
     )
     with pytest.raises(ValueError, match="cannot see"):
-        model.fit(batches(), epochs=1, verbose=0)
+        model.fit(_endless_batches(), epochs=1, verbose=0)
 
 
 def test_fit_refuses_to_continue_a_partial_accumulation_window():
@@ -247,19 +248,12 @@ def test_repeated_tf_dataset_needs_the_sample_rate():
 
 
 def test_generator_rate_counts_the_accumulated_batches():
-    x, y = make_regression(40)
-
-    def batches():
-        while True:
-            for i in range(0, 40, 10):
-                yield x[i : i + 10], y[i : i + 10]
-
     model = private_model(
         keras_dp.DPSGD(learning_rate=0.05, gradient_accumulation_steps=2),
         sample_rate=0.25,
     )
     with pytest.warns(UserWarning, match="fixed-size"):
-        model.fit(batches(), epochs=1, steps_per_epoch=4, verbose=0)
+        model.fit(_endless_batches(), epochs=1, steps_per_epoch=4, verbose=0)
     assert steps_taken(model) == 2
     (entry,) = model.optimizer.privacy_ledger.entries
     assert entry["sample_rate"] == pytest.approx(0.5)
