@@ -38,7 +38,8 @@ from keras import tree
 from keras_dp import checks
 from keras_dp.per_example import _seed_state_ids
 
-_ROWS = 4
+# Rows the check looks at.
+CHECK_ROWS = 4
 _MISSING = object()
 _PER_EXAMPLE = (
     "per example (over feature axes, never over axis 0, the batch axis)"
@@ -68,14 +69,16 @@ def check_examples_independent(model, x, y=None, sample_weight=None):
                 "model, without noise. Use stateful=False (the default) for "
                 "private training."
             )
-    n = _ROWS
+    n = CHECK_ROWS
     try:
         for tensor in tree.flatten(model.inputs or []):
             if tensor.shape and isinstance(tensor.shape[0], int):
                 n = tensor.shape[0]  # the model has a fixed batch size
     except Exception:  # subclassed or unbuilt: no symbolic inputs
         pass
-    rows = tree.map_structure(lambda a: np.atleast_1d(_numpy(a))[:_ROWS], x)
+    rows = tree.map_structure(
+        lambda a: np.atleast_1d(_numpy(a))[:CHECK_ROWS], x
+    )
     if n < 2 or any(len(a) == 0 for a in tree.flatten(rows)):
         return
     rng = np.random.default_rng(0)

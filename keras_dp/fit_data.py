@@ -39,9 +39,7 @@ from keras.src.trainers.data_adapters import data_adapter_utils
 from keras.src.trainers import data_adapters
 
 from keras_dp import data as data_lib
-
-# Rows that the checks before the first step look at.
-CHECK_ROWS = 4
+from keras_dp.example_independence import CHECK_ROWS
 
 
 class SamplingPlan:

@@ -162,10 +162,3 @@ def optimizer_updates(optimizer, model=None):
         return 0
     return int(keras.ops.convert_to_numpy(optimizer.iterations))
 
-
-def micro_steps(optimizer):
-    """Train steps `optimizer` has taken (micro-steps under gradient
-    accumulation; equal to its updates without)."""
-    if not optimizer.built:
-        return 0
-    return int(keras.ops.convert_to_numpy(optimizer._iterations))

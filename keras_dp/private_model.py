@@ -17,6 +17,7 @@ from keras_dp import data as data_lib
 from keras_dp import example_independence
 from keras_dp import fit_data
 from keras_dp import ledger as ledger_lib
+from keras_dp.optimizers import is_dp_optimizer
 from keras_dp import summary as summary_lib
 from keras_dp.privacy_settings import PrivacySettings
 from keras_dp.privacy_settings import is_private  # noqa: F401 (public API)
@@ -426,33 +427,24 @@ def _private_train_on_batch(train_on_batch):
 def _private_compile(compile_fn):
     def private_compile(model, *args, **kwargs):
         previous = getattr(model, "optimizer", None)
-        spent = None
-        if isinstance(
-            getattr(previous, "privacy_ledger", None), ledger_lib.PrivacyLedger
-        ):
+        steps = 0
+        if is_dp_optimizer(previous):
             steps = ledger_lib.optimizer_steps(model)
-            if steps:
-                spent = (previous.privacy_ledger, steps)
         new = args[0] if args else kwargs.get("optimizer")
-        if spent is not None and new is not previous:
-            _check_no_history_of_its_own(new, spent[1])
-        if hasattr(new, "privacy_ledger"):
+        if steps and new is not previous:
+            _check_no_history_of_its_own(new, steps)
+        if is_dp_optimizer(new):
             # Keras would wrap a DP optimizer in a LossScaleOptimizer under
-            # mixed_float16, which scales the summed loss; the private step
-            # scales each example's loss itself (`per_example`) and clips
-            # in float32.
+            # mixed_float16, which scales the batch-mean loss against
+            # underflow; per-example gradients carry no 1/B factor, and
+            # their clip factors and 1/B scaling are applied in float32.
             kwargs["auto_scale_loss"] = False
         result = compile_fn(model, *args, **kwargs)
         optimizer = model.optimizer
-        if spent is not None and optimizer is not previous:
-            if isinstance(
-                getattr(optimizer, "privacy_ledger", None),
-                ledger_lib.PrivacyLedger,
-            ):
-                ledger, steps = spent
-                optimizer.privacy_ledger = ledger_lib.PrivacyLedger(
-                    ledger.entries, step_offset=steps
-                )
+        if steps and optimizer is not previous and is_dp_optimizer(optimizer):
+            optimizer.privacy_ledger = ledger_lib.PrivacyLedger(
+                previous.privacy_ledger.entries, step_offset=steps
+            )
         return result
 
     private_compile.__doc__ = compile_fn.__doc__
@@ -474,10 +466,11 @@ def _check_no_history_of_its_own(optimizer, steps):
     """The privacy a model has spent is handed on to its new optimizer (the
     guarantee is about the model's weights, not about one optimizer); one
     that trained before cannot take it on."""
-    ledger = getattr(optimizer, "privacy_ledger", None)
-    if not isinstance(ledger, ledger_lib.PrivacyLedger):
-        return  # Not a DP optimizer: `fit` refuses it.
-    if ledger.entries or ledger_lib.optimizer_updates(optimizer):
+    if not is_dp_optimizer(optimizer):
+        return  # `fit` refuses it.
+    if optimizer.privacy_ledger.entries or ledger_lib.optimizer_updates(
+        optimizer
+    ):
         raise ValueError(
             f"This model has taken {steps} noisy updates, and the new "
             f"optimizer {optimizer.name!r} has a privacy history of its own "
