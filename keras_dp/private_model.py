@@ -10,7 +10,6 @@ from keras.src.trainers.data_adapters import array_data_adapter
 from keras.src.trainers.data_adapters import array_slicing
 from keras.src.trainers import data_adapters
 
-from keras_dp import backend as backend_lib
 from keras_dp import callbacks as callbacks_lib
 from keras_dp import checks
 from keras_dp import data as data_lib
@@ -19,6 +18,7 @@ from keras_dp import fit_data
 from keras_dp import ledger as ledger_lib
 from keras_dp.optimizers import is_dp_optimizer
 from keras_dp import summary as summary_lib
+from keras_dp import train_steps
 from keras_dp.privacy_settings import PrivacySettings
 from keras_dp.privacy_settings import is_private  # noqa: F401 (public API)
 
@@ -89,7 +89,7 @@ def make_private(
     Returns:
         `model`, now private. Compile it with a keras_dp DP optimizer.
     """
-    backend_module = backend_lib.get_backend_module()
+    train_step = train_steps.train_step_for_backend()
     if not isinstance(model, keras.Model):
         raise TypeError(
             "make_private expects a keras.Model. Received: "
@@ -145,7 +145,7 @@ def make_private(
         settings.poisson_sampling = poisson_sampling
         settings.sample_rate = sample_rate
         settings.per_example = per_example
-    model.train_step = types.MethodType(backend_module.train_step, model)
+    model.train_step = types.MethodType(train_step, model)
     # A train function compiled before make_private would bypass the new step.
     model.train_function = None
     return model

@@ -1,16 +1,14 @@
 """Private train step for the JAX backend (`jax.vmap` over `stateless_call`)."""
 
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
 from jax.extend.random import threefry_2x32
-from keras.src.trainers import data_adapters
 
-from keras_dp import native, per_example
+from keras_dp import native
 
 
 def value_and_grad(fn):
@@ -259,47 +257,3 @@ def normal_from_bits(bits):
 def scan(f, init, xs):
     return jax.lax.scan(f, init, xs)
 
-
-def train_step(model, state, data):
-    trainable, non_trainable, optimizer_variables, metrics_variables = state
-    x, y, sample_weight = data_adapters.data_adapter_utils.unpack_x_y_sample_weight(
-        data
-    )
-    optimizer = model.optimizer
-    # Optimizer state read while clipping (adaptive thresholds) comes from
-    # this step's values, not from the detached variables.
-    with optimizer.step_state(optimizer_variables):
-        step = per_example.private_gradients(
-            model, sys.modules[__name__], trainable, non_trainable, x, y,
-            sample_weight,
-        )
-    with optimizer.private_update(
-        step["expected_batch_size"],
-        step["noise_spaces"],
-        clip_counts=step["clip_counts"],
-        static_expected_batch_size=step["static_expected_batch_size"],
-    ):
-        trainable, optimizer_variables = optimizer.stateless_apply(
-            optimizer_variables, step["grads"], trainable
-        )
-    non_trainable = step["non_trainable"]
-    after_update = getattr(model, "after_private_update", None)
-    if after_update is not None:
-        non_trainable = after_update(
-            trainable, non_trainable, optimizer.took_update(optimizer_variables)
-        )
-    with per_example.step_metrics(model, step):
-        logs, metrics_variables = model._update_metrics_variables(
-            metrics_variables, step["loss"], x, y, step["y_pred"], sample_weight
-        )
-    logs.update(optimizer.clip_threshold_logs(optimizer_variables))
-    # Real examples of this step left out of the update for a non-finite
-    # gradient norm or loss (see `per_example`).
-    logs[per_example.NONFINITE_LOG] = step["nonfinite_examples"]
-    state = (
-        trainable,
-        non_trainable,
-        optimizer_variables,
-        metrics_variables,
-    )
-    return logs, state

@@ -8,14 +8,12 @@ everything else vectorized.
 import contextlib
 import logging
 import math
-import sys
 
 import keras
 import tensorflow as tf
-from keras.src.trainers import data_adapters
 from tensorflow.python.ops import control_flow_util
 
-from keras_dp import native, per_example
+from keras_dp import native
 
 
 class _ExpectedFallbackFilter(logging.Filter):
@@ -44,52 +42,6 @@ def value_and_grad(fn):
         return (value, aux), grads
 
     return wrapped
-
-
-def train_step(model, data):
-    x, y, sample_weight = data_adapters.data_adapter_utils.unpack_x_y_sample_weight(
-        data
-    )
-    trainable_variables = model.trainable_variables
-    trainable = [tf.convert_to_tensor(v.value) for v in trainable_variables]
-    non_trainable = [
-        tf.convert_to_tensor(v.value) for v in model.non_trainable_variables
-    ]
-    optimizer = model.optimizer
-    # Clip factors need the optimizer's clipping groups (resolved at build).
-    optimizer.build_for_model(model)
-    step = per_example.private_gradients(
-        model, sys.modules[__name__], trainable, non_trainable, x, y, sample_weight
-    )
-    with optimizer.private_update(
-        step["expected_batch_size"],
-        step["noise_spaces"],
-        clip_counts=step["clip_counts"],
-        static_expected_batch_size=step["static_expected_batch_size"],
-    ):
-        optimizer.apply(step["grads"], trainable_variables)
-    non_trainable = step["non_trainable"]
-    after_update = getattr(model, "after_private_update", None)
-    if after_update is not None:
-        non_trainable = after_update(
-            [v.value for v in trainable_variables],
-            non_trainable,
-            optimizer.took_update(),
-        )
-    for variable, value in zip(model.non_trainable_variables, non_trainable):
-        variable.assign(value)
-    model._loss_tracker.update_state(
-        step["loss"], sample_weight=tf.shape(tf.nest.flatten(x)[0])[0]
-    )
-    with per_example.step_metrics(model, step):
-        logs = model.compute_metrics(
-            x, y, step["y_pred"], sample_weight=sample_weight
-        )
-    logs.update(optimizer.clip_threshold_logs())
-    # Real examples of this step left out of the update for a non-finite
-    # gradient norm or loss (see `per_example`).
-    logs[per_example.NONFINITE_LOG] = step["nonfinite_examples"]
-    return logs
 
 
 def multiply_no_nan(x, y):
