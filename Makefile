@@ -6,7 +6,22 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -q -p no:cacheprovider --timeout=900
 
-.PHONY: venv demo test clean
+# The lowest Keras that pyproject.toml allows ("keras>=X"), installed alone
+# into a folder put first on PYTHONPATH, so the rest of the venv is reused.
+KERAS_LOWEST := $(shell sed -n 's/^ *"keras>=\([0-9.]*\)".*/\1/p' pyproject.toml)
+KERAS_LOWEST_DIR := $(VENV)/keras-lowest
+KERAS_LOWEST_STAMP := $(KERAS_LOWEST_DIR)/.installed-$(KERAS_LOWEST)
+# `make compat-test`: these Keras versions ("lowest", "pinned") ...
+COMPAT_KERAS ?= lowest pinned
+# ... on a smoke subset that reaches every Keras internal keras_dp uses
+# (keras_dp/keras_compat.py) through real training.
+COMPAT_TESTS := tests/test_keras_compat.py tests/test_backend_protocol.py \
+	tests/test_optimizers.py tests/test_private_model.py
+COMPAT_SELECT := not test_private_model or make_private_returns \
+	or multi_output_logs or regularizer or dropout_masks_differ \
+	or train_on_batch_divides
+
+.PHONY: venv demo test compat-test lint-imports clean
 
 venv: $(STAMP)
 
@@ -20,13 +35,55 @@ $(STAMP): requirements-dev.txt requirements-nlp.txt pyproject.toml
 	$(VPY) -m pip install -e .
 	touch $(STAMP)
 
+# The stamp's name holds the version: raising the floor installs anew.
+$(KERAS_LOWEST_STAMP): | venv
+	rm -rf $(KERAS_LOWEST_DIR)
+	$(VPY) -m pip install --no-deps --target $(KERAS_LOWEST_DIR) "keras==$(KERAS_LOWEST)"
+	touch $@
+
 demo: venv
 	KERAS_BACKEND=$(BACKEND) $(VPY) examples/digits_demo.py
 
-# Runs the suite on both backends at once (most of a test's time is
-# single-threaded tracing, so two runs share two cores well); prints each
-# backend's log and fails if either run fails.
+# No import cycles: the layers contract of pyproject.toml
+# ([tool.importlinter]).
+lint-imports: venv
+	$(VENV)/bin/lint-imports
+
+# The smoke subset against each Keras of COMPAT_KERAS, both backends at
+# once; each run checks that it imported the Keras it meant to
+# (KERAS_DP_EXPECT_KERAS, tests/test_keras_compat.py).
+compat-test: venv $(KERAS_LOWEST_STAMP)
+	@mkdir -p .test-logs; \
+	status=0; \
+	for k in $(COMPAT_KERAS); do \
+		if [ $$k = lowest ]; then \
+			path=$(abspath $(KERAS_LOWEST_DIR)); expect=$(KERAS_LOWEST); \
+		else \
+			path=; expect=pinned; \
+		fi; \
+		for b in $(BACKENDS); do \
+			PYTHONPATH=$$path$${PYTHONPATH:+:$$PYTHONPATH} \
+			KERAS_DP_EXPECT_KERAS=$$expect KERAS_BACKEND=$$b \
+			$(VPY) -m pytest $(PYTEST_ARGS) -k "$(COMPAT_SELECT)" \
+				$(COMPAT_TESTS) > .test-logs/compat-$$k-$$b.log 2>&1 & \
+			echo $$! > .test-logs/compat-$$k-$$b.pid; \
+		done; \
+		for b in $(BACKENDS); do \
+			wait $$(cat .test-logs/compat-$$k-$$b.pid) || status=1; \
+			echo "== compat-test: Keras $$k, KERAS_BACKEND=$$b =="; \
+			tail -n 25 .test-logs/compat-$$k-$$b.log; \
+		done; \
+	done; \
+	exit $$status
+
+# Runs the import contract, the compat smoke subset against the lowest
+# Keras (the suite itself runs on the pinned one), then the suite on both
+# backends at once (most of a test's time is single-threaded tracing, so
+# two runs share two cores well); prints each backend's log and fails if
+# any step fails.
 test: venv
+	@$(MAKE) --no-print-directory lint-imports
+	@$(MAKE) --no-print-directory compat-test COMPAT_KERAS=lowest
 	@mkdir -p .test-logs; \
 	for b in $(BACKENDS); do \
 		KERAS_BACKEND=$$b $(VPY) -m pytest $(PYTEST_ARGS) tests \
@@ -42,5 +99,6 @@ test: venv
 	exit $$status
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .test-logs
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .test-logs \
+		.grimp_cache .import_linter_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -7,14 +7,14 @@ def build(name):
     import keras
     from keras import layers as L
 
-    if name == "cnn":  # /work/shared/peers: Conv32-Pool-Conv64-Pool-Dense10
+    if name == "cnn":  # the peers' CNN: Conv32-Pool-Conv64-Pool-Dense10
         return keras.Sequential([
             keras.Input(shape=(28, 28, 1)),
             L.Conv2D(32, 3, activation="relu"), L.MaxPooling2D(2),
             L.Conv2D(64, 3, activation="relu"), L.MaxPooling2D(2),
             L.Flatten(), L.Dense(10, activation="softmax")])
     if name in ("mlp", "mlp1"):
-        # mlp: /work/shared/peers' 784-512-512-10; mlp1: a one-unit sigmoid
+        # mlp: the peers' 784-512-512-10; mlp1: a one-unit sigmoid
         # head instead, which gives an odd number of parameters.
         head = (L.Dense(10, activation="softmax") if name == "mlp"
                 else L.Dense(1, activation="sigmoid"))

@@ -2,17 +2,19 @@
 
     .venv/bin/python benchmarks/run.py [--backends tensorflow,jax]
         [--models mlp,mlp1,cnn,transformer,resnet] [--batch 256] [--vmap]
-        [--poisson] [--peers] [--write /tmp/results]
+        [--poisson] [--peers DIR [--peer-venvs DIR]] [--write /tmp/results]
 
 For each backend and model, one fresh process times every mode (`plain`:
 keras SGD; `dp`: keras_dp fast path on fixed-size batches like the peers;
 optionally `dp-vmap`, the general path, and `dp-poisson`, Poisson sampling
 with padding rows) epoch by epoch in turn, and one fresh process per mode
-measures its memory (see `step.py`). Timing protocol of
-/work/shared/peers: `model.fit` on random data, a warm-up epoch, then the
-median over timed epochs of 20 steps. `--peers` also runs
-/work/shared/peers/bench_*.py in their venvs when those exist
-(/tmp/venv-opacus, /tmp/venv-tfp, /tmp/venv-jp), after keras_dp's rows.
+measures its memory (see `step.py`). Timing protocol of the peers'
+benchmark scripts (Opacus, TF Privacy, jax_privacy; not part of this
+repository): `model.fit` on random data, a warm-up epoch, then the median
+over timed epochs of 20 steps. `--peers DIR` also runs their `bench_*.py`
+from the folder DIR, each in its own venv under `--peer-venvs` (default:
+the system's temporary folder; `PEER_RUNS` names them) when that venv
+exists, after keras_dp's rows.
 """
 
 import argparse
@@ -20,18 +22,19 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-PEERS = "/work/shared/peers"
+# (venv folder under --peer-venvs, script in --peers, its arguments, label)
 PEER_RUNS = [
-    ("/tmp/venv-opacus", "bench_opacus.py", ["hooks"], "Opacus hooks"),
-    ("/tmp/venv-opacus", "bench_opacus.py", ["ghost"], "Opacus ghost"),
-    ("/tmp/venv-opacus", "bench_opacus.py", ["functorch"], "Opacus functorch"),
-    ("/tmp/venv-jp", "bench_jax_privacy.py", [], "jax_privacy keras_api"),
-    ("/tmp/venv-tfp", "bench_tf_privacy.py", ["fast"], "TF Privacy fast"),
-    ("/tmp/venv-tfp", "bench_tf_privacy.py", ["optimizer"], "TF Privacy optimizer"),
+    ("venv-opacus", "bench_opacus.py", ["hooks"], "Opacus hooks"),
+    ("venv-opacus", "bench_opacus.py", ["ghost"], "Opacus ghost"),
+    ("venv-opacus", "bench_opacus.py", ["functorch"], "Opacus functorch"),
+    ("venv-jp", "bench_jax_privacy.py", [], "jax_privacy keras_api"),
+    ("venv-tfp", "bench_tf_privacy.py", ["fast"], "TF Privacy fast"),
+    ("venv-tfp", "bench_tf_privacy.py", ["optimizer"], "TF Privacy optimizer"),
 ]
 HEADER = (
     "| backend | model | mode | plain step s | DP step s | time ratio "
@@ -58,11 +61,11 @@ def json_result(cmd, env, timeout):
     return {"error": (out.stderr.strip().splitlines() or ["?"])[-1][:200]}
 
 
-def run_peer(venv, script, extra, model, batch, timeout):
+def run_peer(peers_dir, venv, script, extra, model, batch, timeout):
     python = os.path.join(venv, "bin", "python")
     if not os.path.exists(python):
         return None
-    cmd = [python, os.path.join(PEERS, script), model, str(batch)] + extra
+    cmd = [python, os.path.join(peers_dir, script), model, str(batch)] + extra
     return json_result(cmd, None, timeout)
 
 
@@ -129,7 +132,10 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--vmap", action="store_true")
     parser.add_argument("--poisson", action="store_true")
-    parser.add_argument("--peers", action="store_true")
+    parser.add_argument("--peers", default=None, metavar="DIR",
+                        help="folder of the peers' bench_*.py scripts")
+    parser.add_argument("--peer-venvs", default=tempfile.gettempdir(),
+                        metavar="DIR", help="folder of the peers' venvs")
     parser.add_argument("--timeout", type=int, default=2400)
     parser.add_argument("--peer-timeout", type=int, default=420,
                         help="seconds per peer run (some take hours)")
@@ -153,9 +159,10 @@ def main():
         for model in args.models.split(","):
             if model not in ("cnn", "mlp"):
                 continue
-            for venv, script, extra, label in PEER_RUNS:
-                result = run_peer(venv, script, extra, model, args.batch,
-                                  args.peer_timeout)
+            for venv_name, script, extra, label in PEER_RUNS:
+                venv = os.path.join(args.peer_venvs, venv_name)
+                result = run_peer(args.peers, venv, script, extra, model,
+                                  args.batch, args.peer_timeout)
                 if result is None:
                     line = f"| {label} | {model} | not run: {venv} missing |"
                 elif "error" in result:

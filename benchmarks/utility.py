@@ -1,7 +1,7 @@
 """Accuracy at fixed epsilon: keras_dp DP-SGD on scikit-learn digits.
 
-The task of /work/shared/peers/utility_opacus.py, so rows compare with
-Opacus: digits scaled to [0, 1], `train_test_split(test_size=0.25,
+The task of the peers' Opacus utility script (`utility_opacus.py`, kept
+outside this repository), so rows compare with Opacus: digits scaled to [0, 1], `train_test_split(test_size=0.25,
 random_state=0, stratify=y)`; MLP 64-128-10 ReLU; Poisson sampling with
 expected batch 64; 40 epochs; delta 1e-5; flat clipping C = 1; SGD with
 momentum 0.9; learning rates {0.01, 0.02, 0.05, 0.1}; for each epsilon the

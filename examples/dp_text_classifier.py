@@ -1,7 +1,8 @@
 """DP fine-tuning of a keras-hub BERT text classifier: LoRA vs LowRankSparse.
 
 Two ways to keep the noise small when fine-tuning a large model privately
-(see /work/shared/spec/ALGORITHMS.md sections 6-8):
+(docs/algorithms.md, "Low-rank and sparse gradients" and "DP fine-tuning
+with LoRA"):
 
 - DP-LoRA: `backbone.enable_lora(rank)` freezes the backbone and adds rank-r
   factors to the attention query/value projections; only those factors and
@@ -21,7 +22,7 @@ positive when it has more positive than negative words. The "pre-trained"
 weights come from a short non-private training run on a separate *public*
 synthetic corpus that uses the other half of the sentiment words, so the
 private runs fine-tune a backbone that knows the task format but not the
-private task's sentiment words. Runs in about two minutes on a CPU.
+private task's sentiment words.
 
 What to expect offline (JAX, defaults, epsilon 5.6): LowRankSparse reaches
 ~0.99 test accuracy; DP-LoRA stays near chance, because its backbone --

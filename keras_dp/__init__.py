@@ -13,12 +13,16 @@ from keras_dp.accounting import calibrate_noise_multiplier
 from keras_dp.accounting import compute_epsilon
 from keras_dp.callbacks import EpsilonLogger
 from keras_dp.callbacks import PrivacyBudget
+from keras_dp.clipped_batch import ClippedBatch
 from keras_dp.clipping import AdaptiveClipping
+from keras_dp.clipping_policy import ClippingPolicy
+from keras_dp.clipping_policy import StepClipping
 from keras_dp.groups import clear_clip_group
 from keras_dp.groups import get_clip_group
 from keras_dp.groups import set_clip_group
 from keras_dp.ledger import PrivacyLedger
 from keras_dp.low_rank import LowRankSparse
+from keras_dp.noise import GaussianNoise
 from keras_dp.normalization import replace_batch_normalization
 from keras_dp.optimizers import DPAdam
 from keras_dp.optimizers import DPAdamW
@@ -26,6 +30,7 @@ from keras_dp.optimizers import DPLamb
 from keras_dp.optimizers import DPOptimizerMixin
 from keras_dp.optimizers import DPSGD
 from keras_dp.optimizers import make_dp_optimizer
+from keras_dp.per_example import register_per_example_rule
 from keras_dp.private_model import is_private
 from keras_dp.private_model import make_private
 from keras_dp.summary import privacy_summary

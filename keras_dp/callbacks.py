@@ -1,9 +1,9 @@
 """Keras callbacks that report and enforce the privacy budget."""
 
 import keras
-from keras.src.utils import io_utils
 
 from keras_dp import accounting
+from keras_dp import keras_compat
 from keras_dp import ledger as ledger_lib
 from keras_dp.privacy_settings import is_private
 
@@ -174,7 +174,7 @@ class PrivacyBudget(keras.callbacks.Callback):
 
     def _stop(self, model):
         self.stopped_at_step = ledger_lib.optimizer_steps(model)
-        io_utils.print_msg(
+        keras_compat.print_msg(
             f"keras_dp.PrivacyBudget: stopping after {self.stopped_at_step} "
             f"steps: one more step would exceed epsilon="
             f"{self.target_epsilon} at delta={self.delta}."

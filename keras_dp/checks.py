@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_dp import keras_compat
 from keras_dp.optimizers import DPOptimizerMixin
 
 # Layers whose training-mode output for one example depends on the others,
@@ -12,7 +13,7 @@ EXAMPLE_MIXING_LAYERS = (keras.layers.BatchNormalization,)
 def check_no_example_mixing_layers(model):
     """Refuses trainable batch normalization (frozen layers run in inference
     mode, with their stored statistics, and are accepted)."""
-    for layer in model._flatten_layers(include_self=False):
+    for layer in keras_compat.flatten_layers(model, include_self=False):
         if isinstance(layer, EXAMPLE_MIXING_LAYERS) and layer.trainable:
             raise ValueError(
                 f"Layer {layer.name!r} ({type(layer).__name__}) normalizes "

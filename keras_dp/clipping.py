@@ -26,7 +26,7 @@ from keras_dp import backend as backend_lib
 
 CLIPPING_MODES = ("flat", "auto", "global")
 
-# Stabiliser of flat clipping's division (spec section 1).
+# Stabiliser of flat clipping's division (docs/algorithms.md, "Clip factors").
 FLAT_EPSILON = 1e-6
 # AUTO-S stability constant gamma (Bu et al., "Automatic clipping").
 AUTO_CLIP_GAMMA = 0.01
@@ -200,14 +200,9 @@ def rows_of(values, x):
 
 def multiply_no_nan(x, y):
     """`x * y` (broadcast), exactly 0 wherever `y` is 0, even where `x` is
-    infinite or NaN. One fused op: the backend's own where it has one
-    (TensorFlow's `multiply_no_nan`), else a select that XLA fuses with
-    the product."""
-    fused = getattr(backend_lib.get_backend_module(), "multiply_no_nan", None)
-    if fused is not None:
-        return fused(x, y)
-    y = ops.cast(y, x.dtype)
-    return ops.where(ops.equal(y, 0), ops.zeros((), x.dtype), x * y)
+    infinite or NaN: the backend's one fused op (see
+    `keras_dp.backend.protocol`)."""
+    return backend_lib.get_backend_module().multiply_no_nan(x, y)
 
 
 def nonfinite_examples(squared_norms, losses=None):
@@ -372,6 +367,42 @@ class AdaptiveClipping:
         if self.count_stddev is not None:
             return self.count_stddev
         return self.count_stddev_fraction * float(expected_batch_size)
+
+    def noise_multipliers(self, noise_multiplier, num_groups, expected_batch_size,
+                          static_batch_size=None):
+        """`(sigma_g, sigma_b)`: the gradient's noise multiplier and the
+        counts' noise, which together cost `noise_multiplier`.
+
+        `static_batch_size`: `B` as a Python number when known while
+        tracing; then both are Python floats (and a multiplier too large
+        for `sigma_b` raises). Otherwise `sigma_b` follows the tensor
+        `expected_batch_size` and `sigma_g` is a tensor, NaN where the
+        multiplier is too large (the update is then NaN, never less
+        noisy).
+        """
+        if static_batch_size is not None or self.count_stddev is not None:
+            sigma_b = self.count_noise_stddev(static_batch_size)
+            return (
+                adaptive_noise_multipliers(noise_multiplier, sigma_b, num_groups),
+                sigma_b,
+            )
+        sigma_b = self.count_stddev_fraction * expected_batch_size
+        sigma = float(noise_multiplier)
+        if sigma == 0:
+            return 0.0, sigma_b
+        inverse = sigma**-2 - num_groups * (2.0 * sigma_b) ** -2
+        sigma_g = ops.where(
+            inverse > 0, ops.rsqrt(ops.maximum(inverse, 1e-30)), float("nan")
+        )
+        return sigma_g, sigma_b
+
+    def updated_thresholds(self, thresholds, noisy_counts, expected_batch_size):
+        """`C_k * exp(-learning_rate * (b_tilde_k - target_quantile))` with
+        `b_tilde = noisy_counts / B + 1/2` (the counts are centred)."""
+        fraction = noisy_counts / expected_batch_size + 0.5
+        return thresholds * ops.exp(
+            -self.learning_rate * (fraction - self.target_quantile)
+        )
 
     def get_config(self):
         return {

@@ -36,11 +36,10 @@ from keras import ops
 from keras import tree
 
 from keras_dp import checks
-from keras_dp.per_example import _seed_state_ids
+from keras_dp import keras_compat
 
 # Rows the check looks at.
 CHECK_ROWS = 4
-_MISSING = object()
 _PER_EXAMPLE = (
     "per example (over feature axes, never over axis 0, the batch axis)"
 )
@@ -60,7 +59,7 @@ def check_examples_independent(model, x, y=None, sample_weight=None):
     """
     del y, sample_weight
     checks.check_no_example_mixing_layers(model)
-    for layer in model._flatten_layers(include_self=True):
+    for layer in keras_compat.flatten_layers(model, include_self=True):
         if getattr(layer, "stateful", False) is True:
             raise ValueError(
                 f"Layer {layer.name!r} ({type(layer).__name__}) is stateful "
@@ -93,7 +92,9 @@ def check_examples_independent(model, x, y=None, sample_weight=None):
     before = [
         ops.convert_to_tensor(v.value) for v in model.non_trainable_variables
     ]
-    kwargs = {"training": True} if model._call_has_training_arg else {}
+    kwargs = (
+        {"training": True} if keras_compat.call_has_training_arg(model) else {}
+    )
 
     def forward(trainable, non_trainable, batch):
         return model.stateless_call(trainable, non_trainable, batch, **kwargs)
@@ -126,7 +127,7 @@ def check_examples_independent(model, x, y=None, sample_weight=None):
                 run(batch, call=forward)
         raise ValueError(_mixing_message(model, _culprit(*recorders)))
 
-    seed_ids = _seed_state_ids(model)
+    seed_ids = {id(s) for s in keras_compat.seed_generator_states(model)}
     variables = model.non_trainable_variables
     written = [
         k for k, v in enumerate(variables)
@@ -207,7 +208,7 @@ def _changed(batch, rng, first):
 
 def _callables(model):
     """Every layer and every functional-graph operation inside `model`."""
-    targets = model._flatten_layers(include_self=False)
+    targets = keras_compat.flatten_layers(model, include_self=False)
     seen = {id(t) for t in targets}
     for owner in [model] + targets:
         for op in getattr(owner, "operations", None) or []:
@@ -231,21 +232,17 @@ class _Recorder:
     def __enter__(self):
         try:
             for index, target in enumerate(self.targets):
-                saved = target.__dict__.get("call", _MISSING)
-                self._saved.append((target, saved))
                 wrapped = self._wrap(index, target.call)
-                object.__setattr__(target, "call", wrapped)
+                saved = keras_compat.override_attribute(target, "call", wrapped)
+                self._saved.append((target, saved))
         except BaseException:
             self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc):
-        for target, value in reversed(self._saved):
-            if value is _MISSING:
-                target.__dict__.pop("call", None)
-            else:
-                object.__setattr__(target, "call", value)
+        for target, saved in reversed(self._saved):
+            keras_compat.restore_attribute(target, "call", saved)
         self._saved = []
         return False
 
@@ -362,7 +359,7 @@ def _mixing_message(model, culprit):
 
 def _owner(model, variable):
     owner = model
-    for layer in model._flatten_layers(include_self=True):
+    for layer in keras_compat.flatten_layers(model, include_self=True):
         if any(v is variable for v in layer.non_trainable_variables):
             owner = layer  # children come after their parents: deepest wins
     return owner

@@ -34,11 +34,9 @@ import types
 import keras
 import numpy as np
 from keras import tree
-from keras.src.trainers.data_adapters import array_data_adapter
-from keras.src.trainers.data_adapters import data_adapter_utils
-from keras.src.trainers import data_adapters
 
 from keras_dp import data as data_lib
+from keras_dp import keras_compat
 from keras_dp.example_independence import CHECK_ROWS
 
 
@@ -88,7 +86,7 @@ def fixed_batch_plan(
     batch_size = batch_size or 32
     n = None
     batches = None  # in one pass over the data
-    if array_data_adapter.can_convert_arrays((x, y)):
+    if keras_compat.can_convert_arrays((x, y)):
         n = data_lib.num_examples(x)
         if validation_split:
             # Keras's own split: the first floor(n * (1 - split)) rows train.
@@ -96,7 +94,7 @@ def fixed_batch_plan(
         batches = -(-n // batch_size)
     elif isinstance(x, keras.utils.PyDataset):
         batches = x.num_batches
-    elif data_adapters.is_tf_dataset(x):
+    elif keras_compat.is_tf_dataset(x):
         batches = _tf_dataset_batches(x, settings.sample_rate is not None)
     if accumulation > 1:
         _check_whole_windows(
@@ -185,7 +183,9 @@ def check_whole_windows_done(optimizer):
     steps = optimizer.gradient_accumulation_steps or 1
     if steps == 1:
         return
-    done = int(keras.ops.convert_to_numpy(optimizer._iterations))
+    done = int(
+        keras.ops.convert_to_numpy(keras_compat.optimizer_iterations(optimizer))
+    )
     if done % steps:
         raise ValueError(
             f"The optimizer is in the middle of a gradient-accumulation "
@@ -204,12 +204,12 @@ def first_examples(x, y=None, sample_weight=None):
     cannot be read (the checks then run on the first batch `fit` draws)."""
     if isinstance(x, data_lib.PoissonSampler):
         return _rows(x.x), _rows(x.y), None, x
-    if array_data_adapter.can_convert_arrays((x, y, sample_weight)):
+    if keras_compat.can_convert_arrays((x, y, sample_weight)):
         return _rows(x), _rows(y), _rows(sample_weight), x
     batch = None
     if isinstance(x, keras.utils.PyDataset):
         batch = x[0]
-    elif data_adapters.is_tf_dataset(x):
+    elif keras_compat.is_tf_dataset(x):
         batch = next(iter(x.take(1)))
         batch = tree.map_structure(
             lambda t: t.numpy() if hasattr(t, "numpy") else t, batch
@@ -219,7 +219,7 @@ def first_examples(x, y=None, sample_weight=None):
         x = _chained(batch, x)
     if batch is None:
         return None, None, None, x
-    bx, by, bw = data_adapter_utils.unpack_x_y_sample_weight(batch)
+    bx, by, bw = keras.utils.unpack_x_y_sample_weight(batch)
     return _rows(bx), _rows(by), _rows(bw), x
 
 

@@ -36,8 +36,9 @@ group `k` uses `R_k / (||g_i^(k)|| + 0.01)` with the same `R_k`, and with
 
 How the mapping reaches the optimizer: groups are resolved once, when Keras
 builds the optimizer for a model (`fit`, `train_on_batch`, `load_model`):
-the build finds the model on the call stack (the same mechanism that checks
-that the model is private) and maps each trainable variable to a group.
+the optimizer is attached to its model (`make_private` and the private
+model's `compile` attach it) and its build maps each trainable variable of
+that model to a group.
 Call `set_clip_group` before the first `fit`; in a custom loop call
 `optimizer.bind_clip_groups(model)` before `optimizer.build(...)`.
 
@@ -56,7 +57,7 @@ layer's config. keras_dp therefore keeps it in two places:
   which survives any reload.
 - `keras.models.clone_model` (Sequential and Functional) copies the metadata
   from each layer to its clone: keras_dp wraps Keras's per-layer clone
-  function (`keras.src.models.cloning._wrap_clone_function`) when this
+  function (through `keras_compat.add_clone_hook`) when this
   module is imported. Subclassed models are cloned by re-running `__init__`,
   so groups set there come back; others are lost (as are weights).
 
@@ -100,6 +101,8 @@ squared norms, which both paths produce:
 
 import keras
 
+from keras_dp import keras_compat
+
 GROUP_ATTR = "_keras_dp_clip_group"
 DEFAULT_GROUP = "default"
 REPLICATED_GROUP = "replicated"
@@ -128,7 +131,7 @@ def set_clip_group(layer, group, threshold=None):
             f"The group name must be a non-empty string. Received: {group!r}."
         )
     if threshold is not None:
-        threshold = _check_threshold(threshold, group)
+        threshold = check_threshold(threshold, group)
     object.__setattr__(layer, GROUP_ATTR, (group, threshold))
     return layer
 
@@ -144,7 +147,7 @@ def clear_clip_group(layer):
         object.__delattr__(layer, GROUP_ATTR)
 
 
-def _check_threshold(threshold, group):
+def check_threshold(threshold, group):
     try:
         value = float(threshold)
     except (TypeError, ValueError):
@@ -158,7 +161,7 @@ def _check_threshold(threshold, group):
 
 
 def _children(layer):
-    return list(layer._flatten_layers(include_self=False, recursive=False))
+    return keras_compat.flatten_layers(layer, include_self=False, recursive=False)
 
 
 def layer_paths(model):
@@ -202,13 +205,6 @@ def apply_layer_groups(model, mapping):
         if path in mapping and get_clip_group(layer) is None:
             group, threshold = mapping[path]
             set_clip_group(layer, group, threshold)
-
-
-def _own_variables(layer):
-    """Variables created by `layer` itself (not by its sublayers)."""
-    return list(getattr(layer, "_trainable_variables", [])) + list(
-        getattr(layer, "_non_trainable_variables", [])
-    )
 
 
 def _walk(model):
@@ -297,7 +293,7 @@ def resolve_groups(mode, variables, model=None, distribution=None):
         )
     owners = {}  # id(variable) -> (layer path, inherited group meta)
     for path, layer, meta in _walk(model):
-        for v in _own_variables(layer):
+        for v in keras_compat.own_variables(layer):
             owners.setdefault(id(v), (path, meta))
     missing = [v.path for v in variables if id(v) not in owners]
     if missing:
@@ -404,30 +400,6 @@ def _device_groups(variables, distribution):
     return GroupAssignment(names, groups)
 
 
-def _install_clone_hook():
-    """Makes `keras.models.clone_model` copy clip groups to the clones."""
-    try:
-        from keras.src.models import cloning
-    except ImportError:  # pragma: no cover
-        return
-    original = cloning._wrap_clone_function
-    if getattr(original, "_keras_dp_hook", False):
-        return
-
-    def wrap_clone_function(*args, **kwargs):
-        clone_fn = original(*args, **kwargs)
-
-        def cloned(layer):
-            clone = clone_fn(layer)
-            _copy_groups(layer, clone)
-            return clone
-
-        return cloned
-
-    wrap_clone_function._keras_dp_hook = True
-    cloning._wrap_clone_function = wrap_clone_function
-
-
 def _copy_groups(source, target):
     if target is source or not isinstance(target, keras.layers.Layer):
         return
@@ -439,4 +411,4 @@ def _copy_groups(source, target):
         apply_layer_groups(target, collect_layer_groups(source))
 
 
-_install_clone_hook()
+keras_compat.add_clone_hook(_copy_groups)

@@ -13,6 +13,7 @@ optimizer hands its ledger on to it (`keras_dp.make_private` does this).
 import keras
 
 from keras_dp import accounting
+from keras_dp import keras_compat
 
 
 class PrivacyLedger:
@@ -150,14 +151,15 @@ def optimizer_updates(optimizer, model=None):
     In the middle of a JAX `fit` the trainer keeps the live state outside
     the variables; reading it from there avoids a full state sync.
     """
-    state = getattr(model, "_jax_state", None) if model is not None else None
-    if state and not getattr(model, "_jax_state_synced", True):
-        values = state.get("optimizer_variables")
-        if values is not None:
-            for variable, value in zip(optimizer.variables, values):
-                if variable is optimizer._iterations:
-                    steps = optimizer.gradient_accumulation_steps or 1
-                    return int(value) // steps
+    values = (
+        None if model is None else keras_compat.live_optimizer_variables(model)
+    )
+    if values is not None:
+        iterations = keras_compat.optimizer_iterations(optimizer)
+        for variable, value in zip(optimizer.variables, values):
+            if variable is iterations:
+                steps = optimizer.gradient_accumulation_steps or 1
+                return int(value) // steps
     if not optimizer.built:
         return 0
     return int(keras.ops.convert_to_numpy(optimizer.iterations))

@@ -4,8 +4,8 @@ For large models the noise grows with the number of noised coordinates.
 `LowRankSparse` privatises, for every matrix-like kernel (Dense, EinsumDense
 and convolution kernels, through their matrix view `W` of shape `(p, d)`),
 only the per-example *carrier gradients* of a rank-`r` reparametrisation
-`W = L R + W~` (Yu et al., "Do not let privacy overbill utility: gradient
-embedding perturbation", RGP, ICML 2021):
+`W = L R + W~` (RGP: Yu et al., "Large scale private learning via low-rank
+reparametrization", ICML 2021):
 
     dL_i = G_i R^T   (p x r),        dR_i = L^T G_i   (r x d)
 
@@ -34,7 +34,8 @@ model.fit(x, y, epochs=3)
 print(model.noise_dimension, "noised coordinates")
 ```
 
-Decisions where the spec is open (LSG has no public code):
+Decisions the papers leave open (LSG has no public code; see
+docs/algorithms.md, "Low-rank and sparse gradients"):
 - Carriers come from one power iteration on the current kernel `W` (the
   weights released so far) with fresh public Gaussian randomness, refreshed
   every `refresh_every` train steps.
@@ -48,9 +49,10 @@ Decisions where the spec is open (LSG has no public code):
 import math
 
 import keras
-import keras.src.backend
 import numpy as np
 from keras import ops
+
+from keras_dp import keras_compat
 
 _MATRIX_LAYERS = (
     keras.layers.Dense,
@@ -178,7 +180,7 @@ class LowRankSparse(keras.Model):
     def _create_carriers(self):
         known = set(self.exclude)
         carriers = []
-        for layer in self.inner._flatten_layers(include_self=False):
+        for layer in keras_compat.flatten_layers(self.inner, include_self=False):
             if not isinstance(layer, _MATRIX_LAYERS) or not layer.trainable:
                 continue
             known.discard(layer.name)
@@ -221,7 +223,7 @@ class LowRankSparse(keras.Model):
     def _carrier_values(self, trainable_values, refresh_index):
         """New `(L, R, mask_L, mask_R)` of each kernel, from public state."""
         position = {id(v): k for k, v in enumerate(self.trainable_variables)}
-        seed_dtype = keras.src.backend.random_seed_dtype()
+        seed_dtype = keras_compat.random_seed_dtype()
         values = []
         for k, carrier in enumerate(self._carriers):
             w = ops.reshape(

@@ -18,7 +18,8 @@ model = keras_dp.make_private(model)
 """
 
 import keras
-from keras.src.models.functional import Functional
+
+from keras_dp import keras_compat
 
 
 def group_count(channels, max_groups=32):
@@ -48,7 +49,9 @@ def replace_batch_normalization(model, max_groups=32):
     Returns:
         A new model; `model` is left unchanged.
     """
-    if not isinstance(model, (keras.Sequential, Functional)):
+    if not (
+        isinstance(model, keras.Sequential) or keras_compat.is_functional(model)
+    ):
         raise ValueError(
             f"replace_batch_normalization needs a Sequential or Functional "
             f"model; {type(model).__name__} creates its layers in its own "
@@ -78,8 +81,8 @@ def replace_batch_normalization(model, max_groups=32):
         model, clone_function=clone, call_function=call
     )
     for original, new in zip(
-        model._flatten_layers(include_self=False, recursive=True),
-        copy._flatten_layers(include_self=False, recursive=True),
+        keras_compat.flatten_layers(model, include_self=False),
+        keras_compat.flatten_layers(copy, include_self=False),
     ):
         source = replaced.get(new.name)
         if source is not None:

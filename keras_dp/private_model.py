@@ -6,15 +6,13 @@ import warnings
 import keras
 import numpy as np
 from keras import tree
-from keras.src.trainers.data_adapters import array_data_adapter
-from keras.src.trainers.data_adapters import array_slicing
-from keras.src.trainers import data_adapters
 
 from keras_dp import callbacks as callbacks_lib
 from keras_dp import checks
 from keras_dp import data as data_lib
 from keras_dp import example_independence
 from keras_dp import fit_data
+from keras_dp import keras_compat
 from keras_dp import ledger as ledger_lib
 from keras_dp.optimizers import is_dp_optimizer
 from keras_dp import summary as summary_lib
@@ -66,7 +64,7 @@ def make_private(
             `tf.data` datasets of known cardinality.
         per_example: how per-example gradient norms and the clipped sum are
             computed. `"auto"` (default): the fast path of
-            `keras_dp.fast_norms` (ghost norms and book-keeping from one
+            `keras_dp.per_example` (ghost norms and book-keeping from one
             batched forward/backward pass, for Dense, EinsumDense, Conv,
             Embedding; other weighted layers such as LayerNormalization get
             per-example gradients layer by layer) when it supports the
@@ -146,6 +144,9 @@ def make_private(
         settings.sample_rate = sample_rate
         settings.per_example = per_example
     model.train_step = types.MethodType(train_step, model)
+    if is_dp_optimizer(getattr(model, "optimizer", None)):
+        # Compiled before it was made private: attach its optimizer now.
+        model.optimizer.bind_clip_groups(model)
     # A train function compiled before make_private would bypass the new step.
     model.train_function = None
     return model
@@ -203,12 +204,12 @@ def _preprocessed(model, x, y, sample_weight, validation_data):
             (x, y, sample_weight),
         )
 
-    if data_adapters.is_tf_dataset(x):
+    if keras_compat.is_tf_dataset(x):
         x = x.map(preprocess)
     elif x is not None and not isinstance(x, keras.utils.PyDataset):
         x, y, sample_weight = arrays(x, y, sample_weight)
     if validation_data is not None:
-        if data_adapters.is_tf_dataset(validation_data):
+        if keras_compat.is_tf_dataset(validation_data):
             validation_data = validation_data.map(preprocess)
         else:
             validation_data = arrays(
@@ -245,12 +246,12 @@ def _private_fit(fit):
         accumulation = optimizer.gradient_accumulation_steps or 1
         expected_batch_size = None
         arrays = (x, y, sample_weight)
-        if settings.poisson_sampling and array_data_adapter.can_convert_arrays(
+        if settings.poisson_sampling and keras_compat.can_convert_arrays(
             arrays
         ):
             if validation_split and validation_data is None:
-                arrays, validation_data = array_slicing.train_validation_split(
-                    arrays, validation_split=validation_split
+                arrays, validation_data = keras_compat.train_validation_split(
+                    arrays, validation_split
                 )
                 validation_split = 0.0
             x, y, sample_weight = arrays
@@ -441,6 +442,10 @@ def _private_compile(compile_fn):
             kwargs["auto_scale_loss"] = False
         result = compile_fn(model, *args, **kwargs)
         optimizer = model.optimizer
+        if is_dp_optimizer(optimizer):
+            # The owner link: the optimizer builds (and saves its clipping
+            # groups) for this model, and only for a private one.
+            optimizer.bind_clip_groups(model)
         if steps and optimizer is not previous and is_dp_optimizer(optimizer):
             optimizer.privacy_ledger = ledger_lib.PrivacyLedger(
                 previous.privacy_ledger.entries, step_offset=steps
@@ -484,9 +489,9 @@ def _rows_per_batch(x, batch_size):
     """Rows of the batches `fit` will draw from `x`, or None if unknown."""
     if isinstance(x, data_lib.PoissonSampler):
         return x.padded_size
-    if array_data_adapter.can_convert_arrays((x,)):
+    if keras_compat.can_convert_arrays((x,)):
         return batch_size or 32
-    if data_adapters.is_tf_dataset(x):
+    if keras_compat.is_tf_dataset(x):
         for spec in tree.flatten(x.element_spec):
             if spec.shape.rank:
                 return spec.shape[0]
@@ -517,3 +522,36 @@ def _class_weights_as_sample_weights(y, class_weight, sample_weight):
     if sample_weight is not None:
         weights = weights * np.asarray(sample_weight, dtype="float32")
     return weights
+
+
+def _restore_private_models_on_load():
+    """Makes `keras.saving.load_model` give back a private model as private.
+
+    Keras compiles a loaded model with `Model.compile_from_config`, which
+    builds the optimizer. A model saved with a keras_dp DP optimizer was
+    private when it was saved, so the wrapped method makes it private (with
+    default settings) before Keras compiles it; the private `compile` then
+    attaches the optimizer. Installed once, when keras_dp is imported.
+    """
+    original = keras.Model.compile_from_config
+    if getattr(original, "_keras_dp_hook", False):
+        return
+
+    def compile_from_config(self, config):
+        if not is_private(self) and _names_dp_optimizer(config):
+            make_private(self)
+        return original(self, config)
+
+    compile_from_config._keras_dp_hook = True
+    compile_from_config.__doc__ = original.__doc__
+    keras.Model.compile_from_config = compile_from_config
+
+
+def _names_dp_optimizer(compile_config):
+    optimizer = (compile_config or {}).get("optimizer")
+    if not isinstance(optimizer, dict):
+        return False
+    return str(optimizer.get("registered_name") or "").startswith("keras_dp>")
+
+
+_restore_private_models_on_load()

@@ -14,7 +14,7 @@ gradients are taken, and their gradient is computed separately by
 `regularization_gradients`. An example whose sample weights are all zero
 contributes nothing (gradient exactly zero), as keras_dp documents.
 
-Clip factors follow /work/shared/spec/ALGORITHMS.md sections 1-3.
+Clip factors follow docs/algorithms.md, "Clip factors".
 """
 
 import contextlib
@@ -25,8 +25,8 @@ import keras
 import numpy as np
 from keras import tree
 
-FLAT_EPSILON = 1e-6  # spec section 1
-AUTO_GAMMA = 0.01  # spec section 2 (AUTO-S)
+FLAT_EPSILON = 1e-6  # docs/algorithms.md, "Clip factors"
+AUTO_GAMMA = 0.01  # AUTO-S (docs/algorithms.md, "Clip factors")
 
 
 # ---------------------------------------------------------------- clip factors

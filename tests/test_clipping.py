@@ -1,7 +1,7 @@
 """Unit tests of keras_dp.clipping against independent numpy references.
 
-Spec: /work/shared/spec/ALGORITHMS.md sections 1 (flat), 2 (AUTO-S) and 3
-(global clipping).
+The three clipping modes of docs/algorithms.md, "Clip factors": flat,
+automatic (AUTO-S) and global.
 """
 
 import numpy as np
@@ -54,7 +54,7 @@ RTOL = 1e-5
 
 
 # ---------------------------------------------------------------------------
-# Flat clipping (section 1).
+# Flat clipping.
 
 
 def test_flat_factors_match_numpy():
@@ -95,7 +95,7 @@ def test_flat_clipped_gradients_have_norm_at_most_clip():
 
 
 # ---------------------------------------------------------------------------
-# Automatic clipping, AUTO-S (section 2).
+# Automatic clipping, AUTO-S.
 
 
 def test_auto_factors_match_numpy():
@@ -162,7 +162,7 @@ def test_auto_clipped_norm_below_radius():
 
 
 # ---------------------------------------------------------------------------
-# Global clipping (section 3).
+# Global clipping.
 
 
 def test_global_factors_are_zero_or_r_over_z():

@@ -1,4 +1,4 @@
-"""Fast per-example norms (keras_dp.fast_norms) against brute force.
+"""The fast per-example path (keras_dp.per_example) against brute force.
 
 References are per-example loops: one GradientTape / jax.grad call per
 example, using plain Keras only.
@@ -17,8 +17,11 @@ from keras.src.backend.common import masking
 
 import keras_dp
 from keras_dp import backend as backend_lib
-from keras_dp import fast_norms
 from keras_dp import native
+from keras_dp import per_example
+from keras_dp.per_example import conv as conv_rules
+from keras_dp.per_example import linear
+from keras_dp.per_example import losses as example_losses
 
 RTOL = 2e-4
 
@@ -71,7 +74,7 @@ def fast(model, x, y):
     model.compile(loss=_loss())
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
-    return fast_norms.per_example_norms_and_sums(
+    return per_example.per_example_norms_and_sums(
         model,
         backend_lib.get_backend_module(),
         trainable,
@@ -117,9 +120,9 @@ def assert_matches_brute_force(model, x, y):
 
 @pytest.fixture(params=["auto", "ghost", "instantiate"])
 def method(request):
-    fast_norms._FORCE_METHOD = None if request.param == "auto" else request.param
+    linear._FORCE_METHOD = None if request.param == "auto" else request.param
     yield request.param
-    fast_norms._FORCE_METHOD = None
+    linear._FORCE_METHOD = None
 
 
 class _ConvKernelGrads:
@@ -132,7 +135,7 @@ class _ConvKernelGrads:
 
     def set_chunk_bytes(self, chunk_bytes):
         """The chunk size of both ways, in bytes."""
-        self._monkeypatch.setattr(fast_norms, "_PATCH_CHUNK_BYTES", chunk_bytes)
+        self._monkeypatch.setattr(conv_rules, "_PATCH_CHUNK_BYTES", chunk_bytes)
         self._monkeypatch.setattr(
             backend_lib.get_backend_module(), "GROUPED_CONV_CHUNK_BYTES", chunk_bytes
         )
@@ -141,7 +144,7 @@ class _ConvKernelGrads:
         """Some convolution took the way under test where it has its own
         calls: the compiled op, or the grouped path with at most
         `max_rows` examples per call."""
-        if fast_norms._FORCE_METHOD == "ghost":
+        if linear._FORCE_METHOD == "ghost":
             return
         if self.way == "compiled":
             assert any(ran for ran, _ in self.compiled_calls), "no conv took the compiled op"
@@ -167,8 +170,6 @@ def conv_kernel_grads(request, monkeypatch):
     module = backend_lib.get_backend_module()
     state = _ConvKernelGrads(request.param, monkeypatch)
     if request.param == "compiled":
-        if getattr(module, "per_example_conv_kernel_norms", None) is None:
-            pytest.skip("the backend has no compiled conv kernel gradients")
         built = (
             native.tensorflow_ops()
             if keras.backend.backend() == "tensorflow"
@@ -186,19 +187,22 @@ def conv_kernel_grads(request, monkeypatch):
         monkeypatch.setattr(module, "per_example_conv_kernel_norms", counted)
         monkeypatch.setattr(module, "GROUPED_CONV_MIN_POSITIONS", 10**9)
         return state
-    monkeypatch.setattr(module, "per_example_conv_kernel_norms", None, raising=False)
+    # The protocol's "cannot run here" answer: the caller instantiates them.
+    monkeypatch.setattr(
+        module, "per_example_conv_kernel_norms", lambda *args, **kwargs: None
+    )
     monkeypatch.setattr(
         module, "CONV_CLIPPED_SUM_FROM_PATCHES", request.param == "sum_from_patches"
     )
     if request.param != "grouped_conv":
         monkeypatch.setattr(module, "GROUPED_CONV_MIN_POSITIONS", 10**9)
-        original = fast_norms._norms_then_patches
+        original = conv_rules._norms_then_patches
 
         def counted_sums(*args):
             state.sums_from_patches += 1
             return original(*args)
 
-        monkeypatch.setattr(fast_norms, "_norms_then_patches", counted_sums)
+        monkeypatch.setattr(conv_rules, "_norms_then_patches", counted_sums)
         return state
     monkeypatch.setattr(module, "GROUPED_CONV_MIN_POSITIONS", 1)
     original = module.per_example_conv_kernel_grads
@@ -262,7 +266,7 @@ def test_dense_with_lora(method, sequence):
     # lora_kernel_b starts at zero, which would make a's gradient zero.
     b = model.get_layer("adapted").lora_kernel_b
     b.assign(rng.normal(size=b.shape).astype("float32"))
-    plan = fast_norms.build_plan(model)
+    plan = per_example.build_plan(model)
     assert [e.kind for e in plan] == ["dense_lora", "dense"]
     x = rng.rand(5, *shape).astype("float32")
     assert_matches_brute_force(model, x, _labels(5))
@@ -294,7 +298,7 @@ def test_reversible_embedding_as_lookup(tie_weights):
     h = L.GlobalAveragePooling1D()(h)  # uses the mask set inside call
     outputs = L.Dense(3)(h)
     model = keras.Model(inputs, outputs)
-    assert [e.kind for e in fast_norms.build_plan(model)] == ["embedding", "dense"]
+    assert [e.kind for e in per_example.build_plan(model)] == ["embedding", "dense"]
     assert_matches_brute_force(model, ids, _labels(5))
 
 
@@ -310,7 +314,7 @@ def test_reversible_embedding_reverse_call_falls_back():
 
     model = TiedLogits()
     model(np.zeros((1, 3), "int32"))
-    with pytest.raises(fast_norms.Unsupported, match="reverse=True|more than once"):
+    with pytest.raises(per_example.Unsupported, match="reverse=True|more than once"):
         fast(model, np.ones((2, 3), "int32"), np.array([1, 2]))
 
 
@@ -323,7 +327,7 @@ def test_keras_hub_bert_backbone():
     )
     outputs = L.Dense(3)(backbone.output["pooled_output"])
     model = keras.Model(backbone.input, outputs)
-    kinds = {e.layer.name: e.kind for e in fast_norms.build_plan(model)}
+    kinds = {e.layer.name: e.kind for e in per_example.build_plan(model)}
     assert kinds["token_embedding"] == "embedding"
     assert kinds["position_embedding"] == "position_embedding"
     assert "generic" not in kinds.values()
@@ -432,15 +436,15 @@ def test_conv_clipped_sum_from_patches_in_chunks(monkeypatch, conv_kernel_grads)
         ]
     )
     conv_kernel_grads.set_chunk_bytes(4 * 2 * 9 * 27)
-    monkeypatch.setattr(fast_norms, "_FORCE_METHOD", "instantiate")
+    monkeypatch.setattr(linear, "_FORCE_METHOD", "instantiate")
     sum_rows = []
-    original = fast_norms._weighted_product_sum
+    original = linear.weighted_product_sum
 
     def recorded(A, B, c):
         sum_rows.append(A.shape[0])
         return original(A, B, c)
 
-    monkeypatch.setattr(fast_norms, "_weighted_product_sum", recorded)
+    monkeypatch.setattr(linear, "weighted_product_sum", recorded)
     x = rng.rand(5, 5, 5, 3).astype("float32")
     assert_matches_brute_force(model, x, _labels(5))
     if conv_kernel_grads.way == "sum_from_patches":
@@ -485,7 +489,7 @@ def test_conv_patches_in_chunks(monkeypatch, conv_kernel_grads):
         # patches.
         chunk_bytes = 4 * 2 * (16 * 2 + 4 * 2)
     conv_kernel_grads.set_chunk_bytes(chunk_bytes)
-    monkeypatch.setattr(fast_norms, "_FORCE_METHOD", "instantiate")
+    monkeypatch.setattr(linear, "_FORCE_METHOD", "instantiate")
     x = rng.rand(5, 7, 7, 3).astype("float32")
     assert_matches_brute_force(model, x, _labels(5))
     conv_kernel_grads.assert_way_used(max_rows=2)
@@ -519,14 +523,14 @@ def test_conv_patches_in_chunks_unknown_batch_size(monkeypatch, conv_kernel_grad
         # padded inputs, 4x4x4 output gradients); 1 of the first's patches.
         chunk_bytes = 4 * 2 * (36 + 16) * 4
     conv_kernel_grads.set_chunk_bytes(chunk_bytes)
-    monkeypatch.setattr(fast_norms, "_FORCE_METHOD", "instantiate")
+    monkeypatch.setattr(linear, "_FORCE_METHOD", "instantiate")
     x = rng.rand(5, 7, 7, 3).astype("float32")
     y = _labels(5)
     factors = np.linspace(0.25, 1.5, 5).astype("float32")
     trainable = [v.value for v in model.trainable_variables]
 
     def norms_and_sums(x, y, rows_hint):
-        squared, clipped_fn, _, _, _ = fast_norms.per_example_norms_and_sums(
+        squared, clipped_fn, _, _, _ = per_example.per_example_norms_and_sums(
             model, backend_lib.get_backend_module(), trainable, [], x, y,
             rows_hint=rows_hint,
         )
@@ -607,7 +611,7 @@ def test_normalization_layers_closed_form(norm):
     # Non-trivial scale and center, so that neither gradient is symmetric.
     for variable in layer.trainable_variables:
         variable.assign(rng.normal(size=variable.shape).astype("float32"))
-    plan = fast_norms.build_plan(model)
+    plan = per_example.build_plan(model)
     assert [e.kind for e in plan] == ["dense", "normalization", "dense"]
     x = rng.rand(5, 3, 4, 6).astype("float32")
     assert_matches_brute_force(model, x, _labels(5))
@@ -648,7 +652,7 @@ def test_layer_whose_output_the_loss_does_not_use():
     model = _DiscardsALayer()
     x = rng.rand(5, 6).astype("float32")
     model(x)
-    assert sorted(e.layer.name for e in fast_norms.build_plan(model)) == sorted(
+    assert sorted(e.layer.name for e in per_example.build_plan(model)) == sorted(
         [model.used.name, model.discarded.name]
     )
     assert_matches_brute_force(model, x, _labels(5))
@@ -663,14 +667,14 @@ def test_layer_whose_output_the_loss_does_not_use():
 
 
 def test_choose_method():
-    assert fast_norms.choose_method(1, 784, 512) == "ghost"
+    assert linear.choose_method(1, 784, 512) == "ghost"
     # Long sequences, small layer: instantiate (2 T^2 >= p d).
-    assert fast_norms.choose_method(676, 9, 32) == "instantiate"
+    assert linear.choose_method(676, 9, 32) == "instantiate"
     # Per-example gradient no bigger than the activations: instantiate.
-    assert fast_norms.choose_method(128, 128, 512) == "instantiate"
+    assert linear.choose_method(128, 128, 512) == "instantiate"
     # Short sequence, wide layer: ghost.
-    assert fast_norms.choose_method(8, 1024, 1024) == "ghost"
-    assert fast_norms.choose_method(None, 64, 64) == "ghost"
+    assert linear.choose_method(8, 1024, 1024) == "ghost"
+    assert linear.choose_method(None, 64, 64) == "ghost"
 
 
 def _one_example_losses(model, y, y_pred, sw):
@@ -719,7 +723,7 @@ def test_batched_example_losses_equal_one_example_batches(
     if sw_shape is not None:
         sw = rng.random(sw_shape).astype("float32")
         sw[3] = 0.0
-    losses = fast_norms._batched_example_losses(
+    losses = example_losses.batched_example_losses(
         model, ops.convert_to_tensor(y), ops.convert_to_tensor(y_pred),
         None if sw is None else ops.convert_to_tensor(sw),
     )
@@ -782,7 +786,7 @@ def test_batched_example_losses_only_where_exact(case, monkeypatch):
         if masking.get_keras_mask(y_pred) is None:
             pytest.skip("this backend's tensors carry no Keras mask here")
     assert (
-        fast_norms._batched_example_losses(
+        example_losses.batched_example_losses(
             model, keras.tree.map_structure(ops.convert_to_tensor, y_true),
             y_pred, None,
         )
@@ -800,7 +804,7 @@ tf.config.set_logical_device_configuration(
     cpu, [tf.config.LogicalDeviceConfiguration()] * 2
 )
 import keras
-from keras_dp import fast_norms
+from keras_dp.per_example import losses as example_losses
 from keras_dp.backend import tensorflow as tf_backend
 
 inputs = keras.Input((3,))
@@ -809,12 +813,12 @@ model.compile(loss="mse")
 y = np.random.default_rng(0).random((8, 2)).astype("float32")
 y_pred = tf.constant(y[::-1].copy())
 assert tf_backend.replicas_in_sync() == 1
-assert fast_norms._batched_example_losses(model, y, y_pred, None) is not None
+assert example_losses.batched_example_losses(model, y, y_pred, None) is not None
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 def in_replica():
     replicas = tf_backend.replicas_in_sync()
-    losses = fast_norms._batched_example_losses(model, y, y_pred, None)
+    losses = example_losses.batched_example_losses(model, y, y_pred, None)
     return tf.constant(replicas), tf.constant(losses is None)
 
 per_replica = strategy.run(tf.function(in_replica))

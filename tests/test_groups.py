@@ -1,4 +1,4 @@
-"""Group-wise clipping (spec section 4): groups as layer metadata.
+"""Group-wise clipping (docs/algorithms.md): groups as layer metadata.
 
 References are brute force: one `jax.grad` / `tf.GradientTape` per example,
 then each group of each example's gradient clipped on its own in numpy.
@@ -124,7 +124,7 @@ def library_clipped_sum(model, optimizer, x, y, microbatch_size=None):
     def fn(trainable, non_trainable, x, y):
         result = per_example.clipped_gradient_sum(
             model,
-            optimizer,
+            optimizer.step_clipping(),
             module,
             trainable,
             non_trainable,
@@ -261,7 +261,7 @@ def test_clipped_sum_matches_brute_force(case, path):
     )
     private(model, opt, path)
     x, y = make_data(n=12, seed=5)
-    assignment = opt._clip_assignment
+    assignment = opt.clipping_policy.assignment
     thresholds = opt.group_thresholds
     group_of = [assignment.names[k] for k in assignment.variable_groups]
     grads = brute_force_grads(model, x, y)
@@ -300,7 +300,7 @@ def test_one_group_keeps_flat_behaviour():
     model = build_model(seed=1)
     opt = keras_dp.DPSGD(l2_norm_clip=0.3)
     private(model, opt)
-    assert not opt._is_grouped()
+    assert not opt.step_clipping()._is_grouped()
     sq = [keras.ops.convert_to_tensor(np.array([1.0, 4.0, 0.01], "float32"))] * 2
     factors = opt.variable_clip_factors(sq)
     np.testing.assert_allclose(
@@ -399,8 +399,10 @@ def test_centred_count_neighbouring_batches():
     # Direct: mask 0 rows are ignored, each real row is +-1/2.
     sq = [keras.ops.convert_to_tensor(np.array([0.0, 1.0, 100.0], "float32"))]
     opt2 = keras_dp.DPSGD(adaptive_clipping=True, clip_groups="per_variable")
-    opt2._resolve_clip_groups([model.trainable_variables[0]], None)
-    counts = opt2.clip_counts(sq, keras.ops.convert_to_tensor([1.0, 1.0, 0.0]))
+    opt2.clipping_policy.resolve([model.trainable_variables[0]], None)
+    counts = opt2.step_clipping().clip_counts(
+        sq, keras.ops.convert_to_tensor([1.0, 1.0, 0.0])
+    )
     assert float(keras.ops.convert_to_numpy(counts)[0]) == pytest.approx(1.0)
 
 
@@ -424,7 +426,7 @@ def test_adaptive_thresholds_converge_to_group_medians():
     private(model, opt)
     x, y = make_data(n=33, seed=6)
     grads = brute_force_grads(model, x, y)
-    assignment = opt._clip_assignment
+    assignment = opt.clipping_policy.assignment
     medians = {}
     for k, name in enumerate(assignment.names):
         norms = [

@@ -1,4 +1,4 @@
-"""DP fine-tuning with Keras's built-in LoRA (spec section 8).
+"""DP fine-tuning with Keras's built-in LoRA (docs/algorithms.md).
 
 `layer.enable_lora(rank)` freezes a Dense / EinsumDense kernel and adds two
 trainable factors. A private model must then clip and noise only the
@@ -69,13 +69,13 @@ def _loss():
 def _spy_on_noise(optimizer):
     """Records the shapes of the gradients that receive noise."""
     seen = []
-    original = optimizer._clip_gradients
+    original = optimizer.privatize
 
-    def spy(grads):
-        seen.append([tuple(g.shape) for g in grads if g is not None])
-        return original(grads)
+    def spy(batch):
+        seen.append([tuple(g.shape) for g in batch.gradients if g is not None])
+        return original(batch)
 
-    optimizer._clip_gradients = spy
+    optimizer.privatize = spy
     return seen
 
 
@@ -188,7 +188,9 @@ print("finished")
 
 
 @pytest.mark.skipif(not _TF, reason="documents a TensorFlow-only crash")
-@pytest.mark.xfail(_TF, strict=True, reason=_TF_VMAP_EINSUM_CRASH)
+# Not strict: the crash is not deterministic (one full-suite run did not
+# hit it).
+@pytest.mark.xfail(_TF, strict=False, reason=_TF_VMAP_EINSUM_CRASH)
 def test_vmap_path_with_einsum_does_not_crash():
     """In a subprocess: the crash takes the whole interpreter down."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

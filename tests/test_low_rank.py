@@ -1,4 +1,4 @@
-"""Tests of `keras_dp.LowRankSparse` (RGP / LSG, spec sections 6-7).
+"""Tests of `keras_dp.LowRankSparse` (RGP / LSG, docs/algorithms.md).
 
 References are brute force and written here in numpy: the projection
 `P_L G + G P_R - P_L G P_R`, per-example gradients from one
@@ -19,7 +19,7 @@ from keras import ops
 import keras_dp
 from keras_dp import accounting
 
-FLAT_EPSILON = 1e-6  # spec section 1: c_i = min(1, C / (||g_i|| + 1e-6))
+FLAT_EPSILON = 1e-6  # flat clipping: c_i = min(1, C / (||g_i|| + 1e-6))
 
 
 # ----------------------------------------------------------------- helpers

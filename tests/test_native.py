@@ -281,7 +281,7 @@ def test_tensorflow_conv_patches_op_matches_pad_and_gather(
     even kernels and causal, valid and same padding, in 1-D to 3-D."""
     import tensorflow as tf
 
-    from keras_dp import fast_norms
+    from keras_dp.per_example import patches
     from keras_dp.backend import tensorflow as tf_backend
 
     layer = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D, 3: keras.layers.Conv3D}[
@@ -298,10 +298,11 @@ def test_tensorflow_conv_patches_op_matches_pad_and_gather(
             return tf_backend.gather_patches(x, index)
 
     class WithoutOp:
-        pass
+        def gather_patches(x, index):
+            return None  # the protocol's answer where the op cannot run
 
-    with_op = fast_norms._conv_patches(tf.constant(x), *conv, WithOp)
-    without = fast_norms._conv_patches(tf.constant(x), *conv, WithoutOp)
+    with_op = patches.conv_patches(tf.constant(x), *conv, WithOp)
+    without = patches.conv_patches(tf.constant(x), *conv, WithoutOp)
     assert used and (used[0] == -1).any() == (padding != "valid")
     np.testing.assert_array_equal(with_op.numpy(), without.numpy())
     # An index past the input is an error, not a read out of bounds.
@@ -389,7 +390,7 @@ def test_conv_kernel_grads_kernel_matches_per_example_loop(
     autodiff, one example at a time), for strides, dilations, even
     kernels, same, valid and causal padding, in 1-D and 2-D, at every
     vector width; and `conv_kernel_grad` equals their sum."""
-    from keras_dp import fast_norms
+    from keras_dp.per_example import patches
 
     module = _conv_backend()
     layer = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D}[len(kernel_size)](
@@ -407,10 +408,10 @@ def test_conv_kernel_grads_kernel_matches_per_example_loop(
         [_example_kernel_grad(layer, x[i:i + 1], dy[i:i + 1]).T for i in range(n)]
     )
     expected_squared = np.sum(expected.astype("float64") ** 2, axis=(1, 2))
-    pads = fast_norms._conv_pads(
+    pads = patches.conv_pads(
         input_shape[:-1], kernel_size, strides, dilation, padding, dy.shape[1:-1]
     )
-    x_t, dy_t, conv = fast_norms._as_2d_conv(
+    x_t, dy_t, conv = patches.as_2d_conv(
         ops.convert_to_tensor(x), ops.convert_to_tensor(dy),
         (kernel_size, strides, dilation, pads),
     )

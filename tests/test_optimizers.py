@@ -529,7 +529,7 @@ def test_gradient_accumulation_adds_noise_once_per_logical_batch():
 
 
 # ---------------------------------------------------------------------------
-# Automatic clipping: R is only a scale (spec section 2).
+# Automatic clipping: R is only a scale (AUTO-S).
 
 
 def _train_steps(optimizer, initial, x, y, steps, batch=8):

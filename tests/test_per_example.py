@@ -308,7 +308,7 @@ def test_jit_compile_true_and_false_give_the_same_update():
 
 
 def test_reference_clip_factors_follow_the_spec():
-    """The reference's factors (spec sections 1-3) on hand-picked norms."""
+    """The reference's factors (docs/algorithms.md, "Clip factors") on hand-picked norms."""
     norms = np.array([0.0, 0.5, 1.0, 2.0, 4.0])
     # C = 1: norms 0 and 0.5 are kept as they are, 1 is (just) scaled.
     np.testing.assert_allclose(

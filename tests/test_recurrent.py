@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import keras_dp
-from keras_dp import fast_norms
+from keras_dp import per_example
 from test_fast_norms import assert_matches_brute_force
 
 STEPS, VOCAB = 6, 20
@@ -53,9 +53,13 @@ def _model(kind):
 )
 def test_recurrent_and_time_distributed_match_brute_force(kind):
     model = _model(kind)
-    entries = fast_norms.build_plan(model)
+    entries = per_example.build_plan(model)
     whole = [e for e in entries if e.kind == "generic"]
-    assert whole and all(fast_norms._handled_whole(e.layer) for e in whole)
+    assert whole and all(
+        e.rule.whole
+        and isinstance(e.layer, (keras.layers.RNN, keras.layers.TimeDistributed))
+        for e in whole
+    )
     assert_matches_brute_force(model, _tokens(), np.array([0, 1, 2, 1, 0]))
 
 
@@ -76,8 +80,8 @@ def test_recurrent_dropout_falls_back_with_a_readable_reason():
         [keras.Input((STEPS,), dtype="int32"), keras.layers.Embedding(VOCAB, 8),
          keras.layers.LSTM(5, dropout=0.2, name="lstm"), keras.layers.Dense(3)]
     )
-    with pytest.raises(fast_norms.Unsupported, match="'lstm'.*dropout") as info:
-        fast_norms.build_plan(model)
+    with pytest.raises(per_example.Unsupported, match="'lstm'.*dropout") as info:
+        per_example.build_plan(model)
     assert "\x1b" not in str(info.value)
 
 

@@ -1,5 +1,11 @@
-"""Private train step for the JAX backend (`jax.vmap` over `stateless_call`)."""
+"""keras_dp's backend operations on JAX (see `keras_dp.backend.protocol`).
 
+XLA fuses most of what the TensorFlow module does by hand (squares and
+sums, the noise's scaling and add), so several members return None here
+and the callers' `keras.ops` forms run instead.
+"""
+
+import contextlib
 import math
 
 import jax
@@ -12,7 +18,44 @@ from keras_dp import native
 
 
 def value_and_grad(fn):
+    """`jax.value_and_grad(fn, has_aux=True)`."""
     return jax.value_and_grad(fn, has_aux=True)
+
+
+@contextlib.contextmanager
+def vectorizable_layers(model):
+    """Changes nothing: `jax.vmap` vectorizes every layer as it is,
+    recurrent loops included."""
+    del model
+    yield
+
+
+def multiply_no_nan(x, y):
+    """`x * y` (broadcast), exactly 0 wherever `y` is 0, even where `x` is
+    infinite or NaN: a select that XLA fuses with the product."""
+    y = y.astype(x.dtype)
+    return jnp.where(y == 0, jnp.zeros((), x.dtype), x * y)
+
+
+def per_example_squared_norms(x):
+    """None: XLA fuses the square and the sum of `keras.ops` into one pass
+    already."""
+    del x
+    return None
+
+
+def gather_patches(x, index):
+    """None: there is no compiled kernel for it on JAX; the caller pads
+    and gathers with `keras.ops`."""
+    del x, index
+    return None
+
+
+def noisy_gradients(grads, stddev, seed):
+    """None: the optimizer draws with `standard_normal` and adds, and
+    XLA fuses the scaling and the add into one pass."""
+    del grads, stddev, seed
+    return None
 
 
 def after(dependencies, tensors):
@@ -44,26 +87,18 @@ def after(dependencies, tensors):
 # layers take `per_example_conv_kernel_norms` instead.
 #
 # Per-example kernel gradients are kept for the clipped sum: gathering the
-# patches again (`fast_norms._norms_then_patches`) made the ResNet
-# benchmark's DP step slower on JAX (see there).
+# patches again made the benchmark ResNet's DP step slower on JAX.
 CONV_CLIPPED_SUM_FROM_PATCHES = False
 
 
-# Used for stride-1 1-D/2-D convolutions with at least this many output
-# positions, in chunks of about 512 KiB of inputs and output gradients
-# (see `fast_norms._handle_conv`). Measured per layer at batch 256 (2-core
-# EPYC), against patches: 32x32x3 -> 16, 10 against 20 ms; 32x32x16 ->
-# 16, 43 against 56; 16x16x32 -> 32, 19 against 38. With strides,
-# patches are faster (32x32x16 -> 16x16x32: 18 against 24), and chunks of
-# 4 MiB or more lose most of the gain (57 ms for the 32x32x16 layer). On
-# the benchmark ResNet, DP/plain step time 1.07-1.09 (512 KiB chunks),
-# 1.13-1.15 (1 MiB) and 1.15 (2 MiB) against 1.38-1.42 with patches, same
-# process; but smaller chunks hold more memory: the DP step's peak
-# resident memory (`benchmarks/step.py resnet memory dp`) is 1277 MB with
-# 512 KiB chunks, 1099 with 1 MiB, 1044 with 2 MiB, 1894 with 128 KiB
-# and 1073 with patches (plain: about 940). The
-# benchmark CNN (11x11 outputs from 32 channels) was slower: 0.97 against
-# 0.90, hence the threshold.
+# Stride-1 1-D/2-D convolutions with at least this many output positions
+# take `per_example_conv_kernel_grads` (the conv rule of
+# `keras_dp.per_example.conv`), in chunks of about 512 KiB of inputs and
+# output gradients. XLA's grouped convolution beats patches on large maps;
+# with strides, and on small maps from many channels (the benchmark CNN),
+# patches are faster, hence the threshold. Larger chunks lose most of the
+# gain; smaller ones hold more memory at the peak. `benchmarks/RESULTS.md`
+# ("Design measurements") has the figures.
 GROUPED_CONV_MIN_POSITIONS = 256
 GROUPED_CONV_CHUNK_BYTES = 2**19
 
@@ -88,7 +123,7 @@ def per_example_conv_kernel_grads(x, dy, kernel_size, dilation, pads):
     patches are built.
     """
     # Padded first: zeros passed to the convolution as its own padding
-    # made the ResNet benchmark's DP step no faster (1.14 against 1.11-1.13).
+    # made the benchmark ResNet's DP step no faster.
     x = jnp.pad(x, [(0, 0)] + [tuple(p) for p in pads] + [(0, 0)])
     n, channels, filters = x.shape[0], x.shape[-1], dy.shape[-1]
     rank = len(kernel_size)
@@ -127,11 +162,10 @@ def per_example_conv_kernel_norms(
 
     `x`: (n, H, W, C) inputs; `dy`: (n, Ho, Wo, F) output gradients;
     `pads`: the (before, after) zeros the convolution reads on each
-    spatial axis (1-D convs come as 2-D, `fast_norms._as_2d_conv`). Any
-    stride and dilation. On the benchmark ResNet
-    (batch 256) the DP step went from 1.10-1.12x the plain step's time to
-    0.87x, and its memory from 1.34x to 0.96x; the CNN from 0.88-0.91x to
-    0.83x.
+    spatial axis (1-D convs come as 2-D). Any stride and dilation. Faster
+    than grouped convolutions or patches, and no per-example gradients
+    need be kept for the norms, which saves most of the fast path's
+    memory on conv networks.
     """
     if (
         len(kernel_size) != 2
@@ -228,13 +262,9 @@ def xla_standard_normal(shape, key):
       twice the hashing.
     - The count drawn is a multiple of 4, so that the hash and the
       transform loop over even numbers of elements. XLA:CPU compiles
-      such loops over an odd number of elements into far slower code:
-      `jax.random.normal` of 669,707 numbers takes 13 ms against 1.4 for
-      669,706 (2-core EPYC).
-
-    On the benchmark MLP, in one process, the DP step took 1.38x the plain
-    step against 1.77x with `keras.random.normal`; with a one-unit head (an
-    odd number of parameters) 1.52x against 5.29x.
+      such loops over an odd number of elements into far slower code
+      (a model with an odd number of parameters would pay for it on every
+      step).
     """
     size = math.prod(shape)
     counters = jax.lax.iota(jnp.uint32, -(-size // 4) * 4)
@@ -255,5 +285,6 @@ def normal_from_bits(bits):
 
 
 def scan(f, init, xs):
+    """`jax.lax.scan(f, init, xs)`."""
     return jax.lax.scan(f, init, xs)
 

@@ -1,8 +1,9 @@
-"""Private train step for the TensorFlow backend (`tf.vectorized_map`).
+"""keras_dp's backend operations on TensorFlow (see
+`keras_dp.backend.protocol`).
 
 Random ops with per-example seeds have no vectorized converter in TF's pfor,
 so `tf.vectorized_map` runs those few ops (dropout masks) in a loop and
-everything else vectorized.
+everything else vectorized; the notice it logs for them is filtered out.
 """
 
 import contextlib
@@ -13,6 +14,7 @@ import keras
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
+from keras_dp import keras_compat
 from keras_dp import native
 
 
@@ -31,6 +33,9 @@ tf.get_logger().addFilter(_ExpectedFallbackFilter())
 
 
 def value_and_grad(fn):
+    """`fn(params, *args) -> (value, aux)` becomes `((value, aux), grads)`
+    by a `tf.GradientTape`; unconnected gradients are zeros."""
+
     def wrapped(params, *args):
         params = list(params)
         with tf.GradientTape() as tape:
@@ -63,7 +68,7 @@ def vectorizable_layers(model):
     others).
     """
     changed = []
-    for layer in model._flatten_layers(include_self=False):
+    for layer in keras_compat.flatten_layers(model, include_self=False):
         if isinstance(layer, keras.layers.RNN) and not layer.unroll and (
             _static_time_steps(layer)
         ):
@@ -77,8 +82,7 @@ def vectorizable_layers(model):
 
 
 def _static_time_steps(layer):
-    shapes = getattr(layer, "_build_shapes_dict", None) or {}
-    for shape in shapes.values():
+    for shape in keras_compat.build_input_shapes(layer).values():
         shape = tuple(shape) if shape is not None else ()
         return len(shape) > 1 and isinstance(shape[1], int)
     return False
@@ -101,23 +105,22 @@ def after(dependencies, tensors):
 # GROUPED_CONV_*): where keras_dp's compiled kernel runs, 1-D/2-D conv
 # layers take `per_example_conv_kernel_norms` instead.
 #
-# Used for stride-1 1-D/2-D convolutions with at least this many output
-# positions, in chunks of about 4 MiB of inputs and output gradients (see
-# `fast_norms._handle_conv`). Measured per layer at batch 256 (2-core
-# EPYC), against patches: on 32x32 maps, 6-7 against 9-10 ms for 3 -> 16
-# channels, 13-19 against 20-22 for 16 -> 16, 36 against 57-61 for
-# 32 -> 32, 150-165 against 175-190 for 64 -> 64; on 64x64, 44-50
-# against 107 for 16 -> 16. Slower with strides (32x32x16 -> 16x16x32:
-# 11-16 against 9-10) and on 16x16 maps with 32 channels or more (15-23
-# against 13). 2 MiB chunks were no faster than 4.
+# Stride-1 1-D/2-D convolutions with at least this many output positions
+# take `per_example_conv_kernel_grads` (the conv rule of
+# `keras_dp.per_example.conv`), in chunks of about 4 MiB of inputs and
+# output gradients. oneDNN's grouped filter gradient beats patches on large maps
+# (more so the more channels); with strides, and on small maps from many
+# channels, patches are faster, hence the threshold. Smaller chunks were
+# no faster. `benchmarks/RESULTS.md` ("Design measurements") has the
+# figures.
 GROUPED_CONV_MIN_POSITIONS = 1024
 GROUPED_CONV_CHUNK_BYTES = 4 * 2**20
 
 
 # Conv layers with no more output positions than filters keep only the
 # norms of their per-example kernel gradients and take the clipped sum
-# from their patches, gathered again (`fast_norms._norms_then_patches`):
-# on the ResNet benchmark 57 MB less at the peak, same step time.
+# from their patches, gathered again: less memory at the peak for the
+# same step time, since gathering is cheap here (`gather_patches`).
 CONV_CLIPPED_SUM_FROM_PATCHES = True
 
 
@@ -132,8 +135,7 @@ def per_example_conv_kernel_grads(x, dy, kernel_size, dilation, pads):
     The examples become the groups of one grouped convolution, whose filter
     gradient (oneDNN's direct kernel, no patches) has one (taps, C, F)
     block per example. No patches are built, and "same" zeros are the
-    op's own padding: on the ResNet benchmark's 32x32x16 layer, 0.74
-    against 0.86 ms per chunk of 30 examples with a `tf.pad` first.
+    op's own padding, which is faster than a `tf.pad` first.
     """
     if len(kernel_size) == 1:
         x, dy = x[:, None], dy[:, None]
@@ -174,12 +176,10 @@ def per_example_conv_kernel_norms(
 
     `x`: (n, H, W, C) inputs; `dy`: (n, Ho, Wo, F) output gradients;
     `pads`: the (before, after) zeros the convolution reads on each
-    spatial axis (1-D convs come as 2-D, `fast_norms._as_2d_conv`). Any
-    stride and dilation. On the ResNet benchmark's
-    layers at batch 256, with the norms and a clipped sum included: 3.6
-    against 8.9 ms for 32x32x16 -> 16 (grouped convolutions), 2.8 against
-    5.6 for 32x32x16 -> 16x16x32 and 3.9 against 6.5 for 16x16x32 -> 32
-    (patches); the summed gradient (`conv_kernel_grad`) takes 2.7-3.9.
+    spatial axis (1-D convs come as 2-D). Any stride and dilation.
+    Faster than grouped convolutions and patches on every layer shape
+    measured, the norms and the clipped sum (`conv_kernel_grad`)
+    included.
     """
     native_ops = _native_ops()
     if native_ops is None or x.dtype != tf.float32 or len(kernel_size) != 2:
@@ -251,9 +251,8 @@ def gather_patches(x, index):
     then pads and gathers).
 
     `x`: (n, P, C) a conv layer's input with its positions flattened;
-    `index`: static (T, K) int32, each output position's input positions.
-    Without a padded copy of the input: on a chunk of 14 examples of the
-    ResNet benchmark's 16x16x32 layer, 0.19 against 0.29-0.32 ms for
+    `index`: static (T, K) integers, each output position's input
+    positions. Without a padded copy of the input, so faster than
     `tf.pad` and `tf.gather`.
     """
     native_ops = _native_ops()
@@ -302,8 +301,7 @@ def noisy_gradients(grads, stddev, seed):
     float32 of static shapes (the optimizer then draws and adds).
 
     TensorFlow runs the split, the scaling and the add as separate passes
-    over memory: on the benchmark MLP (784-512-512-10, batch 256) the
-    scaling alone took 0.34 ms of thread time per step.
+    over memory, which on a small model cost a visible part of the step.
     """
     if any(g.dtype != tf.float32 or not g.shape.is_fully_defined() for g in grads):
         return None
@@ -324,9 +322,7 @@ def box_muller(shape, seed):
     `stateless_normal` kernel computes it (so the same distribution, the
     same tails: at most about 5.65 in absolute value), but as Eigen's
     vectorised elementwise ops, where that kernel transforms one pair of
-    numbers at a time: for the 669,706 coordinates of the benchmark MLP,
-    2.7 against 4.3 ms (2-core EPYC), and DP/plain step time 1.43-1.48
-    against 1.66-1.70 in one process.
+    numbers at a time, hence faster.
     """
     size = math.prod(shape)
     half = (size + 1) // 2

@@ -1,13 +1,14 @@
 """keras_dp's compiled CPU kernels (noise, conv gradients), built on first use.
 
 On a CPU the Gaussian noise is most of what a DP step adds to a small
-model's step: 670k numbers for a 784-512-512-10 MLP take about 1.2 ms with
-JAX's own `jax.random.normal` and 1.9 ms with TensorFlow's ops, against a
-plain step of 3-4 ms. `noise.h` draws them in about 0.4 ms on one core
-(Threefry-2x32 counters and a vectorised Box-Muller transform; its header
-comment gives the exact recipe). This module compiles it with the
-system's C++ compiler the first time a DP step needs noise on a CPU, as a
-JAX FFI handler or TensorFlow ops, and caches the library:
+model's step, and the frameworks' own samplers do more work per number
+than needed (JAX hashes one Threefry block per number, TensorFlow's kernel
+transforms one pair at a time). `noise.h` gets two numbers from each hash
+and transforms them in vectorised blocks (Threefry-2x32 counters and a
+Box-Muller transform; its header comment gives the exact recipe), which
+is faster even on one core. This module compiles it with the system's C++
+compiler the first time a DP step needs noise on a CPU, as a JAX FFI
+handler or TensorFlow ops, and caches the library:
 
 - in `$KERAS_DP_CACHE_DIR`, else `$XDG_CACHE_HOME/keras_dp`, else
   `~/.cache/keras_dp`, under a name that hashes the sources, the compiler,
@@ -15,7 +16,7 @@ JAX FFI handler or TensorFlow ops, and caches the library:
   jaxlib gets a fresh build);
 - with `$CXX` as the compiler if set, else `c++`, `g++` or `clang++`.
 
-A build takes a few seconds (about 2 s for JAX, 5 s for TensorFlow). When
+A build runs once per cache key, the first time it is needed. When
 it fails (no compiler, no framework headers), keras_dp warns once and
 draws the noise with the framework's own random ops: the same
 distribution, other numbers, a slower step. `KERAS_DP_NATIVE=0` skips the

@@ -17,7 +17,9 @@
 
 namespace keras_dp {
 
-// 16 blocks of pairs: 32768 numbers, about 20 us of work.
+// 16 blocks of pairs (32768 numbers): enough work per chunk that taking it
+// from the counter costs little, few enough chunks per draw that the
+// threads share a draw evenly.
 constexpr int64_t kChunkPairs = 16 * KDP_BLOCK;
 
 struct Chunks {

@@ -1,0 +1,182 @@
+"""The Gaussian noise of the DP mechanism: its multiplier, its seed, and
+the draw that adds it to the clipped gradients.
+
+A DP optimizer holds one `GaussianNoise` (`optimizer.noise`). The train
+step hands the optimizer the clipped sum of a batch (`ClippedBatch`); the
+optimizer asks its noise object to add `stddev * N(0, I)` to it, with
+`stddev = sigma * Delta / B` (`sigma` the noise multiplier, `Delta` the
+clipping policy's sensitivity, `B` the expected batch size).
+
+The standard normal numbers come from the backend's sampler
+(`standard_normal` of `keras_dp.backend`: keras_dp's compiled kernel on a
+CPU, the framework's own ops elsewhere), keyed by a `NoiseSeedGenerator`
+whose state is an optimizer variable: saved with the model, and threaded
+through JAX's stateless steps.
+
+Example:
+
+```python
+noise = keras_dp.GaussianNoise(noise_multiplier=1.1)
+noise.get_config()   # {"noise_multiplier": 1.1, "seed": None}
+```
+"""
+
+import itertools
+import numbers
+import secrets
+
+import keras
+from keras import ops
+
+from keras_dp import backend as backend_lib
+
+
+class NoiseSeedGenerator(keras.random.SeedGenerator):
+    """The DP noise's seed: a `keras.random.SeedGenerator` whose keys are
+    offset by a secret when no seed is given.
+
+    With `seed=None` the state variable (saved with the optimizer) starts
+    at `[0, 0]` and two 31-bit words from the operating system's entropy
+    are added to every key it hands out; they live in this object only, so
+    neither `keras.utils.set_random_seed` nor a saved model reveals the
+    noise. With an integer seed there is no secret: the noise is the
+    reproducible stream of `keras.random.SeedGenerator(seed)`.
+    """
+
+    def __init__(self, seed=None, name=None):
+        super().__init__(0 if seed is None else seed, name=name)
+        self._secret = (
+            None
+            if seed is not None
+            else (secrets.randbits(31), secrets.randbits(31))
+        )
+
+    def next(self, ordered=True):
+        key = super().next(ordered=ordered)
+        if self._secret is None:
+            return key
+        return key + ops.convert_to_tensor(self._secret, dtype=key.dtype)
+
+
+class GaussianNoise:
+    """Gaussian noise of multiplier `sigma`, from a seeded generator.
+
+    Args:
+        noise_multiplier: `sigma`, a non-negative number, or None while it
+            is still to be calibrated from a target epsilon.
+        seed: None (the default: the key comes from the operating
+            system's entropy and is never saved; see `NoiseSeedGenerator`)
+            or an integer (reproducible noise, for tests and debugging:
+            anyone who knows it can subtract the noise).
+    """
+
+    def __init__(self, noise_multiplier=1.0, seed=None):
+        if noise_multiplier is not None and (
+            not isinstance(noise_multiplier, numbers.Real)
+            or not noise_multiplier >= 0
+            or noise_multiplier == float("inf")
+        ):
+            raise ValueError(
+                "`noise_multiplier` (sigma) must be a non-negative finite "
+                f"number. Received: {noise_multiplier!r}."
+            )
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int)
+        ):
+            raise ValueError(f"`seed` must be an integer. Received: {seed!r}.")
+        self.noise_multiplier = (
+            None if noise_multiplier is None else float(noise_multiplier)
+        )
+        self.seed = seed
+
+    def seed_generator(self, name="dp_noise_seed"):
+        """A new `NoiseSeedGenerator` for this noise's seed."""
+        return NoiseSeedGenerator(self.seed, name=name)
+
+    def standard_normal(self, shape, seed_generator, dtype="float32"):
+        """Standard normal numbers of `shape` from the backend's sampler."""
+        draw = backend_lib.get_backend_module().standard_normal(
+            shape, seed_generator
+        )
+        return ops.cast(draw, dtype)
+
+    def add(self, grads, stddev, seed_generator, noise_spaces=None):
+        """`g + stddev * N(0, I)` for each gradient `g` of `grads`.
+
+        `noise_spaces` (optional) has one entry per gradient: None for
+        noise on every coordinate, or `draw(standard_normal)` returning the
+        gradient-shaped image of standard noise drawn in a smaller
+        privatised space (`keras_dp.LowRankSparse` carriers).
+
+        Without a `keras.distribution`, the noise of all gradients with
+        no space of their own is one draw, split in order: one random
+        number kernel for the whole model instead of one per variable.
+        Under a distribution each variable keeps its own draw, which
+        follows the variable's sharding.
+        """
+        spaces = noise_spaces or [None] * len(grads)
+        full = []
+        if keras.distribution.distribution() is None:
+            full = [
+                k for k, (g, space) in enumerate(zip(grads, spaces))
+                if g is not None and space is None
+            ]
+        out = list(grads)
+        if full:
+            noisy = self._add_flat([grads[k] for k in full], stddev, seed_generator)
+            for k, g in zip(full, noisy):
+                out[k] = g
+
+        def standard_normal(shape, dtype):
+            return self.standard_normal(shape, seed_generator, dtype)
+
+        for k, (g, space) in enumerate(zip(grads, spaces)):
+            if g is None or k in full:
+                continue
+            if space is None:
+                z = standard_normal(ops.shape(g), "float32")
+            else:
+                z = space(standard_normal)
+            out[k] = _plus_noise(g, stddev, z)
+        return out
+
+    def _add_flat(self, grads, stddev, seed_generator):
+        """`grads` plus noise from one flat draw, split in order: the
+        backend's fused kernel where it has one (it adds while it draws),
+        else a draw and adds."""
+        noisy = backend_lib.get_backend_module().noisy_gradients(
+            grads, stddev, seed_generator
+        )
+        if noisy is not None:
+            return noisy
+        sizes = [_static_size(g) for g in grads]
+        flat = self.standard_normal((sum(sizes),), seed_generator)
+        offsets = [0] + list(itertools.accumulate(sizes))
+        return [
+            _plus_noise(g, stddev, ops.reshape(flat[a:b], ops.shape(g)))
+            for g, a, b in zip(grads, offsets[:-1], offsets[1:])
+        ]
+
+    def get_config(self):
+        return {"noise_multiplier": self.noise_multiplier, "seed": self.seed}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def __repr__(self):
+        return (
+            f"GaussianNoise(noise_multiplier={self.noise_multiplier!r}, "
+            f"seed={'fixed' if self.seed is not None else None})"
+        )
+
+
+def _plus_noise(g, stddev, z):
+    return g + ops.cast(stddev, g.dtype) * ops.cast(z, g.dtype)
+
+
+def _static_size(tensor):
+    size = 1
+    for dim in tensor.shape:
+        size *= int(dim)
+    return size

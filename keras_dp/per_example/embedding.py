@@ -1,0 +1,121 @@
+"""Rules for Embedding, ReversibleEmbedding (as a lookup) and keras-hub's
+PositionEmbedding.
+
+Embedding: with ids `x_t` and output gradients `b_t` of one example, its
+table gradient has row `v` equal to `sum_{t: x_t = v} b_t`, so
+`||G_i||^2 = sum_{t,s} 1{x_t = x_s} b_t . b_s` (no table-sized tensor), and
+the clipped sum is a segment sum of the scaled output gradients.
+ReversibleEmbedding is handled as a lookup; a `reverse=True` call (tied
+output logits) is refused. keras-hub's PositionEmbedding adds the first T
+rows of its table: each example's gradient is its output gradient.
+"""
+
+import keras
+from keras import ops
+
+from keras_dp.per_example.registry import Unsupported
+from keras_dp.per_example.registry import builtin_registrations
+from keras_dp.per_example.registry import register_per_example_rule
+from keras_dp.per_example.registry import register_when_imported
+from keras_dp.per_example.registry import uses_plain_weights
+from keras_dp.per_example.rows import f32
+from keras_dp.per_example.rows import rows_dot
+from keras_dp.per_example.rows import scaled_rows
+from keras_dp.per_example.rows import squared_norms
+from keras_dp.per_example.rows import static_prod
+
+
+def embedding_rule(layer, call, grads, context):
+    ids = ops.cast(call.inputs, "int32")
+    B = f32(grads)
+    D = B.shape[-1]
+    T = static_prod(ids.shape[1:])
+    ids = ops.reshape(ids, (-1, T if T is not None else -1))
+    B = ops.reshape(B, (-1, T if T is not None else -1, D))
+    if T == 1:
+        sq = squared_norms(B)
+    else:
+        same = ops.equal(ids[:, :, None], ids[:, None, :])
+        bb = ops.einsum("ntd,nsd->nts", B, B)
+        sq = ops.sum(ops.where(same, bb, ops.zeros_like(bb)), axis=(1, 2))
+        sq = ops.maximum(sq, 0.0)
+    vocab = layer.embeddings.shape[0]
+
+    def clipped(c, safe):
+        weighted = ops.reshape(scaled_rows(B, c, safe), (-1, D))
+        return ops.segment_sum(
+            weighted, ops.reshape(ids, (-1,)), num_segments=vocab
+        )
+
+    terms = [(layer.embeddings, sq, clipped)]
+    reverse = getattr(layer, "reverse_embeddings", None)
+    if reverse is not None and reverse is not layer.embeddings:
+        # Untied output kernel of a ReversibleEmbedding, only used by
+        # `reverse=True` calls (refused): no gradient.
+        terms.append(
+            (reverse, ops.zeros_like(sq), lambda c, safe: ops.zeros(reverse.shape))
+        )
+    return terms
+
+
+def refuse_reverse_call(layer, args, kwargs):
+    if kwargs.get("reverse") or args[1:2] == (True,):
+        raise Unsupported(f"embedding {layer.name!r} is called with reverse=True")
+
+
+def position_embedding_rule(layer, call, grads, context):
+    """keras-hub `PositionEmbedding`: the first T rows of the table,
+    broadcast to the input. Each example's gradient is its output
+    gradient `dy_i` (summed over any leading broadcast axes) in rows
+    `[0, T)` of the table."""
+    table = layer.position_embeddings
+    dy = f32(grads)
+    T, D = dy.shape[-2], dy.shape[-1]
+    if T is None:
+        raise Unsupported(f"position embedding {layer.name!r}: unknown length")
+    g = ops.reshape(dy, (ops.shape(dy)[0], -1, T, D))
+    g = ops.sum(g, axis=1)
+    sq = squared_norms(g)
+    rows = table.shape[0]
+
+    def clipped(c, safe):
+        total = rows_dot(c, g, safe)
+        return ops.pad(total, [(0, rows - T), (0, 0)])
+
+    return [(table, sq, clipped)]
+
+
+def refuse_offset_positions(layer, args, kwargs):
+    start = kwargs.get("start_index", args[1] if len(args) > 1 else 0)
+    positions = kwargs.get("positions", args[2] if len(args) > 2 else None)
+    if not (isinstance(start, int) and start == 0) or positions is not None:
+        raise Unsupported(
+            f"position embedding {layer.name!r} is called with an offset or "
+            "explicit positions"
+        )
+
+
+def _register_keras_hub_rules():
+    import keras_hub
+
+    cls = getattr(getattr(keras_hub, "layers", None), "PositionEmbedding", None)
+    if cls is not None:
+        register_per_example_rule(
+            cls, position_embedding_rule, name="position_embedding",
+            applies=uses_plain_weights, check_call=refuse_offset_positions,
+        )
+
+
+with builtin_registrations():
+    register_per_example_rule(
+        keras.layers.Embedding, embedding_rule, name="embedding",
+        applies=uses_plain_weights,
+    )
+    _reversible = getattr(keras.layers, "ReversibleEmbedding", None)
+    if _reversible is not None:
+        # Used as a lookup.
+        register_per_example_rule(
+            _reversible, embedding_rule, name="embedding",
+            applies=uses_plain_weights, check_call=refuse_reverse_call,
+        )
+    register_when_imported("keras_hub", _register_keras_hub_rules)
