@@ -21,7 +21,7 @@ COMPAT_SELECT := not test_private_model or make_private_returns \
 	or multi_output_logs or regularizer or dropout_masks_differ \
 	or train_on_batch_divides
 
-.PHONY: venv demo test compat-test lint-imports clean
+.PHONY: venv demo test compat-test lint lint-imports clean
 
 venv: $(STAMP)
 
@@ -46,6 +46,10 @@ demo: venv
 
 # No import cycles: the layers contract of pyproject.toml
 # ([tool.importlinter]).
+# Lint ([tool.ruff] in pyproject.toml).
+lint: venv
+	$(VENV)/bin/ruff check .
+
 lint-imports: venv
 	$(VENV)/bin/lint-imports
 
@@ -82,6 +86,7 @@ compat-test: venv $(KERAS_LOWEST_STAMP)
 # two runs share two cores well); prints each backend's log and fails if
 # any step fails.
 test: venv
+	@$(MAKE) --no-print-directory lint
 	@$(MAKE) --no-print-directory lint-imports
 	@$(MAKE) --no-print-directory compat-test COMPAT_KERAS=lowest
 	@mkdir -p .test-logs; \

@@ -7,6 +7,8 @@ model.fit(x, y, epochs=3)
 ```
 """
 
+import importlib.metadata
+
 from keras_dp import accounting
 from keras_dp import data
 from keras_dp.accounting import calibrate_noise_multiplier
@@ -37,4 +39,38 @@ from keras_dp.summary import privacy_summary
 
 DPLAMB = DPLamb
 
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("keras-dp")
+except importlib.metadata.PackageNotFoundError:  # a source tree not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "accounting",
+    "AdaptiveClipping",
+    "calibrate_noise_multiplier",
+    "clear_clip_group",
+    "ClippedBatch",
+    "ClippingPolicy",
+    "compute_epsilon",
+    "data",
+    "DPAdam",
+    "DPAdamW",
+    "DPLAMB",
+    "DPLamb",
+    "DPOptimizerMixin",
+    "DPSGD",
+    "EpsilonLogger",
+    "GaussianNoise",
+    "get_clip_group",
+    "is_private",
+    "LowRankSparse",
+    "make_dp_optimizer",
+    "make_private",
+    "privacy_summary",
+    "PrivacyBudget",
+    "PrivacyLedger",
+    "register_per_example_rule",
+    "replace_batch_normalization",
+    "set_clip_group",
+    "StepClipping",
+]

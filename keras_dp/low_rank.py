@@ -49,7 +49,6 @@ docs/algorithms.md, "Low-rank and sparse gradients"):
 import math
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_dp import keras_compat

@@ -7,7 +7,6 @@ ledger never sees. Epsilons are recomputed with dp-accounting directly
 (`accounting_fixtures`) from the steps the optimizer really took.
 """
 
-import math
 
 import keras
 import numpy as np

@@ -78,7 +78,7 @@ def test_every_function_names_the_keras_versions_it_was_checked_against():
 def test_flatten_layers_and_own_variables():
     model = _model()
     layers = keras_compat.flatten_layers(model, include_self=False)
-    assert [l.name for l in layers if l.weights] == ["hidden", "head"]
+    assert [layer.name for layer in layers if layer.weights] == ["hidden", "head"]
     assert keras_compat.flatten_layers(model)[0] is model
     outer = keras.Sequential([model])
     assert model in keras_compat.flatten_layers(outer, recursive=False)

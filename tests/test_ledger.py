@@ -9,7 +9,6 @@ import json
 import math
 
 import keras
-import numpy as np
 import pytest
 
 import accounting_fixtures as fixtures

@@ -228,7 +228,7 @@ def test_count_is_logged_and_loss_stays_finite(path):
         float(loss_fn(y[i : i + 1], model(x[i : i + 1]), None))
         for i in range(B)
     ]
-    expected_loss = sum(l for i, l in enumerate(losses) if i not in (1, BAD)) / B
+    expected_loss = sum(loss for i, loss in enumerate(losses) if i not in (1, BAD)) / B
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fixed-size batches

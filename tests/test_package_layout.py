@@ -58,3 +58,14 @@ _OUTSIDE = re.compile(r"ALGORITHMS\.md|shared/|\bspec section|\.\./")
 def test_nothing_points_outside_the_repository(path):
     for number, line in enumerate(path.read_text().splitlines(), 1):
         assert not _OUTSIDE.search(line), f"{_relative(path)}:{number}: {line.strip()}"
+
+
+def test_the_version_is_the_installed_package_metadata():
+    import importlib.metadata
+    import tomllib
+
+    import keras_dp
+
+    pyproject = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    assert keras_dp.__version__ == importlib.metadata.version("keras-dp")
+    assert keras_dp.__version__ == pyproject["project"]["version"]

@@ -50,3 +50,33 @@ from keras_dp.per_example.rows import scaled_rows
 from keras_dp.per_example.rows import seed_state_ids
 from keras_dp.per_example.rows import squared_norms
 from keras_dp.per_example.vmap_path import vmap_clipped_gradient_sum
+
+__all__ = [
+    "build_plan",
+    "choose_method",
+    "clipped_gradient_sum",
+    "example_loss_fn",
+    "fast_clipped_gradient_sum",
+    "gradient_space",
+    "GradientSpace",
+    "instantiated_terms",
+    "kept_rows",
+    "loss_trackers_paused",
+    "NONFINITE_LOG",
+    "num_regularized_weights",
+    "per_example_norms_and_sums",
+    "private_gradients",
+    "RecordedCall",
+    "register_per_example_rule",
+    "regularization_loss",
+    "remove_per_example_rule",
+    "rows_dot",
+    "RuleContext",
+    "scaled_factors",
+    "scaled_rows",
+    "seed_state_ids",
+    "squared_norms",
+    "step_metrics",
+    "Unsupported",
+    "vmap_clipped_gradient_sum",
+]

@@ -51,7 +51,7 @@ def regularization_loss(model, trainable_values):
         return ops.zeros((), dtype="float32")
     return ops.sum(
         ops.stack(
-            [keras_compat.aggregate_additional_loss(model, l) for l in losses]
+            [keras_compat.aggregate_additional_loss(model, loss) for loss in losses]
         )
     )
 
