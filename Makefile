@@ -46,9 +46,11 @@ demo: venv
 
 # No import cycles: the layers contract of pyproject.toml
 # ([tool.importlinter]).
-# Lint ([tool.ruff] in pyproject.toml).
+# Lint and format check ([tool.ruff] in pyproject.toml); `ruff format .`
+# fixes the format.
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 lint-imports: venv
 	$(VENV)/bin/lint-imports

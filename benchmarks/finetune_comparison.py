@@ -143,8 +143,13 @@ def fine_tune(method, weights, train, test, args, seed):
         metrics=["accuracy"],
     )
     timer, logger = EpochTimer(), keras_dp.EpsilonLogger(delta=DELTA)
-    model.fit(*train, batch_size=args.batch_size, epochs=args.epochs,
-              verbose=0, callbacks=[timer, logger])
+    model.fit(
+        *train,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        verbose=0,
+        callbacks=[timer, logger],
+    )
     steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
     step_time = float(np.median(timer.times[1:])) / (steps / args.epochs)
     _, accuracy = model.evaluate(*test, verbose=0)
@@ -159,36 +164,51 @@ def main():
     public, train, test = load()
     n = len(train[0])
     q = args.batch_size / n
-    print(f"backend {keras.backend.backend()}; public: {len(public[0])} digits 0-4; "
-          f"private: {n} train / {len(test[0])} test digits 5-9")
-    print(f"sigma {args.noise_multiplier}, q = {args.batch_size}/{n} = {q:.4f}, "
-          f"{args.epochs} epochs, rank {args.rank}, delta {DELTA}")
+    print(
+        f"backend {keras.backend.backend()}; public: {len(public[0])} digits 0-4; "
+        f"private: {n} train / {len(test[0])} test digits 5-9"
+    )
+    print(
+        f"sigma {args.noise_multiplier}, q = {args.batch_size}/{n} = {q:.4f}, "
+        f"{args.epochs} epochs, rank {args.rank}, delta {DELTA}"
+    )
     results = {m: [] for m in METHODS}
     for seed in range(args.seeds):
         weights = pretrain(public, seed)
         for method in METHODS:
-            results[method].append(
-                fine_tune(method, weights, train, test, args, seed)
-            )
+            results[method].append(fine_tune(method, weights, train, test, args, seed))
             acc, eps, steps, dim, st, path = results[method][-1]
-            print(f"  seed {seed} {method:5s} acc {acc:.3f} eps {eps:.3f} "
-                  f"steps {steps} dim {dim} step {st * 1e3:.1f} ms "
-                  f"({path} per-example path)", flush=True)
+            print(
+                f"  seed {seed} {method:5s} acc {acc:.3f} eps {eps:.3f} "
+                f"steps {steps} dim {dim} step {st * 1e3:.1f} ms "
+                f"({path} per-example path)",
+                flush=True,
+            )
     epsilons = {round(r[1], 9) for m in METHODS for r in results[m]}
     steps = {r[2] for m in METHODS for r in results[m]}
-    expected = keras_dp.compute_epsilon(args.noise_multiplier, q, steps.pop(), DELTA) if len(steps) == 1 else None
-    print(f"\nepsilon of every run: {sorted(epsilons)} "
-          f"(compute_epsilon for plain DP-SGD: {expected})")
+    expected = (
+        keras_dp.compute_epsilon(args.noise_multiplier, q, steps.pop(), DELTA)
+        if len(steps) == 1
+        else None
+    )
+    print(
+        f"\nepsilon of every run: {sorted(epsilons)} "
+        f"(compute_epsilon for plain DP-SGD: {expected})"
+    )
     base = np.mean([r[4] for r in results["full"]])
-    print("\n| Method | Test accuracy (mean ± std, "
-          f"{args.seeds} seeds) | Noise dimension | DP step time vs full |")
+    print(
+        "\n| Method | Test accuracy (mean ± std, "
+        f"{args.seeds} seeds) | Noise dimension | DP step time vs full |"
+    )
     print("|---|---|---|---|")
     for method in METHODS:
         acc = np.array([r[0] for r in results[method]])
         dim = results[method][0][3]
         ratio = np.mean([r[4] for r in results[method]]) / base
-        print(f"| {LABELS[method]} | {acc.mean():.3f} ± {acc.std():.3f} | "
-              f"{dim:,} | {ratio:.2f} |")
+        print(
+            f"| {LABELS[method]} | {acc.mean():.3f} ± {acc.std():.3f} | "
+            f"{dim:,} | {ratio:.2f} |"
+        )
     print(f"\ntotal time {time.perf_counter() - start:.0f}s")
 
 

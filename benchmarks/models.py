@@ -8,20 +8,35 @@ def build(name):
     from keras import layers as L
 
     if name == "cnn":  # the peers' CNN: Conv32-Pool-Conv64-Pool-Dense10
-        return keras.Sequential([
-            keras.Input(shape=(28, 28, 1)),
-            L.Conv2D(32, 3, activation="relu"), L.MaxPooling2D(2),
-            L.Conv2D(64, 3, activation="relu"), L.MaxPooling2D(2),
-            L.Flatten(), L.Dense(10, activation="softmax")])
+        return keras.Sequential(
+            [
+                keras.Input(shape=(28, 28, 1)),
+                L.Conv2D(32, 3, activation="relu"),
+                L.MaxPooling2D(2),
+                L.Conv2D(64, 3, activation="relu"),
+                L.MaxPooling2D(2),
+                L.Flatten(),
+                L.Dense(10, activation="softmax"),
+            ]
+        )
     if name in ("mlp", "mlp1"):
         # mlp: the peers' 784-512-512-10; mlp1: a one-unit sigmoid
         # head instead, which gives an odd number of parameters.
-        head = (L.Dense(10, activation="softmax") if name == "mlp"
-                else L.Dense(1, activation="sigmoid"))
-        return keras.Sequential([
-            keras.Input(shape=(784,)), L.Dense(512, activation="relu"),
-            L.Dense(512, activation="relu"), head])
+        head = (
+            L.Dense(10, activation="softmax")
+            if name == "mlp"
+            else L.Dense(1, activation="sigmoid")
+        )
+        return keras.Sequential(
+            [
+                keras.Input(shape=(784,)),
+                L.Dense(512, activation="relu"),
+                L.Dense(512, activation="relu"),
+                head,
+            ]
+        )
     if name == "resnet":  # small ResNet, GroupNormalization, 32x32x3
+
         def block(x, filters, stride):
             shortcut = x
             h = L.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(x)
@@ -52,10 +67,20 @@ SEQ_LEN = 128
 # weights (nothing is downloaded). `transformer` is a small BERT for the
 # CPU suite; `bert_base` is BERT-base size (run it on a GPU, batch 32).
 BERT_CONFIGS = {
-    "transformer": dict(vocabulary_size=5000, num_layers=2, num_heads=2,
-                        hidden_dim=128, intermediate_dim=512),
-    "bert_base": dict(vocabulary_size=30522, num_layers=12, num_heads=12,
-                      hidden_dim=768, intermediate_dim=3072),
+    "transformer": dict(
+        vocabulary_size=5000,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=128,
+        intermediate_dim=512,
+    ),
+    "bert_base": dict(
+        vocabulary_size=30522,
+        num_layers=12,
+        num_heads=12,
+        hidden_dim=768,
+        intermediate_dim=3072,
+    ),
 }
 
 
@@ -88,8 +113,9 @@ def data(name, n):
         }
         y = keras.utils.to_categorical(rng.integers(0, 2, n), 2)
         return x, y
-    shape = {"cnn": (28, 28, 1), "mlp": (784,), "mlp1": (784,),
-             "resnet": (32, 32, 3)}[name]
+    shape = {"cnn": (28, 28, 1), "mlp": (784,), "mlp1": (784,), "resnet": (32, 32, 3)}[
+        name
+    ]
     x = rng.random((n,) + shape, dtype=np.float32)
     if name == "mlp1":
         return x, rng.integers(0, 2, (n, 1)).astype(np.float32)

@@ -82,16 +82,13 @@ def main():
     parser.add_argument("batch", nargs="?", type=int, default=256)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--ops", default="")
-    parser.add_argument(
-        "--mode", default="dp", choices=("dp", "dp-vmap", "dp-poisson")
-    )
+    parser.add_argument("--mode", default="dp", choices=("dp", "dp-vmap", "dp-poisson"))
     args = parser.parse_args()
     import keras
 
     if keras.backend.backend() != "tensorflow":
         raise SystemExit(
-            "op_times.py needs KERAS_BACKEND=tensorflow (see its docstring "
-            "for JAX)."
+            "op_times.py needs KERAS_BACKEND=tensorflow (see its docstring for JAX)."
         )
     x, y = models.data(args.model, args.batch * step.STEPS)
     modes = ("plain", args.mode)

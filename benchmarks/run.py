@@ -51,8 +51,9 @@ def run_step(backend, args, timeout):
 def json_result(cmd, env, timeout):
     """The last JSON line `cmd` prints, or `{"error": ...}`."""
     try:
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                             timeout=timeout)
+        out = subprocess.run(
+            cmd, env=env, capture_output=True, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timeout {timeout}s"}
     for line in reversed(out.stdout.splitlines()):
@@ -82,30 +83,37 @@ def fmt(v, digits=2, bold=False):
 
 def benchmark(backend, model, modes, batch, timeout):
     """Rows (dicts) for every DP mode of `model` on `backend`."""
-    timing = run_step(backend, [model, "time", ",".join(modes), str(batch)],
-                      timeout)
-    memory = {m: run_step(backend, [model, "memory", m, str(batch)], timeout)
-              for m in modes}
+    timing = run_step(backend, [model, "time", ",".join(modes), str(batch)], timeout)
+    memory = {
+        m: run_step(backend, [model, "memory", m, str(batch)], timeout) for m in modes
+    }
     rows = []
     for mode in modes[1:]:
-        row = {"backend": backend, "model": model, "mode": mode,
-               "timing": timing, "memory": {"plain": memory["plain"],
-                                            mode: memory[mode]}}
-        errors = [r["error"] for r in (timing, memory["plain"], memory[mode])
-                  if "error" in r]
+        row = {
+            "backend": backend,
+            "model": model,
+            "mode": mode,
+            "timing": timing,
+            "memory": {"plain": memory["plain"], mode: memory[mode]},
+        }
+        errors = [
+            r["error"] for r in (timing, memory["plain"], memory[mode]) if "error" in r
+        ]
         if errors:
             row["error"] = errors[0]
         else:
             plain_s, dp_s = timing["step_s"]["plain"], timing["step_s"][mode]
             plain_mem, dp_mem = memory["plain"], memory[mode]
             row.update(
-                plain_step_s=plain_s, dp_step_s=dp_s,
+                plain_step_s=plain_s,
+                dp_step_s=dp_s,
                 time_ratio=dp_s / plain_s,
                 plain_mb=plain_mem["train_peak_mb"],
                 dp_mb=dp_mem["train_peak_mb"],
                 memory_ratio=dp_mem["train_peak_mb"] / plain_mem["train_peak_mb"],
-                allocator_ratio=ratio(dp_mem["allocator_peak_mb"],
-                                      plain_mem["allocator_peak_mb"]),
+                allocator_ratio=ratio(
+                    dp_mem["allocator_peak_mb"], plain_mem["allocator_peak_mb"]
+                ),
                 path=(timing["path"][mode] or ["?"])[0],
             )
         rows.append(row)
@@ -114,8 +122,10 @@ def benchmark(backend, model, modes, batch, timeout):
 
 def table_line(row):
     if "error" in row:
-        return (f"| {row['backend']} | {row['model']} | {row['mode']} | "
-                f"error: {row['error']} |")
+        return (
+            f"| {row['backend']} | {row['model']} | {row['mode']} | "
+            f"error: {row['error']} |"
+        )
     return (
         f"| {row['backend']} | {row['model']} | {row['mode']} | "
         f"{row['plain_step_s']:.4f} | {row['dp_step_s']:.4f} | "
@@ -132,26 +142,41 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--vmap", action="store_true")
     parser.add_argument("--poisson", action="store_true")
-    parser.add_argument("--peers", default=None, metavar="DIR",
-                        help="folder of the peers' bench_*.py scripts")
-    parser.add_argument("--peer-venvs", default=tempfile.gettempdir(),
-                        metavar="DIR", help="folder of the peers' venvs")
+    parser.add_argument(
+        "--peers",
+        default=None,
+        metavar="DIR",
+        help="folder of the peers' bench_*.py scripts",
+    )
+    parser.add_argument(
+        "--peer-venvs",
+        default=tempfile.gettempdir(),
+        metavar="DIR",
+        help="folder of the peers' venvs",
+    )
     parser.add_argument("--timeout", type=int, default=2400)
-    parser.add_argument("--peer-timeout", type=int, default=420,
-                        help="seconds per peer run (some take hours)")
-    parser.add_argument("--write", default=None,
-                        help="path prefix for .json and .table.md results")
+    parser.add_argument(
+        "--peer-timeout",
+        type=int,
+        default=420,
+        help="seconds per peer run (some take hours)",
+    )
+    parser.add_argument(
+        "--write", default=None, help="path prefix for .json and .table.md results"
+    )
     args = parser.parse_args()
-    modes = ["plain", "dp"] + (["dp-vmap"] if args.vmap else []) + (
-        ["dp-poisson"] if args.poisson else [])
+    modes = (
+        ["plain", "dp"]
+        + (["dp-vmap"] if args.vmap else [])
+        + (["dp-poisson"] if args.poisson else [])
+    )
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     print(HEADER)
     print("|" + "---|" * 11, flush=True)
     rows = []
     for backend in args.backends.split(","):
         for model in args.models.split(","):
-            for row in benchmark(backend, model, modes, args.batch,
-                                 args.timeout):
+            for row in benchmark(backend, model, modes, args.batch, args.timeout):
                 print(table_line(row), flush=True)
                 rows.append(row)
     peer_lines = []
@@ -161,30 +186,43 @@ def main():
                 continue
             for venv_name, script, extra, label in PEER_RUNS:
                 venv = os.path.join(args.peer_venvs, venv_name)
-                result = run_peer(args.peers, venv, script, extra, model,
-                                  args.batch, args.peer_timeout)
+                result = run_peer(
+                    args.peers,
+                    venv,
+                    script,
+                    extra,
+                    model,
+                    args.batch,
+                    args.peer_timeout,
+                )
                 if result is None:
                     line = f"| {label} | {model} | not run: {venv} missing |"
                 elif "error" in result:
                     line = f"| {label} | {model} | error: {result['error']} |"
                 else:
-                    line = (f"| {label} | {model} | {result['plain_step_s']:.4f} "
-                            f"| {result['dp_step_s']:.4f} | "
-                            f"**{result['ratio']:.2f}** |")
+                    line = (
+                        f"| {label} | {model} | {result['plain_step_s']:.4f} "
+                        f"| {result['dp_step_s']:.4f} | "
+                        f"**{result['ratio']:.2f}** |"
+                    )
                 print(line, flush=True)
                 peer_lines.append(line)
     if args.write:
         with open(args.write + ".json", "w") as f:
             json.dump(rows, f, indent=1)
         with open(args.write + ".table.md", "w") as f:
-            f.write(f"<!-- {started} to "
-                    f"{time.strftime('%H:%M:%S UTC', time.gmtime())}: "
-                    f"benchmarks/run.py {' '.join(sys.argv[1:])} -->\n")
+            f.write(
+                f"<!-- {started} to "
+                f"{time.strftime('%H:%M:%S UTC', time.gmtime())}: "
+                f"benchmarks/run.py {' '.join(sys.argv[1:])} -->\n"
+            )
             f.write(HEADER + "\n|" + "---|" * 11 + "\n")
             f.write("\n".join(table_line(r) for r in rows) + "\n")
             if peer_lines:
-                f.write("\n| peer | model | plain step s | DP step s | ratio |\n"
-                        "|---|---|---|---|---|\n" + "\n".join(peer_lines) + "\n")
+                f.write(
+                    "\n| peer | model | plain step s | DP step s | ratio |\n"
+                    "|---|---|---|---|---|\n" + "\n".join(peer_lines) + "\n"
+                )
 
 
 if __name__ == "__main__":

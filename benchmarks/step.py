@@ -132,7 +132,8 @@ def build(name, mode):
     )
     model.compile(
         optimizer=keras_dp.DPSGD(
-            learning_rate=0.01, l2_norm_clip=1.0,
+            learning_rate=0.01,
+            l2_norm_clip=1.0,
             noise_multiplier=float(os.environ.get("BENCH_NOISE", "1.0")),
         ),
         loss=loss,
@@ -179,7 +180,9 @@ def time_modes(name, modes, batch):
             timed += elapsed
             times[mode].append(elapsed / STEPS)
     return {
-        "backend": keras.backend.backend(), "model": name, "batch": batch,
+        "backend": keras.backend.backend(),
+        "model": name,
+        "batch": batch,
         "step_s": {m: float(np.median(t)) for m, t in times.items()},
         "epochs_s": times,
         "path": {m: path_of(built[m], m) for m in modes},
@@ -197,10 +200,14 @@ def measure_memory(name, mode, batch):
     reset_peaks()
     fit_epoch(model, mode, x, y, batch)
     return {
-        "backend": keras.backend.backend(), "model": name, "mode": mode,
-        "batch": batch, "train_peak_mb": status_mb("VmHWM") - baseline_rss,
+        "backend": keras.backend.backend(),
+        "model": name,
+        "mode": mode,
+        "batch": batch,
+        "train_peak_mb": status_mb("VmHWM") - baseline_rss,
         "peak_mb": maxrss_mb() - baseline,
-        "allocator_peak_mb": allocator_peak_mb(), "path": path_of(model, mode),
+        "allocator_peak_mb": allocator_peak_mb(),
+        "path": path_of(model, mode),
     }
 
 

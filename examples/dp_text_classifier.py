@@ -63,8 +63,7 @@ try:
     import keras_hub  # noqa: E402
 except ImportError as error:  # pragma: no cover
     raise SystemExit(
-        "This example needs keras-hub: pip install keras-hub "
-        f"(import failed: {error})."
+        f"This example needs keras-hub: pip install keras-hub (import failed: {error})."
     )
 
 DELTA = 1e-5
@@ -88,20 +87,33 @@ INDEX = {w: i for i, w in enumerate(VOCAB)}
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", choices=["lora", "lowrank", "both"], default="both")
-    parser.add_argument("--offline", action="store_true", default=True,
-                        help="random-init BERT from config (default)")
-    parser.add_argument("--preset", default=None,
-                        help="keras-hub preset to fine-tune (needs network)")
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        default=True,
+        help="random-init BERT from config (default)",
+    )
+    parser.add_argument(
+        "--preset", default=None, help="keras-hub preset to fine-tune (needs network)"
+    )
     parser.add_argument("--train-size", type=int, default=2000)
     parser.add_argument("--seq-len", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--noise-multiplier", type=float, default=0.8)
-    parser.add_argument("--learning-rate", type=float, default=3e-3,
-                        help="DP-Adam learning rate of LowRankSparse")
-    parser.add_argument("--lora-learning-rate", type=float, default=2e-2,
-                        help="DP-Adam learning rate of DP-LoRA (few weights, "
-                        "B factors start at zero: a larger rate is usual)")
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=3e-3,
+        help="DP-Adam learning rate of LowRankSparse",
+    )
+    parser.add_argument(
+        "--lora-learning-rate",
+        type=float,
+        default=2e-2,
+        help="DP-Adam learning rate of DP-LoRA (few weights, "
+        "B factors start at zero: a larger rate is usual)",
+    )
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
@@ -174,8 +186,9 @@ def pretrain(classifier, args):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    classifier.fit(tokenize(texts, args.seq_len), labels, batch_size=50,
-                   epochs=2, verbose=0)
+    classifier.fit(
+        tokenize(texts, args.seq_len), labels, batch_size=50, epochs=2, verbose=0
+    )
     return classifier.get_weights()
 
 
@@ -194,8 +207,12 @@ def fine_tune(method, weights, data, args):
     else:
         head = classifier.output_dense.name
         model = keras_dp.LowRankSparse(
-            classifier, rank=args.rank, sparsity=args.sparsity,
-            refresh_every=20, exclude=(head,), seed=args.seed,
+            classifier,
+            rank=args.rank,
+            sparsity=args.sparsity,
+            refresh_every=20,
+            exclude=(head,),
+            seed=args.seed,
         )
         noised = model.noise_dimension
     total = sum(int(np.prod(v.shape)) for v in classifier.weights)
@@ -214,8 +231,14 @@ def fine_tune(method, weights, data, args):
     (x_train, y_train), (x_test, y_test) = data
     logger = keras_dp.EpsilonLogger(delta=DELTA)
     start = time.perf_counter()
-    model.fit(x_train, y_train, batch_size=args.batch_size,
-              epochs=args.epochs, verbose=0, callbacks=[logger])
+    model.fit(
+        x_train,
+        y_train,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        verbose=0,
+        callbacks=[logger],
+    )
     seconds = time.perf_counter() - start
     _, accuracy = model.evaluate(x_test, y_test, verbose=0)
     return {
@@ -242,13 +265,17 @@ def main():
         base = build_classifier(args)
         weights = pretrain(base, args)
         _, base_accuracy = base.evaluate(*data[1], verbose=0)
-        print(f"after public pre-training (no fine-tuning): "
-              f"test accuracy {base_accuracy:.3f}")
+        print(
+            f"after public pre-training (no fine-tuning): "
+            f"test accuracy {base_accuracy:.3f}"
+        )
     methods = ["lora", "lowrank"] if args.method == "both" else [args.method]
     for method in methods:
         r = fine_tune(method, weights, data, args)
-        name = {"lora": f"DP-LoRA (rank {args.rank})",
-                "lowrank": f"LowRankSparse (rank {args.rank}, sparsity {args.sparsity})"}[method]
+        name = {
+            "lora": f"DP-LoRA (rank {args.rank})",
+            "lowrank": f"LowRankSparse (rank {args.rank}, sparsity {args.sparsity})",
+        }[method]
         print(
             f"{name}: test accuracy {r['accuracy']:.3f}, epsilon "
             f"{r['epsilon']:.2f} (delta={DELTA}), noised coordinates "

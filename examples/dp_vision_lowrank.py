@@ -42,8 +42,12 @@ def parse_args():
     parser.add_argument("--learning-rate", type=float, default=5e-3)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--train-size", type=int, default=None,
-                        help="subsample the training set (MNIST on a CPU)")
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="subsample the training set (MNIST on a CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
 
@@ -90,8 +94,12 @@ def train(method, data, args):
     noise_dimension = model.count_params()
     if method == "low-rank":
         model = keras_dp.LowRankSparse(
-            model, rank=args.rank, sparsity=args.sparsity, refresh_every=50,
-            exclude=("head",), seed=args.seed,
+            model,
+            rank=args.rank,
+            sparsity=args.sparsity,
+            refresh_every=50,
+            exclude=("head",),
+            seed=args.seed,
         )
         noise_dimension = model.noise_dimension
     model = keras_dp.make_private(model)
@@ -106,8 +114,14 @@ def train(method, data, args):
     )
     logger = keras_dp.EpsilonLogger(delta=DELTA)
     start = time.perf_counter()
-    model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
-              verbose=0, callbacks=[logger])
+    model.fit(
+        x_train,
+        y_train,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        verbose=0,
+        callbacks=[logger],
+    )
     seconds = time.perf_counter() - start
     _, accuracy = model.evaluate(x_test, y_test, verbose=0)
     return accuracy, logger.epsilon(), noise_dimension, seconds
@@ -117,19 +131,22 @@ def main():
     args = parse_args()
     data = load_data(args.dataset, args.train_size)
     n = len(data[0][0])
-    print(f"backend {keras.backend.backend()}, {args.dataset}: {n} training "
-          f"examples, batch {args.batch_size}, sigma {args.noise_multiplier}, "
-          f"{args.epochs} epochs")
+    print(
+        f"backend {keras.backend.backend()}, {args.dataset}: {n} training "
+        f"examples, batch {args.batch_size}, sigma {args.noise_multiplier}, "
+        f"{args.epochs} epochs"
+    )
     for method in ("full", "low-rank"):
         accuracy, epsilon, dimension, seconds = train(method, data, args)
         label = (
             "DP-Adam, all weights"
             if method == "full"
-            else f"DP-Adam + LowRankSparse(rank={args.rank}, "
-            f"sparsity={args.sparsity})"
+            else f"DP-Adam + LowRankSparse(rank={args.rank}, sparsity={args.sparsity})"
         )
-        print(f"{label}: test accuracy {accuracy:.3f}, epsilon {epsilon:.2f} "
-              f"(delta={DELTA}), noise dimension {dimension:,}, {seconds:.0f}s")
+        print(
+            f"{label}: test accuracy {accuracy:.3f}, epsilon {epsilon:.2f} "
+            f"(delta={DELTA}), noise dimension {dimension:,}, {seconds:.0f}s"
+        )
 
 
 if __name__ == "__main__":

@@ -195,9 +195,7 @@ def compute_epsilon_for_segments(
     events = []
     non_private = False
     for index, segment in enumerate(segments):
-        noise_multiplier, sample_rate, steps = _validate_segment(
-            segment, index
-        )
+        noise_multiplier, sample_rate, steps = _validate_segment(segment, index)
         if steps == 0:
             continue
         if noise_multiplier == 0:

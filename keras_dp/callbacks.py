@@ -21,8 +21,7 @@ def _check_private(model, callback):
 def _check_accountant(accountant):
     if accountant not in accounting.ACCOUNTANTS:
         raise ValueError(
-            f"Unknown accountant {accountant!r}; use one of "
-            f"{accounting.ACCOUNTANTS}."
+            f"Unknown accountant {accountant!r}; use one of {accounting.ACCOUNTANTS}."
         )
 
 

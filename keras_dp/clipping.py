@@ -78,9 +78,7 @@ def clip_factors(norms, clipping, l2_norm_clip, global_clip_threshold=None):
     norms = ops.convert_to_tensor(norms)
     dtype = norms.dtype
     if clipping == "flat":
-        return ops.minimum(
-            ops.ones_like(norms), l2_norm_clip / (norms + FLAT_EPSILON)
-        )
+        return ops.minimum(ops.ones_like(norms), l2_norm_clip / (norms + FLAT_EPSILON))
     if clipping == "auto":
         return l2_norm_clip / (norms + AUTO_CLIP_GAMMA)
     if clipping == "global":
@@ -120,9 +118,7 @@ def per_example_squared_norms(per_example_grads, partitions=None):
         split = _split_shape(g, part)
         squares = ops.square(ops.reshape(g, split))
         axis, _ = part
-        reduce_axes = tuple(
-            a for a in range(1, len(split)) if a != axis + 1
-        )
+        reduce_axes = tuple(a for a in range(1, len(split)) if a != axis + 1)
         result.append(ops.sum(squares, axis=reduce_axes))
     return result
 
@@ -193,9 +189,7 @@ def weighted_sum(per_example_grads, factors, partitions=None, zero_rows=False):
 def rows_of(values, x):
     """`values` (batch,) as `x.dtype`, shaped to broadcast along the rows
     of `x` (batch, ...)."""
-    return ops.reshape(
-        ops.cast(values, x.dtype), (-1,) + (1,) * (len(x.shape) - 1)
-    )
+    return ops.reshape(ops.cast(values, x.dtype), (-1,) + (1,) * (len(x.shape) - 1))
 
 
 def multiply_no_nan(x, y):
@@ -341,8 +335,7 @@ class AdaptiveClipping:
     ):
         if not 0 < target_quantile < 1:
             raise ValueError(
-                "`target_quantile` must be in (0, 1). Received: "
-                f"{target_quantile!r}."
+                f"`target_quantile` must be in (0, 1). Received: {target_quantile!r}."
             )
         if not learning_rate > 0:
             raise ValueError(
@@ -368,8 +361,9 @@ class AdaptiveClipping:
             return self.count_stddev
         return self.count_stddev_fraction * float(expected_batch_size)
 
-    def noise_multipliers(self, noise_multiplier, num_groups, expected_batch_size,
-                          static_batch_size=None):
+    def noise_multipliers(
+        self, noise_multiplier, num_groups, expected_batch_size, static_batch_size=None
+    ):
         """`(sigma_g, sigma_b)`: the gradient's noise multiplier and the
         counts' noise, which together cost `noise_multiplier`.
 

@@ -116,9 +116,7 @@ class ClippingPolicy:
             )
         given.update(assignment.thresholds)
         split = self.l2_norm_clip / math.sqrt(assignment.num_groups)
-        self.initial_thresholds = [
-            given.get(name, split) for name in assignment.names
-        ]
+        self.initial_thresholds = [given.get(name, split) for name in assignment.names]
         self.assignment = assignment
 
     @property
@@ -156,8 +154,10 @@ class ClippingPolicy:
     def _check_resolved(self, allow_flat=False):
         if self.resolved:
             return
-        if allow_flat and self.clip_groups in (None, "flat") and (
-            self.adaptive_clipping is None
+        if (
+            allow_flat
+            and self.clip_groups in (None, "flat")
+            and (self.adaptive_clipping is None)
         ):
             return
         raise RuntimeError(
@@ -226,7 +226,9 @@ class StepClipping:
         group)."""
         policy = self.policy
         return clipping_lib.clip_factors(
-            norms, policy.clipping, policy.l2_norm_clip,
+            norms,
+            policy.clipping,
+            policy.l2_norm_clip,
             policy.global_clip_threshold,
         )
 
@@ -264,9 +266,7 @@ class StepClipping:
             else:
                 first, _, shards = spec
                 factors.append(
-                    ops.stack(
-                        [group_factors[first + j] for j in range(shards)], axis=1
-                    )
+                    ops.stack([group_factors[first + j] for j in range(shards)], axis=1)
                 )
         return factors
 

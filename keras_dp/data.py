@@ -131,9 +131,9 @@ class PoissonSampler(keras.utils.PyDataset):
 
     def __getitem__(self, index):
         update, part = divmod(index, self.accumulation_steps)
-        chosen = np.array_split(
-            self.sample_indices(update), self.accumulation_steps
-        )[part]
+        chosen = np.array_split(self.sample_indices(update), self.accumulation_steps)[
+            part
+        ]
         rows = max(self.padded_size, _round_up(len(chosen), 8))
         return (
             _lists_as_tuples(_take_padded(self.x, chosen, rows)),

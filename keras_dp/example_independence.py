@@ -40,9 +40,7 @@ from keras_dp import keras_compat
 
 # Rows the check looks at.
 CHECK_ROWS = 4
-_PER_EXAMPLE = (
-    "per example (over feature axes, never over axis 0, the batch axis)"
-)
+_PER_EXAMPLE = "per example (over feature axes, never over axis 0, the batch axis)"
 
 
 def check_examples_independent(model, x, y=None, sample_weight=None):
@@ -75,9 +73,7 @@ def check_examples_independent(model, x, y=None, sample_weight=None):
                 n = tensor.shape[0]  # the model has a fixed batch size
     except Exception:  # subclassed or unbuilt: no symbolic inputs
         pass
-    rows = tree.map_structure(
-        lambda a: np.atleast_1d(_numpy(a))[:CHECK_ROWS], x
-    )
+    rows = tree.map_structure(lambda a: np.atleast_1d(_numpy(a))[:CHECK_ROWS], x)
     if n < 2 or any(len(a) == 0 for a in tree.flatten(rows)):
         return
     rng = np.random.default_rng(0)
@@ -86,15 +82,9 @@ def check_examples_independent(model, x, y=None, sample_weight=None):
     if not model.built:
         model(_tensors(batch_a), training=False)
 
-    trainable = [
-        ops.convert_to_tensor(v.value) for v in model.trainable_variables
-    ]
-    before = [
-        ops.convert_to_tensor(v.value) for v in model.non_trainable_variables
-    ]
-    kwargs = (
-        {"training": True} if keras_compat.call_has_training_arg(model) else {}
-    )
+    trainable = [ops.convert_to_tensor(v.value) for v in model.trainable_variables]
+    before = [ops.convert_to_tensor(v.value) for v in model.non_trainable_variables]
+    kwargs = {"training": True} if keras_compat.call_has_training_arg(model) else {}
 
     def forward(trainable, non_trainable, batch):
         return model.stateless_call(trainable, non_trainable, batch, **kwargs)
@@ -130,7 +120,8 @@ def check_examples_independent(model, x, y=None, sample_weight=None):
     seed_ids = {id(s) for s in keras_compat.seed_generator_states(model)}
     variables = model.non_trainable_variables
     written = [
-        k for k, v in enumerate(variables)
+        k
+        for k, v in enumerate(variables)
         if id(v) not in seed_ids and not _same(_numpy(before[k]), state_a[k])
     ]
     suspects = [k for k in written if not _same(state_a[k], state_b[k])]
@@ -311,9 +302,7 @@ def _culprit(recorder_a, recorder_b):
     for key, (inputs_b, outputs_b) in recorder_b.records:
         if key in calls_a:
             inputs_a, outputs_a = calls_a[key]
-            if not _differs(inputs_a, inputs_b) and _differs(
-                outputs_a, outputs_b
-            ):
+            if not _differs(inputs_a, inputs_b) and _differs(outputs_a, outputs_b):
                 return recorder_a.targets[key[0]]
     return None
 
@@ -337,9 +326,14 @@ def _mixing_message(model, culprit):
             "Rewrite its `call` so that every normalization, reduction, "
             f"softmax or attention is {_PER_EXAMPLE}, or remove it."
         )
-        if isinstance(culprit, (keras.layers.LayerNormalization,
-                                keras.layers.GroupNormalization,
-                                keras.layers.UnitNormalization)):
+        if isinstance(
+            culprit,
+            (
+                keras.layers.LayerNormalization,
+                keras.layers.GroupNormalization,
+                keras.layers.UnitNormalization,
+            ),
+        ):
             hint = (
                 "Normalize over the feature axis instead (e.g. axis=-1, the "
                 "default of LayerNormalization), never over axis 0."

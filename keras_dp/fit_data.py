@@ -73,9 +73,7 @@ def poisson_plan(sampler, accumulation):
             "the accountant assumes at most once. Build the sampler with "
             f"accumulation_steps={accumulation}."
         )
-    return SamplingPlan(
-        sampler.sample_rate, True, sampler.n, sampler.updates_per_epoch
-    )
+    return SamplingPlan(sampler.sample_rate, True, sampler.n, sampler.updates_per_epoch)
 
 
 def fixed_batch_plan(
@@ -183,9 +181,7 @@ def check_whole_windows_done(optimizer):
     steps = optimizer.gradient_accumulation_steps or 1
     if steps == 1:
         return
-    done = int(
-        keras.ops.convert_to_numpy(keras_compat.optimizer_iterations(optimizer))
-    )
+    done = int(keras.ops.convert_to_numpy(keras_compat.optimizer_iterations(optimizer)))
     if done % steps:
         raise ValueError(
             f"The optimizer is in the middle of a gradient-accumulation "

@@ -123,9 +123,7 @@ def set_clip_group(layer, group, threshold=None):
         `layer`.
     """
     if not isinstance(layer, keras.layers.Layer):
-        raise TypeError(
-            f"set_clip_group expects a keras Layer. Received: {layer!r}."
-        )
+        raise TypeError(f"set_clip_group expects a keras Layer. Received: {layer!r}.")
     if not isinstance(group, str) or not group:
         raise ValueError(
             f"The group name must be a non-empty string. Received: {group!r}."
@@ -252,8 +250,7 @@ class GroupAssignment:
     def partitions(self):
         """Per variable: None or `(axis, shards)`."""
         return [
-            None if isinstance(g, int) else (g[1], g[2])
-            for g in self.variable_groups
+            None if isinstance(g, int) else (g[1], g[2]) for g in self.variable_groups
         ]
 
 

@@ -45,9 +45,7 @@ def flatten_layers(layer, include_self=True, recursive=True):
              if isinstance(l, keras.layers.Dense)]
     ```
     """
-    return list(
-        layer._flatten_layers(include_self=include_self, recursive=recursive)
-    )
+    return list(layer._flatten_layers(include_self=include_self, recursive=recursive))
 
 
 def seed_generators(layer):
@@ -188,9 +186,7 @@ def restore_attribute(obj, name, saved):
 # Losses.
 
 
-def compute_loss(
-    model, x=None, y=None, y_pred=None, sample_weight=None, training=True
-):
+def compute_loss(model, x=None, y=None, y_pred=None, sample_weight=None, training=True):
     """`model.compute_loss(...)`, also for overrides written before its
     `training` argument existed: `Trainer._compute_loss`. Checked: Keras
     3.10.0-3.15.1."""
@@ -314,9 +310,7 @@ def builtin_loss_name(fn):
     return getattr(fn, "__name__", None)
 
 
-def reduce_weighted_values(
-    values, sample_weight=None, reduction="none", dtype=None
-):
+def reduce_weighted_values(values, sample_weight=None, reduction="none", dtype=None):
     """Loss values times their sample weights, reduced as a Keras loss
     reduces them (`"none"` keeps every value):
     `keras.src.losses.loss.reduce_weighted_values`. Checked: Keras

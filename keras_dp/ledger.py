@@ -90,9 +90,7 @@ class PrivacyLedger:
         private model) or an unknown sampling rate: their privacy cost is
         unknown.
         """
-        if steps > 0 and (
-            not self.entries or self.entries[0]["start_step"] > 0
-        ):
+        if steps > 0 and (not self.entries or self.entries[0]["start_step"] > 0):
             first = self.entries[0]["start_step"] if self.entries else steps
             raise ValueError(
                 f"The privacy ledger has no sampling rate for the first "
@@ -140,9 +138,7 @@ def optimizer_steps(model):
     """Noisy updates that touched the model's weights so far (those of
     earlier optimizers included), also in the middle of a JAX `fit`."""
     optimizer = model.optimizer
-    return optimizer.privacy_ledger.step_offset + optimizer_updates(
-        optimizer, model
-    )
+    return optimizer.privacy_ledger.step_offset + optimizer_updates(optimizer, model)
 
 
 def optimizer_updates(optimizer, model=None):
@@ -151,9 +147,7 @@ def optimizer_updates(optimizer, model=None):
     In the middle of a JAX `fit` the trainer keeps the live state outside
     the variables; reading it from there avoids a full state sync.
     """
-    values = (
-        None if model is None else keras_compat.live_optimizer_variables(model)
-    )
+    values = None if model is None else keras_compat.live_optimizer_variables(model)
     if values is not None:
         iterations = keras_compat.optimizer_iterations(optimizer)
         for variable, value in zip(optimizer.variables, values):
@@ -163,4 +157,3 @@ def optimizer_updates(optimizer, model=None):
     if not optimizer.built:
         return 0
     return int(keras.ops.convert_to_numpy(optimizer.iterations))
-

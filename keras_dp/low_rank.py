@@ -146,9 +146,7 @@ class LowRankSparse(keras.Model):
         if not isinstance(rank, int) or rank < 1:
             raise ValueError(f"`rank` must be a positive integer. Received: {rank!r}.")
         if not 0 <= sparsity < 1:
-            raise ValueError(
-                f"`sparsity` must be in [0, 1). Received: {sparsity!r}."
-            )
+            raise ValueError(f"`sparsity` must be in [0, 1). Received: {sparsity!r}.")
         if not isinstance(refresh_every, int) or refresh_every < 1:
             raise ValueError(
                 "`refresh_every` must be a positive integer. Received: "
@@ -167,7 +165,10 @@ class LowRankSparse(keras.Model):
         self.seed = int(seed)
         self._carriers = self._create_carriers()
         self._refresh_count = self.add_weight(
-            shape=(), initializer="zeros", dtype="int32", trainable=False,
+            shape=(),
+            initializer="zeros",
+            dtype="int32",
+            trainable=False,
             name="carrier_steps",
         )
         self.built = True
@@ -194,8 +195,12 @@ class LowRankSparse(keras.Model):
                 r = min(self.rank, p, d)
                 name = kernel.path.replace("/", "_")
                 variables = [
-                    self.add_weight(shape=shape, initializer="zeros",
-                                    trainable=False, name=f"{name}_{suffix}")
+                    self.add_weight(
+                        shape=shape,
+                        initializer="zeros",
+                        trainable=False,
+                        name=f"{name}_{suffix}",
+                    )
                     for shape, suffix in (
                         ((p, r), "carrier_l"),
                         ((r, d), "carrier_r"),
@@ -206,8 +211,7 @@ class LowRankSparse(keras.Model):
                 carriers.append(_Carrier(kernel, split, r, variables))
         if known:
             raise ValueError(
-                f"`exclude` names layers that have no matrix kernel: "
-                f"{sorted(known)}."
+                f"`exclude` names layers that have no matrix kernel: {sorted(known)}."
             )
         return carriers
 
@@ -255,9 +259,7 @@ class LowRankSparse(keras.Model):
         """Number of coordinates that receive noise in each private step."""
         covered = {id(c.kernel) for c in self._carriers}
         total = sum(
-            math.prod(v.shape)
-            for v in self.trainable_variables
-            if id(v) not in covered
+            math.prod(v.shape) for v in self.trainable_variables if id(v) not in covered
         )
         for c in self._carriers:
             total += self._support_size((c.p, c.rank))
@@ -297,9 +299,7 @@ class LowRankSparse(keras.Model):
             for c in self._carriers
         ]
         new = ops.cond(
-            ops.logical_and(
-                took_update, ops.equal(count % self.refresh_every, 0)
-            ),
+            ops.logical_and(took_update, ops.equal(count % self.refresh_every, 0)),
             lambda: self._carrier_values(trainable_values, refresh_index),
             lambda: old,
         )
@@ -338,7 +338,9 @@ class _LowRankSpace:
 
     def part_shapes(self):
         return [
-            [shape] if entry is None else [(entry[0].p, entry[0].rank), (entry[0].rank, entry[0].d)]
+            [shape]
+            if entry is None
+            else [(entry[0].p, entry[0].rank), (entry[0].rank, entry[0].d)]
             for shape, entry in self.entries
         ]
 
@@ -367,7 +369,9 @@ class _LowRankSpace:
         d_w = (
             ops.matmul(d_left, right)
             + ops.matmul(left, d_right)
-            - ops.matmul(left, ops.matmul(ops.matmul(ops.transpose(left), d_left), right))
+            - ops.matmul(
+                left, ops.matmul(ops.matmul(ops.transpose(left), d_left), right)
+            )
         )
         return ops.reshape(d_w, carrier.shape)
 

@@ -46,9 +46,7 @@ class NoiseSeedGenerator(keras.random.SeedGenerator):
     def __init__(self, seed=None, name=None):
         super().__init__(0 if seed is None else seed, name=name)
         self._secret = (
-            None
-            if seed is not None
-            else (secrets.randbits(31), secrets.randbits(31))
+            None if seed is not None else (secrets.randbits(31), secrets.randbits(31))
         )
 
     def next(self, ordered=True):
@@ -80,9 +78,7 @@ class GaussianNoise:
                 "`noise_multiplier` (sigma) must be a non-negative finite "
                 f"number. Received: {noise_multiplier!r}."
             )
-        if seed is not None and (
-            isinstance(seed, bool) or not isinstance(seed, int)
-        ):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"`seed` must be an integer. Received: {seed!r}.")
         self.noise_multiplier = (
             None if noise_multiplier is None else float(noise_multiplier)
@@ -95,9 +91,7 @@ class GaussianNoise:
 
     def standard_normal(self, shape, seed_generator, dtype="float32"):
         """Standard normal numbers of `shape` from the backend's sampler."""
-        draw = backend_lib.get_backend_module().standard_normal(
-            shape, seed_generator
-        )
+        draw = backend_lib.get_backend_module().standard_normal(shape, seed_generator)
         return ops.cast(draw, dtype)
 
     def add(self, grads, stddev, seed_generator, noise_spaces=None):
@@ -118,7 +112,8 @@ class GaussianNoise:
         full = []
         if keras.distribution.distribution() is None:
             full = [
-                k for k, (g, space) in enumerate(zip(grads, spaces))
+                k
+                for k, (g, space) in enumerate(zip(grads, spaces))
                 if g is not None and space is None
             ]
         out = list(grads)

@@ -49,9 +49,7 @@ def replace_batch_normalization(model, max_groups=32):
     Returns:
         A new model; `model` is left unchanged.
     """
-    if not (
-        isinstance(model, keras.Sequential) or keras_compat.is_functional(model)
-    ):
+    if not (isinstance(model, keras.Sequential) or keras_compat.is_functional(model)):
         raise ValueError(
             f"replace_batch_normalization needs a Sequential or Functional "
             f"model; {type(model).__name__} creates its layers in its own "
@@ -61,10 +59,7 @@ def replace_batch_normalization(model, max_groups=32):
     replaced = {}
 
     def clone(layer):
-        if (
-            isinstance(layer, keras.layers.BatchNormalization)
-            and layer.trainable
-        ):
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
             norm = _group_normalization(layer, max_groups)
             replaced[norm.name] = layer
             return norm
@@ -77,9 +72,7 @@ def replace_batch_normalization(model, max_groups=32):
             kwargs.pop("mask", None)
         return layer(*args, **kwargs)
 
-    copy = keras.models.clone_model(
-        model, clone_function=clone, call_function=call
-    )
+    copy = keras.models.clone_model(model, clone_function=clone, call_function=call)
     for original, new in zip(
         keras_compat.flatten_layers(model, include_self=False),
         keras_compat.flatten_layers(copy, include_self=False),

@@ -175,8 +175,7 @@ class DPOptimizerMixin:
         self.noise = noise
         if self.clipping_policy.adaptive_clipping and self.gradient_accumulation_steps:
             raise ValueError(
-                "Adaptive clipping does not support "
-                "gradient_accumulation_steps yet."
+                "Adaptive clipping does not support gradient_accumulation_steps yet."
             )
         self.target_epsilon = target_epsilon
         self.target_delta = target_delta
@@ -195,9 +194,7 @@ class DPOptimizerMixin:
     )
     clip_groups = property(lambda self: self.clipping_policy.clip_groups)
     clip_thresholds = property(lambda self: self.clipping_policy.clip_thresholds)
-    adaptive_clipping = property(
-        lambda self: self.clipping_policy.adaptive_clipping
-    )
+    adaptive_clipping = property(lambda self: self.clipping_policy.adaptive_clipping)
     seed = property(lambda self: self.noise.seed)
 
     @property
@@ -215,7 +212,9 @@ class DPOptimizerMixin:
             if self.noise_multiplier is not None
             else f"target_epsilon={self.target_epsilon} (not calibrated yet)"
         )
-        groups = "" if self.clip_groups is None else f", clip_groups={self.clip_groups!r}"
+        groups = (
+            "" if self.clip_groups is None else f", clip_groups={self.clip_groups!r}"
+        )
         adaptive = "" if self.adaptive_clipping is None else ", adaptive"
         return (
             f"<{type(self).__name__} name={self.name!r} "
@@ -446,9 +445,7 @@ class DPOptimizerMixin:
         if self.adaptive_clipping is not None:
             grads = self._adaptive_noise_and_update(grads, batch)
         elif self.noise_multiplier > 0:
-            stddev = self.noise_stddev / ops.cast(
-                batch.expected_batch_size, "float32"
-            )
+            stddev = self.noise_stddev / ops.cast(batch.expected_batch_size, "float32")
             if self.gradient_accumulation_steps:
                 stddev = stddev * ops.cast(self._is_update_step(), "float32")
             grads = self.noise.add(

@@ -90,8 +90,7 @@ def make_private(
     train_step = train_steps.train_step_for_backend()
     if not isinstance(model, keras.Model):
         raise TypeError(
-            "make_private expects a keras.Model. Received: "
-            f"{type(model).__name__}."
+            f"make_private expects a keras.Model. Received: {type(model).__name__}."
         )
     if per_example not in ("auto", "fast", "vmap"):
         raise ValueError(
@@ -132,12 +131,8 @@ def make_private(
         model.train_on_batch = types.MethodType(
             _private_train_on_batch(type(model).train_on_batch), model
         )
-        model.compile = types.MethodType(
-            _private_compile(type(model).compile), model
-        )
-        model.summary = types.MethodType(
-            _private_summary(type(model).summary), model
-        )
+        model.compile = types.MethodType(_private_compile(type(model).compile), model)
+        model.summary = types.MethodType(_private_summary(type(model).summary), model)
     else:
         settings.microbatch_size = microbatch_size
         settings.poisson_sampling = poisson_sampling
@@ -246,9 +241,7 @@ def _private_fit(fit):
         accumulation = optimizer.gradient_accumulation_steps or 1
         expected_batch_size = None
         arrays = (x, y, sample_weight)
-        if settings.poisson_sampling and keras_compat.can_convert_arrays(
-            arrays
-        ):
+        if settings.poisson_sampling and keras_compat.can_convert_arrays(arrays):
             if validation_split and validation_data is None:
                 arrays, validation_data = keras_compat.train_validation_split(
                     arrays, validation_split
@@ -275,7 +268,12 @@ def _private_fit(fit):
             expected_batch_size = x.expected_batch_size
         else:
             plan = fit_data.fixed_batch_plan(
-                model, x, y, batch_size, steps_per_epoch, validation_split,
+                model,
+                x,
+                y,
+                batch_size,
+                steps_per_epoch,
+                validation_split,
                 accumulation,
             )
             if not settings.warned_fixed_batches:
@@ -383,7 +381,11 @@ def check_examples(model, x, y=None, sample_weight=None):
 
 def _private_train_on_batch(train_on_batch):
     def private_train_on_batch(
-        model, x, y=None, sample_weight=None, class_weight=None,
+        model,
+        x,
+        y=None,
+        sample_weight=None,
+        class_weight=None,
         return_dict=False,
     ):
         settings = model._keras_dp
@@ -407,9 +409,11 @@ def _private_train_on_batch(train_on_batch):
         steps = ledger_lib.optimizer_steps(model)
         ledger = optimizer.privacy_ledger
         ledger.record(steps, optimizer.noise_multiplier, sample_rate, False)
-        if optimizer.target_epsilon is not None and ledger.epsilon(
-            steps + 1, optimizer.target_delta
-        ) > optimizer.target_epsilon:
+        if (
+            optimizer.target_epsilon is not None
+            and ledger.epsilon(steps + 1, optimizer.target_delta)
+            > optimizer.target_epsilon
+        ):
             raise ValueError(
                 f"One more update would exceed the optimizer's "
                 f"target_epsilon={optimizer.target_epsilon} at delta="
@@ -417,8 +421,12 @@ def _private_train_on_batch(train_on_batch):
                 "privacy budget."
             )
         return train_on_batch(
-            model, x, y=y, sample_weight=sample_weight,
-            class_weight=class_weight, return_dict=return_dict,
+            model,
+            x,
+            y=y,
+            sample_weight=sample_weight,
+            class_weight=class_weight,
+            return_dict=return_dict,
         )
 
     private_train_on_batch.__doc__ = train_on_batch.__doc__
@@ -473,9 +481,7 @@ def _check_no_history_of_its_own(optimizer, steps):
     that trained before cannot take it on."""
     if not is_dp_optimizer(optimizer):
         return  # `fit` refuses it.
-    if optimizer.privacy_ledger.entries or ledger_lib.optimizer_updates(
-        optimizer
-    ):
+    if optimizer.privacy_ledger.entries or ledger_lib.optimizer_updates(optimizer):
         raise ValueError(
             f"This model has taken {steps} noisy updates, and the new "
             f"optimizer {optimizer.name!r} has a privacy history of its own "
@@ -516,9 +522,7 @@ def _class_weights_as_sample_weights(y, class_weight, sample_weight):
     if labels.ndim == 2 and labels.shape[1] > 1:
         labels = np.argmax(labels, axis=1)
     labels = labels.reshape(len(labels), -1)[:, 0].astype("int64")
-    weights = np.array(
-        [class_weight.get(int(c), 1.0) for c in labels], dtype="float32"
-    )
+    weights = np.array([class_weight.get(int(c), 1.0) for c in labels], dtype="float32")
     if sample_weight is not None:
         weights = weights * np.asarray(sample_weight, dtype="float32")
     return weights

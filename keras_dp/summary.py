@@ -48,7 +48,11 @@ def privacy_summary(model, delta=None, accountant="rdp"):
     )
     lines.append(
         "  sampling: "
-        + ("Poisson (in-memory arrays)" if settings.poisson_sampling else "fixed-size batches")
+        + (
+            "Poisson (in-memory arrays)"
+            if settings.poisson_sampling
+            else "fixed-size batches"
+        )
         + (
             ""
             if settings.sample_rate is None
@@ -79,16 +83,12 @@ def privacy_summary(model, delta=None, accountant="rdp"):
             lines.append(f"  epsilon: unknown ({error})")
         else:
             note = (
-                " (assumes Poisson sampling)"
-                if ledger.assumes_poisson(steps)
-                else ""
+                " (assumes Poisson sampling)" if ledger.assumes_poisson(steps) else ""
             )
             lines.append(
-                f"  epsilon: {epsilon:.4g} at delta={delta:.3g} "
-                f"({accountant}){note}"
+                f"  epsilon: {epsilon:.4g} at delta={delta:.3g} ({accountant}){note}"
             )
     target = getattr(optimizer, "target_epsilon", None)
     if target is not None:
         lines.append(f"  target: epsilon={target} at delta={optimizer.target_delta}")
     return "\n".join(lines)
-

@@ -130,9 +130,7 @@ def _jax_grad_fn(model, loss_fn):
 
     def grads_of(model, x, y, w, loss_fn):
         trainable = [jnp.asarray(v.value) for v in model.trainable_variables]
-        non_trainable = [
-            jnp.asarray(v.value) for v in model.non_trainable_variables
-        ]
+        non_trainable = [jnp.asarray(v.value) for v in model.non_trainable_variables]
         grads = grad(trainable, non_trainable, x, y, w)
         return [np.asarray(g, dtype="float64") for g in grads]
 
@@ -166,9 +164,7 @@ def per_example_gradients(model, x, y, loss_fn, sample_weight=None):
                 if _all_zero(w):
                     out.append([np.zeros(s) for s in shapes])
                     continue
-                out.append(
-                    grad_fn(model, _row(x, i), _row(y, i), w, loss_fn)
-                )
+                out.append(grad_fn(model, _row(x, i), _row(y, i), w, loss_fn))
     finally:
         for v, value in zip(model.non_trainable_variables, saved):
             v.assign(value)
@@ -199,9 +195,7 @@ def regularization_gradients(model):
         import jax
 
         def total(params):
-            return sum(
-                variables[k].regularizer(p) for k, p in zip(regularized, params)
-            )
+            return sum(variables[k].regularizer(p) for k, p in zip(regularized, params))
 
         values = jax.grad(total)([variables[k].value for k in regularized])
     for k, g in zip(regularized, values):
@@ -237,9 +231,7 @@ def clipped_reference(
     `per_example_gradients` for the same arguments, to reuse.
     """
     if per_example is None:
-        per_example = per_example_gradients(
-            model, x, y, loss_fn, sample_weight
-        )
+        per_example = per_example_gradients(model, x, y, loss_fn, sample_weight)
     norms = norms_of(per_example)
     factors = clip_factors(norms, clipping, C, Z)
     B = _num_rows(x)
@@ -286,9 +278,7 @@ def expected_sgd_update(
 
 def step_update(model, x, y, **train_kwargs):
     """Weight change of one `train_on_batch`, float64, per trainable var."""
-    before = [
-        np.array(v.numpy(), dtype="float64") for v in model.trainable_variables
-    ]
+    before = [np.array(v.numpy(), dtype="float64") for v in model.trainable_variables]
     model.train_on_batch(x, y, **train_kwargs)
     return [
         np.array(v.numpy(), dtype="float64") - b

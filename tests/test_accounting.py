@@ -75,9 +75,7 @@ def test_rdp_matches_dp_accounting(sigma, q, steps):
 def test_rdp_custom_orders_match_dp_accounting():
     orders = [1.5, 2, 4, 8, 16, 32]
     sigma, q, steps = 1.1, 0.02, 500
-    eps = accounting.compute_epsilon(
-        sigma, q, steps, DELTA, "rdp", rdp_orders=orders
-    )
+    eps = accounting.compute_epsilon(sigma, q, steps, DELTA, "rdp", rdp_orders=orders)
     ref = _rdp_reference(_event(sigma, q, steps), orders)
     assert eps == pytest.approx(ref, rel=1e-6)
     # The default grid is denser, so it can only give a tighter bound.
@@ -220,9 +218,7 @@ def test_calibrate_errors():
     with pytest.raises(ValueError, match="exactly one of `steps` and"):
         accounting.calibrate_noise_multiplier(1.0, DELTA, 0.01)
     with pytest.raises(ValueError, match="exactly one of `steps` and"):
-        accounting.calibrate_noise_multiplier(
-            1.0, DELTA, 0.01, steps=10, epochs=1
-        )
+        accounting.calibrate_noise_multiplier(1.0, DELTA, 0.01, steps=10, epochs=1)
     with pytest.raises(ValueError, match="sample_rate.*batch_size"):
         accounting.calibrate_noise_multiplier(1.0, DELTA, 2.0, epochs=1)
     with pytest.raises(ValueError, match="Unknown accountant"):
@@ -268,9 +264,7 @@ def test_unknown_accountant():
 
 def test_malformed_segment():
     with pytest.raises(ValueError, match=r"segments\[1\]"):
-        accounting.compute_epsilon_for_segments(
-            [(1.0, 0.01, 10), (1.0, 0.01)], DELTA
-        )
+        accounting.compute_epsilon_for_segments([(1.0, 0.01, 10), (1.0, 0.01)], DELTA)
 
 
 def test_delta_above_one_over_n_warns():
@@ -333,9 +327,7 @@ def test_small_noise_epsilon_is_right_and_logs_nothing(caplog):
         epsilon = accounting.compute_epsilon(sigma, q, steps, delta)
     assert not [r for r in caplog.records if "converge" in r.getMessage()]
     event = dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(
-            q, dp_accounting.GaussianDpEvent(sigma)
-        ),
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)),
         steps,
     )
     integer_orders = rdp.RdpAccountant(list(range(2, 1025)))

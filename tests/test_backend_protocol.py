@@ -46,10 +46,10 @@ def test_current_backend_provides_member(name):
         return
     wanted = _protocol_signature(name)
     got = inspect.signature(getattr(module, name))
-    assert list(got.parameters)[: len(wanted.parameters)] == list(
-        wanted.parameters
-    ), f"{name}{got} does not take the protocol's arguments {wanted}"
-    for extra in list(got.parameters.values())[len(wanted.parameters):]:
+    assert list(got.parameters)[: len(wanted.parameters)] == list(wanted.parameters), (
+        f"{name}{got} does not take the protocol's arguments {wanted}"
+    )
+    for extra in list(got.parameters.values())[len(wanted.parameters) :]:
         assert extra.default is not inspect.Parameter.empty, (
             f"{name}: extra argument {extra.name!r} needs a default"
         )
@@ -79,7 +79,8 @@ def _keras_dp_imports(path):
 def test_backend_module_imports_nothing_above_it(module):
     imports = _keras_dp_imports(BACKEND_DIR / f"{module}.py")
     outside = [
-        name for name in imports
+        name
+        for name in imports
         if not any(
             name == allowed or name.startswith(allowed + ".")
             for allowed in ALLOWED_KERAS_DP_IMPORTS
@@ -97,9 +98,7 @@ def test_protocol_imports_nothing_from_keras_dp():
 
 def test_multiply_no_nan_zeroes_non_finite_values_where_y_is_zero():
     module = backend_lib.get_backend_module()
-    x = keras.ops.convert_to_tensor(
-        np.array([[np.inf, 2.0], [np.nan, 3.0]], "float32")
-    )
+    x = keras.ops.convert_to_tensor(np.array([[np.inf, 2.0], [np.nan, 3.0]], "float32"))
     y = keras.ops.convert_to_tensor(np.array([[0.0], [2.0]], "float32"))
     result = keras.ops.convert_to_numpy(module.multiply_no_nan(x, y))
     np.testing.assert_array_equal(result[0], [0.0, 0.0])
@@ -108,9 +107,7 @@ def test_multiply_no_nan_zeroes_non_finite_values_where_y_is_zero():
 
 def test_vectorizable_layers_restores_the_model():
     module = backend_lib.get_backend_module()
-    model = keras.Sequential(
-        [keras.Input((5, 2)), keras.layers.SimpleRNN(3)]
-    )
+    model = keras.Sequential([keras.Input((5, 2)), keras.layers.SimpleRNN(3)])
     rnn = model.layers[0]
     with module.vectorizable_layers(model):
         pass

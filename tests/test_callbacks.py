@@ -87,9 +87,7 @@ def test_epsilon_logger_values_match_steps_taken():
         callbacks=[keras_dp.EpsilonLogger(delta=DELTA), recorder],
     )
     # Poisson sampling: ceil(n / B) optimizer steps per epoch.
-    assert recorder.epoch_steps == [
-        STEPS_PER_EPOCH * (epoch + 1) for epoch in range(3)
-    ]
+    assert recorder.epoch_steps == [STEPS_PER_EPOCH * (epoch + 1) for epoch in range(3)]
     epsilons = history.history["epsilon"]
     assert len(epsilons) == 3
     for epsilon, steps in zip(epsilons, recorder.epoch_steps):
@@ -104,9 +102,7 @@ def test_default_delta_is_one_over_n_to_the_1_1():
     x, y = make_regression()
     model = private_model()
     logger = keras_dp.EpsilonLogger()
-    history = model.fit(
-        x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[logger]
-    )
+    history = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[logger])
     delta = 1.0 / N**1.1
     assert history.history["delta"] == [pytest.approx(delta, rel=1e-12)]
     assert history.history["epsilon"][0] == pytest.approx(
@@ -263,9 +259,7 @@ def test_pld_accountant():
         callbacks=[keras_dp.EpsilonLogger(delta=DELTA, accountant="pld")],
     )
     epsilon = history.history["epsilon"][0]
-    assert epsilon == pytest.approx(
-        pld_reference(SIGMA, Q, STEPS_PER_EPOCH), rel=1e-9
-    )
+    assert epsilon == pytest.approx(pld_reference(SIGMA, Q, STEPS_PER_EPOCH), rel=1e-9)
     # PLD is tighter than RDP here.
     assert epsilon < rdp_reference(SIGMA, Q, STEPS_PER_EPOCH)
 

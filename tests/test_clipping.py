@@ -59,8 +59,7 @@ RTOL = 1e-5
 
 def test_flat_factors_match_numpy():
     norms = np.array(
-        [0.0, 1e-8, 1e-3, 0.05, 0.1, 0.5, 1.0, 3.4999, 3.5, 3.6, 10.0, 1e6,
-         1e20, 1e30],
+        [0.0, 1e-8, 1e-3, 0.05, 0.1, 0.5, 1.0, 3.4999, 3.5, 3.6, 10.0, 1e6, 1e20, 1e30],
         dtype="float32",
     )
     for clip in (0.1, 1.0, 3.5):
@@ -82,9 +81,7 @@ def test_flat_clipped_gradients_have_norm_at_most_clip():
     grads = _grads_with_norms(rng, np.where(norms == 0, 1.0, norms), SHAPES)
     grads = [g * (norms != 0).reshape((-1,) + (1,) * (g.ndim - 1)) for g in grads]
     grads = [g.astype("float32") for g in grads]
-    factors = _np(
-        clipping.clip_factors(clipping.per_example_norms(grads), "flat", 1.0)
-    )
+    factors = _np(clipping.clip_factors(clipping.per_example_norms(grads), "flat", 1.0))
     clipped = [g * factors.reshape((-1,) + (1,) * (g.ndim - 1)) for g in grads]
     clipped_norms = _np_norms(clipped)
     # Small gradients are untouched (factor min(1, ...) = 1 up to 1e-6 shift).
@@ -99,9 +96,7 @@ def test_flat_clipped_gradients_have_norm_at_most_clip():
 
 
 def test_auto_factors_match_numpy():
-    norms = np.array(
-        [0.0, 1e-8, 1e-3, 0.01, 1.0, 7.0, 1e4, 1e8], dtype="float32"
-    )
+    norms = np.array([0.0, 1e-8, 1e-3, 0.01, 1.0, 7.0, 1e4, 1e8], dtype="float32")
     for radius in (1.0, 0.25, 100.0):
         expected = radius / (norms.astype(np.float64) + 0.01)
         factors = _np(clipping.clip_factors(norms, "auto", radius))
@@ -140,9 +135,7 @@ def test_auto_clipped_norm_below_radius():
                 # clipped norm is R up to float32 rounding (relative ~1e-7);
                 # the bound holds exactly in real arithmetic.
                 assert np.all(per_example <= radius * (1 + 1e-6)), msg
-                np.testing.assert_allclose(
-                    per_example, radius, rtol=1e-6, err_msg=msg
-                )
+                np.testing.assert_allclose(per_example, radius, rtol=1e-6, err_msg=msg)
             else:
                 assert np.all(per_example < radius), msg
                 np.testing.assert_allclose(
@@ -209,9 +202,7 @@ def test_global_clipped_sum_matches_numpy():
         rng.shuffle(norms)
         grads = _grads_with_norms(rng, np.where(norms == 0, 1.0, norms), SHAPES)
         grads = [
-            (g * (norms != 0).reshape((-1,) + (1,) * (g.ndim - 1))).astype(
-                "float32"
-            )
+            (g * (norms != 0).reshape((-1,) + (1,) * (g.ndim - 1))).astype("float32")
             for g in grads
         ]
         lib_norms = clipping.per_example_norms(grads)
@@ -264,7 +255,9 @@ def test_weighted_sum_matches_numpy():
     result = clipping.weighted_sum(grads, factors)
     assert len(result) == len(grads)
     for g, r in zip(grads, result):
-        expected = np.tensordot(factors.astype(np.float64), g.astype(np.float64), axes=1)
+        expected = np.tensordot(
+            factors.astype(np.float64), g.astype(np.float64), axes=1
+        )
         assert _np(r).shape == g.shape[1:]
         np.testing.assert_allclose(_np(r), expected, rtol=1e-5, atol=1e-5)
 

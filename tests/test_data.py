@@ -22,7 +22,6 @@ import keras_dp
 from keras_dp import data as data_lib
 
 
-
 def make_arrays(n=N, seed=0):
     """`x` whose column 0 is the row id, and `y = 10 * id + 1`."""
     rng = np.random.default_rng(seed)
@@ -67,8 +66,7 @@ def build_model(kind="plain", seed=0, activation=None):
 def private_model(kind="plain", optimizer=None, loss="mse", activation=None, **kw):
     model = keras_dp.make_private(build_model(kind, activation=activation), **kw)
     model.compile(
-        optimizer=optimizer
-        or keras_dp.DPSGD(learning_rate=1.0, noise_multiplier=0.0),
+        optimizer=optimizer or keras_dp.DPSGD(learning_rate=1.0, noise_multiplier=0.0),
         loss=loss,
     )
     return model
@@ -236,9 +234,7 @@ def test_epochs_differ_and_seed_reproduces():
         for a, b in zip(first[epoch], again[epoch]):
             np.testing.assert_array_equal(a, b)
     # Two epochs of the same sampler draw different batches.
-    assert any(
-        not np.array_equal(a, b) for a, b in zip(first[0], first[1])
-    )
+    assert any(not np.array_equal(a, b) for a, b in zip(first[0], first[1]))
     # Batches within an epoch differ too.
     assert not np.array_equal(first[0][0], first[0][1])
     assert any(not np.array_equal(a, b) for a, b in zip(first[0], other[0]))
@@ -361,9 +357,7 @@ def test_padding_rows_change_nothing(kind):
     padded.train_on_batch(px, py, sample_weight=pw)
     unpadded.train_on_batch(px[:count], py[:count], sample_weight=pw[:count])
 
-    changed = [
-        not np.allclose(a, b) for a, b in zip(before, weights_of(padded))
-    ]
+    changed = [not np.allclose(a, b) for a, b in zip(before, weights_of(padded))]
     assert all(changed)
     assert_weights_close(padded, unpadded)
 

@@ -219,7 +219,9 @@ class RunningMean(keras.layers.Layer):
 
     def build(self, input_shape):
         self.moving = self.add_weight(
-            shape=input_shape[1:], initializer="zeros", trainable=False,
+            shape=input_shape[1:],
+            initializer="zeros",
+            trainable=False,
             name="moving",
         )
 
@@ -234,7 +236,9 @@ class LastExample(keras.layers.Layer):
 
     def build(self, input_shape):
         self.last = self.add_weight(
-            shape=input_shape[1:], initializer="zeros", trainable=False,
+            shape=input_shape[1:],
+            initializer="zeros",
+            trainable=False,
             name="last",
         )
 
@@ -249,7 +253,10 @@ class CallCounter(keras.layers.Layer):
 
     def build(self, input_shape):
         self.count = self.add_weight(
-            shape=(), dtype="int32", initializer="zeros", trainable=False,
+            shape=(),
+            dtype="int32",
+            initializer="zeros",
+            trainable=False,
             name="count",
         )
 
@@ -494,12 +501,15 @@ def test_one_example_moves_the_update_by_at_most_lr_c_over_b(per_example):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.fit(
-                x, y, sample_weight=weights, batch_size=B, epochs=1,
-                shuffle=False, verbose=0,
+                x,
+                y,
+                sample_weight=weights,
+                batch_size=B,
+                epochs=1,
+                shuffle=False,
+                verbose=0,
             )
         updates.append([w - w0 for w, w0 in zip(_values(model), initial)])
-    difference = np.sqrt(
-        sum(np.sum((a - b) ** 2) for a, b in zip(*updates))
-    )
+    difference = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(*updates)))
     assert difference <= lr * C / B * (1 + 1e-4)
     assert difference >= lr * C / B * (1 - 1e-3)  # clipped: at the bound

@@ -55,9 +55,7 @@ def test_digits_demo():
     "covers LowRankSparse on JAX)",
 )
 def test_dp_vision_lowrank():
-    out = run_example(
-        "dp_vision_lowrank.py", "--epochs", "1", "--train-size", "400"
-    )
+    out = run_example("dp_vision_lowrank.py", "--epochs", "1", "--train-size", "400")
     values = epsilons(out)
     assert values and all(0 < e < 100 for e in values), out
     assert "accuracy" in out.lower(), out
@@ -72,8 +70,14 @@ def test_dp_text_classifier_offline():
     pytest.importorskip("keras_hub")
     out = run_example(
         "dp_text_classifier.py",
-        "--train-size", "200", "--epochs", "1", "--batch-size", "50",
-        "--seq-len", "8",
+        "--train-size",
+        "200",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "50",
+        "--seq-len",
+        "8",
     )
     values = epsilons(out)
     assert len(values) >= 2 and all(0 < e < 1000 for e in values), out

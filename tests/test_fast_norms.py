@@ -39,9 +39,7 @@ def brute_force_grads(model, x, y):
         import jax
 
         def loss_of(values, non_trainable, xi, yi):
-            y_pred, _ = model.stateless_call(
-                values, non_trainable, xi, training=True
-            )
+            y_pred, _ = model.stateless_call(values, non_trainable, xi, training=True)
             return loss_fn(yi, y_pred)
 
         # Jitted once per model and reused for every example.
@@ -55,7 +53,8 @@ def brute_force_grads(model, x, y):
             with tf.GradientTape() as tape:
                 loss = loss_fn(yi, model(xi, training=True))
             grads = tape.gradient(
-                loss, [v.value for v in variables],
+                loss,
+                [v.value for v in variables],
                 unconnected_gradients=tf.UnconnectedGradients.ZERO,
             )
             grads = [tf.convert_to_tensor(g) for g in grads]
@@ -99,20 +98,27 @@ def assert_matches_brute_force(model, x, y):
     ):
         ref_sq = (ref.reshape(n, -1) ** 2).sum(axis=1)
         np.testing.assert_allclose(
-            np.asarray(sq), ref_sq, rtol=RTOL, atol=1e-6 * scale**2,
+            np.asarray(sq),
+            ref_sq,
+            rtol=RTOL,
+            atol=1e-6 * scale**2,
             err_msg=f"squared norms of {variable.path}",
         )
         ref_sum = np.tensordot(factors, ref, axes=1)
         np.testing.assert_allclose(
-            np.asarray(total), ref_sum, rtol=RTOL,
+            np.asarray(total),
+            ref_sum,
+            rtol=RTOL,
             atol=1e-5 * scale,
             err_msg=f"clipped sum of {variable.path}",
         )
     ref_losses = [
-        float(_loss()(
-            y[i : i + 1],
-            model(keras.tree.map_structure(lambda t: t[i : i + 1], x)),
-        ))
+        float(
+            _loss()(
+                y[i : i + 1],
+                model(keras.tree.map_structure(lambda t: t[i : i + 1], x)),
+            )
+        )
         for i in range(n)
     ]
     np.testing.assert_allclose(np.asarray(losses), ref_losses, rtol=1e-5)
@@ -147,7 +153,9 @@ class _ConvKernelGrads:
         if linear._FORCE_METHOD == "ghost":
             return
         if self.way == "compiled":
-            assert any(ran for ran, _ in self.compiled_calls), "no conv took the compiled op"
+            assert any(ran for ran, _ in self.compiled_calls), (
+                "no conv took the compiled op"
+            )
             return
         if self.way != "grouped_conv":
             return
@@ -322,8 +330,13 @@ def test_keras_hub_bert_backbone():
     """keras-hub BERT: ReversibleEmbedding, PositionEmbedding, attention."""
     keras_hub = pytest.importorskip("keras_hub")
     backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=11, num_layers=1, num_heads=2, hidden_dim=8,
-        intermediate_dim=16, max_sequence_length=9, dropout=0.0,
+        vocabulary_size=11,
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=9,
+        dropout=0.0,
     )
     outputs = L.Dense(3)(backbone.output["pooled_output"])
     model = keras.Model(backbone.input, outputs)
@@ -379,7 +392,9 @@ def test_embedding_single_token():
     ],
     ids=["multi_channel", "single_channel"],
 )
-def test_conv2d_stride_padding_dilation_groups(method, conv_kernel_grads, input_shape, convs):
+def test_conv2d_stride_padding_dilation_groups(
+    method, conv_kernel_grads, input_shape, convs
+):
     if conv_kernel_grads.way == "grouped_conv" and input_shape[-1] == 1:
         pytest.skip("one input channel per group: strided slices, not grouped")
     rng = np.random.RandomState(0)
@@ -531,7 +546,12 @@ def test_conv_patches_in_chunks_unknown_batch_size(monkeypatch, conv_kernel_grad
 
     def norms_and_sums(x, y, rows_hint):
         squared, clipped_fn, _, _, _ = per_example.per_example_norms_and_sums(
-            model, backend_lib.get_backend_module(), trainable, [], x, y,
+            model,
+            backend_lib.get_backend_module(),
+            trainable,
+            [],
+            x,
+            y,
             rows_hint=rows_hint,
         )
         c = tf.constant(factors)[: tf.shape(x)[0]]
@@ -595,8 +615,7 @@ def test_mixed_model_with_generic_layers():
         lambda: L.GroupNormalization(3, axis=1, scale=False),
         lambda: L.RMSNormalization(axis=[-2, -1]),
     ],
-    ids=["layer", "layer_two_axes", "layer_rms", "group", "group_axis1",
-         "rms"],
+    ids=["layer", "layer_two_axes", "layer_rms", "group", "group_axis1", "rms"],
 )
 def test_normalization_layers_closed_form(norm):
     """scale/center gradients `sum(dy * xhat)`, `sum(dy)` per example."""
@@ -681,20 +700,35 @@ def _one_example_losses(model, y, y_pred, sw):
     """Each example's loss from the compiled loss on a one-example batch."""
     out = []
     for i in range(len(y_pred)):
-        out.append(float(model.compute_loss(
-            y=y[i : i + 1], y_pred=y_pred[i : i + 1],
-            sample_weight=None if sw is None else sw[i : i + 1],
-        )))
+        out.append(
+            float(
+                model.compute_loss(
+                    y=y[i : i + 1],
+                    y_pred=y_pred[i : i + 1],
+                    sample_weight=None if sw is None else sw[i : i + 1],
+                )
+            )
+        )
     return np.array(out)
 
 
 @pytest.mark.parametrize(
     "loss, loss_weights, out_shape, sw_shape",
     [
-        (keras.losses.SparseCategoricalCrossentropy(from_logits=True), None, (3,), None),
+        (
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            None,
+            (3,),
+            None,
+        ),
         ("categorical_crossentropy", 0.5, (4,), (12,)),
         ("binary_crossentropy", None, (1,), (12, 1)),
-        (keras.losses.BinaryFocalCrossentropy(gamma=1.5, label_smoothing=0.1), None, (5, 2), (12, 5)),
+        (
+            keras.losses.BinaryFocalCrossentropy(gamma=1.5, label_smoothing=0.1),
+            None,
+            (5, 2),
+            (12, 5),
+        ),
         ("mse", None, (6, 3), (12, 6)),
         (keras.losses.Huber(delta=0.3), 2.0, (2, 3, 2), None),
         (keras.losses.CosineSimilarity(), None, (7,), None),
@@ -724,20 +758,26 @@ def test_batched_example_losses_equal_one_example_batches(
         sw = rng.random(sw_shape).astype("float32")
         sw[3] = 0.0
     losses = example_losses.batched_example_losses(
-        model, ops.convert_to_tensor(y), ops.convert_to_tensor(y_pred),
+        model,
+        ops.convert_to_tensor(y),
+        ops.convert_to_tensor(y_pred),
         None if sw is None else ops.convert_to_tensor(sw),
     )
     assert losses is not None
     np.testing.assert_allclose(
-        np.asarray(losses), _one_example_losses(model, y, y_pred, sw),
-        rtol=1e-5, atol=1e-7,
+        np.asarray(losses),
+        _one_example_losses(model, y, y_pred, sw),
+        rtol=1e-5,
+        atol=1e-7,
     )
     if sw is not None:
         assert float(np.asarray(losses)[3]) == 0.0
 
 
 class _OwnLoss(keras.Model):
-    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+    def compute_loss(
+        self, x=None, y=None, y_pred=None, sample_weight=None, training=True
+    ):
         return ops.mean(ops.square(y_pred - y))
 
 
@@ -747,8 +787,16 @@ def _mean_over_batch(y_true, y_pred):
 
 @pytest.mark.parametrize(
     "case",
-    ["own_loss_function", "dice", "axis", "compute_loss", "two_outputs", "mask",
-     "ignore_class", "replicas"],
+    [
+        "own_loss_function",
+        "dice",
+        "axis",
+        "compute_loss",
+        "two_outputs",
+        "mask",
+        "ignore_class",
+        "replicas",
+    ],
 )
 def test_batched_example_losses_only_where_exact(case, monkeypatch):
     """Losses that may mix examples or weigh them by the batch (user
@@ -787,8 +835,10 @@ def test_batched_example_losses_only_where_exact(case, monkeypatch):
             pytest.skip("this backend's tensors carry no Keras mask here")
     assert (
         example_losses.batched_example_losses(
-            model, keras.tree.map_structure(ops.convert_to_tensor, y_true),
-            y_pred, None,
+            model,
+            keras.tree.map_structure(ops.convert_to_tensor, y_true),
+            y_pred,
+            None,
         )
         is None
     )
@@ -874,9 +924,7 @@ def test_unsupported_models_fall_back_to_vmap(build, reason):
     weights = {}
     for mode in ("auto", "vmap"):
         keras.utils.set_random_seed(3)
-        model = keras_dp.make_private(
-            build(), per_example=mode, poisson_sampling=False
-        )
+        model = keras_dp.make_private(build(), per_example=mode, poisson_sampling=False)
         model.compile(
             optimizer=keras_dp.DPSGD(
                 learning_rate=0.5, noise_multiplier=0.0, l2_norm_clip=0.1
@@ -888,7 +936,8 @@ def test_unsupported_models_fall_back_to_vmap(build, reason):
             model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
             model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
         fallbacks = [
-            str(w.message) for w in caught
+            str(w.message)
+            for w in caught
             if "fast per-example path does not support" in str(w.message)
         ]
         weights[mode] = [np.asarray(v.value) for v in model.trainable_variables]
@@ -902,9 +951,7 @@ def test_unsupported_models_fall_back_to_vmap(build, reason):
             assert "per_example='vmap'" in fallbacks[0]
         else:
             assert fallbacks == []
-            assert model._keras_dp.per_example_path == (
-                "vmap", "per_example='vmap'"
-            )
+            assert model._keras_dp.per_example_path == ("vmap", "per_example='vmap'")
     for a, b in zip(weights["auto"], weights["vmap"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(Exception, match="does not support"):
@@ -974,8 +1021,13 @@ def test_train_step_fast_equals_vmap(clipping, microbatch_size, poisson):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.fit(
-                x, y, sample_weight=sample_weight, batch_size=16, epochs=1,
-                verbose=0, shuffle=False,
+                x,
+                y,
+                sample_weight=sample_weight,
+                batch_size=16,
+                epochs=1,
+                verbose=0,
+                shuffle=False,
             )
         weights[mode] = [np.asarray(v.value) for v in model.trainable_variables]
         paths[mode] = model._keras_dp.per_example_path
@@ -992,7 +1044,9 @@ def test_dropout_trains_and_advances_seed_state(microbatch_size):
     for mode in ("auto", "vmap"):
         keras.utils.set_random_seed(5)
         model = keras_dp.make_private(
-            _train_model(0.5), per_example=mode, microbatch_size=microbatch_size,
+            _train_model(0.5),
+            per_example=mode,
+            microbatch_size=microbatch_size,
             poisson_sampling=False,
         )
         model.compile(

@@ -43,9 +43,7 @@ def build_model(seed=0, nested=False):
 
 def make_data(n=12, seed=0):
     rng = np.random.default_rng(seed)
-    x = (rng.normal(size=(n, FEATURES)) * rng.uniform(0.2, 3, (n, 1))).astype(
-        "float32"
-    )
+    x = (rng.normal(size=(n, FEATURES)) * rng.uniform(0.2, 3, (n, 1))).astype("float32")
     y = rng.normal(size=(n, 2)).astype("float32")
     return x, y
 
@@ -140,10 +138,7 @@ def library_clipped_sum(model, optimizer, x, y, microbatch_size=None):
         fn = jax.jit(fn)  # eager op-by-op dispatch is slow on JAX
     return fn(
         [keras.ops.convert_to_tensor(v.value) for v in model.trainable_variables],
-        [
-            keras.ops.convert_to_tensor(v.value)
-            for v in model.non_trainable_variables
-        ],
+        [keras.ops.convert_to_tensor(v.value) for v in model.non_trainable_variables],
         x,
         y,
     )
@@ -164,17 +159,23 @@ def test_modes_assign_variables_to_groups():
     names = [layers_mode.names[k] for k in layers_mode.variable_groups]
     # inner_a (kernel, bias) inherit "body"; inner_b overrides; middle is
     # unnamed.
-    assert names == ["body", "body", "inner", "inner", "default", "default",
-                     "head", "head"]
+    assert names == [
+        "body",
+        "body",
+        "inner",
+        "inner",
+        "default",
+        "default",
+        "head",
+        "head",
+    ]
     assert layers_mode.thresholds == {"body": 1.0, "inner": 0.3}
     # Default mode follows the metadata.
     assert groups_lib.resolve_groups(None, variables, model).names == (
         layers_mode.names
     )
     per_layer = groups_lib.resolve_groups("per_layer", variables, model)
-    assert per_layer.names == [
-        "encoder/inner_a", "encoder/inner_b", "middle", "head"
-    ]
+    assert per_layer.names == ["encoder/inner_a", "encoder/inner_b", "middle", "head"]
     per_variable = groups_lib.resolve_groups("per_variable", variables, model)
     assert per_variable.num_groups == len(variables)
     flat = groups_lib.resolve_groups("flat", variables, model)
@@ -216,8 +217,10 @@ def test_invalid_settings_fail_clearly():
         private(model, keras_dp.DPSGD())
     model = build_model()
     with pytest.raises(ValueError, match="nope"):
-        private(model, keras_dp.DPSGD(clip_groups="per_layer",
-                                      clip_thresholds={"nope": 1.0}))
+        private(
+            model,
+            keras_dp.DPSGD(clip_groups="per_layer", clip_thresholds={"nope": 1.0}),
+        )
     # Not bound to a model: a clear message, not a silent flat clip.
     opt = keras_dp.DPSGD(clip_groups="per_layer")
     with pytest.raises(RuntimeError, match="bind_clip_groups"):
@@ -241,12 +244,16 @@ CASES = [
 # "vmap": the general path; "auto": the fast (ghost norm) path where it
 # applies, on a subset of cases to keep the suite short.
 CASES_AND_PATHS = [(case, "vmap") for case in CASES] + [
-    (CASES[0], "auto"), (CASES[2], "auto"), (CASES[4], "auto")
+    (CASES[0], "auto"),
+    (CASES[2], "auto"),
+    (CASES[4], "auto"),
 ]
 
 
 @pytest.mark.parametrize(
-    "case,path", CASES_AND_PATHS, ids=lambda c: c if isinstance(c, str) else f"{c[0]}-{c[1]}"
+    "case,path",
+    CASES_AND_PATHS,
+    ids=lambda c: c if isinstance(c, str) else f"{c[0]}-{c[1]}",
 )
 def test_clipped_sum_matches_brute_force(case, path):
     mode, clipping, C, layer_groups, Z = case
@@ -305,9 +312,7 @@ def test_one_group_keeps_flat_behaviour():
     factors = opt.variable_clip_factors(sq)
     np.testing.assert_allclose(
         keras.ops.convert_to_numpy(factors[0]),
-        keras.ops.convert_to_numpy(
-            opt.clip_factors(clipping_lib.total_norms(sq))
-        ),
+        keras.ops.convert_to_numpy(opt.clip_factors(clipping_lib.total_norms(sq))),
     )
     assert opt.sensitivity == 0.3
 
@@ -430,8 +435,13 @@ def test_adaptive_thresholds_converge_to_group_medians():
     medians = {}
     for k, name in enumerate(assignment.names):
         norms = [
-            math.sqrt(sum(np.sum(g[v] ** 2) for v, gk in
-                          enumerate(assignment.variable_groups) if gk == k))
+            math.sqrt(
+                sum(
+                    np.sum(g[v] ** 2)
+                    for v, gk in enumerate(assignment.variable_groups)
+                    if gk == k
+                )
+            )
             for g in grads
         ]
         medians[name] = float(np.median(norms))
@@ -536,9 +546,10 @@ def test_groups_survive_clone_model():
         [keras.Input((3,)), keras.layers.Dense(2, name="a"), keras.layers.Dense(1)]
     )
     keras_dp.set_clip_group(seq.get_layer("a"), "first", threshold=0.5)
-    assert keras_dp.get_clip_group(
-        keras.models.clone_model(seq).get_layer("a")
-    ) == ("first", 0.5)
+    assert keras_dp.get_clip_group(keras.models.clone_model(seq).get_layer("a")) == (
+        "first",
+        0.5,
+    )
 
 
 def test_groups_and_thresholds_survive_save_and_load(tmp_path):

@@ -7,7 +7,6 @@ ledger never sees. Epsilons are recomputed with dp-accounting directly
 (`accounting_fixtures`) from the steps the optimizer really took.
 """
 
-
 import keras
 import numpy as np
 import pytest
@@ -87,9 +86,7 @@ def test_fixed_seed_reproduces_the_noise():
 
 
 def test_saved_optimizer_state_does_not_reveal_the_noise_key(tmp_path):
-    model = private_model(
-        keras_dp.DPSGD(learning_rate=0.05), sample_rate=0.1
-    )
+    model = private_model(keras_dp.DPSGD(learning_rate=0.05), sample_rate=0.1)
     x, y = make_regression(40)
     model.train_on_batch(x[:10], y[:10])
     path = str(tmp_path / "model.keras")
@@ -182,7 +179,9 @@ def test_fit_refuses_to_continue_a_partial_accumulation_window():
 
 def _calibrated(target=2.0, epochs=10):
     return keras_dp.DPSGD(
-        learning_rate=0.05, target_epsilon=target, target_delta=DELTA,
+        learning_rate=0.05,
+        target_epsilon=target,
+        target_delta=DELTA,
         epochs=epochs,
     )
 
@@ -269,9 +268,7 @@ def test_privacy_budget_holds_with_steps_per_execution():
     # batches per epoch, Keras runs callbacks after updates 7, 10, 17, 20,
     # ..., 37, 40: one more update after 37 is within budget, one more
     # execution is not.
-    budget = 0.5 * sum(
-        fixtures.rdp_reference([(sigma, q, s)], DELTA) for s in (38, 39)
-    )
+    budget = 0.5 * sum(fixtures.rdp_reference([(sigma, q, s)], DELTA) for s in (38, 39))
     model = keras_dp.make_private(build_model())
     model.compile(
         optimizer=keras_dp.DPSGD(learning_rate=0.05, noise_multiplier=sigma),
@@ -279,7 +276,11 @@ def test_privacy_budget_holds_with_steps_per_execution():
         steps_per_execution=7,
     )
     model.fit(
-        x, y, batch_size=20, epochs=6, verbose=0,
+        x,
+        y,
+        batch_size=20,
+        epochs=6,
+        verbose=0,
         callbacks=[keras_dp.PrivacyBudget(budget, DELTA)],
     )
     steps = steps_taken(model)
@@ -303,7 +304,11 @@ def test_train_on_batch_updates_are_in_the_epsilon():
         model.train_on_batch(x[20 * k : 20 * (k + 1)], y[20 * k : 20 * (k + 1)])
     log = StepLog()
     model.fit(
-        x, y, batch_size=20, epochs=1, verbose=0,
+        x,
+        y,
+        batch_size=20,
+        epochs=1,
+        verbose=0,
         callbacks=[keras_dp.EpsilonLogger(delta=DELTA), log],
     )
     assert steps_taken(model) == 18
@@ -318,7 +323,11 @@ def test_train_on_batch_without_a_sample_rate_refuses_epsilon():
     model.train_on_batch(x[:20], y[:20])
     with pytest.raises(ValueError, match="train_on_batch.*sample_rate"):
         model.fit(
-            x, y, batch_size=20, epochs=1, verbose=0,
+            x,
+            y,
+            batch_size=20,
+            epochs=1,
+            verbose=0,
             callbacks=[keras_dp.EpsilonLogger(delta=DELTA)],
         )
 
@@ -336,9 +345,7 @@ def test_recompiling_with_a_new_optimizer_keeps_the_privacy_spent():
     log = StepLog()
     model.fit(x, y, batch_size=20, epochs=1, verbose=0, callbacks=[logger, log])
     assert steps_taken(model) == 10  # the new optimizer's own count
-    expected = fixtures.rdp_reference(
-        [(sigma, q, 10), (2 * sigma, q, 10)], DELTA
-    )
+    expected = fixtures.rdp_reference([(sigma, q, 10), (2 * sigma, q, 10)], DELTA)
     assert log.epsilons[-1] == pytest.approx(expected, rel=1e-9)
 
 

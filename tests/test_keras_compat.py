@@ -34,9 +34,9 @@ def _model(dropout=0.0, regularized=False):
 
 def _data(n=8):
     rng = np.random.default_rng(0)
-    return rng.normal(size=(n, 4)).astype("float32"), rng.normal(
-        size=(n, 2)
-    ).astype("float32")
+    return rng.normal(size=(n, 4)).astype("float32"), rng.normal(size=(n, 2)).astype(
+        "float32"
+    )
 
 
 def test_runs_against_the_expected_keras():
@@ -57,8 +57,10 @@ def test_runs_against_the_expected_keras():
 def test_every_public_function_is_tested_here():
     source = open(__file__).read()
     names = [
-        name for name, value in vars(keras_compat).items()
-        if inspect.isfunction(value) and not name.startswith("_")
+        name
+        for name, value in vars(keras_compat).items()
+        if inspect.isfunction(value)
+        and not name.startswith("_")
         and value.__module__ == keras_compat.__name__
     ]
     untested = [name for name in names if f"keras_compat.{name}(" not in source]
@@ -191,9 +193,7 @@ def test_compute_loss_losses_override_and_regularization():
     model.compile(loss="mse")
     x, y = _data()
     y_pred = model(x)
-    plain = ops.convert_to_numpy(
-        keras_compat.compute_loss(model, x, y, y_pred, None)
-    )
+    plain = ops.convert_to_numpy(keras_compat.compute_loss(model, x, y, y_pred, None))
     mse = np.mean((ops.convert_to_numpy(y_pred) - y) ** 2)
     regularization = keras_compat.regularization_losses(model)
     assert len(regularization) == 1
@@ -233,7 +233,7 @@ def _built_compile_loss(model, loss):
 def test_compiled_loss_parts():
     assert keras_compat.compile_loss(_model()) is None
     compiled, _, _ = _built_compile_loss(_model(), "mse")
-    (path, loss, weight, _), = keras_compat.flat_losses(compiled)
+    ((path, loss, weight, _),) = keras_compat.flat_losses(compiled)
     assert keras_compat.is_loss_function_wrapper(loss)
     assert keras_compat.builtin_loss_name(loss.fn) == "mean_squared_error"
     assert keras_compat.builtin_loss_name(lambda a, b: a) is None
@@ -314,9 +314,7 @@ def test_loss_tracker_and_compiled_metrics():
     assert isinstance(tracker, keras.metrics.Mean)
     metrics = keras_compat.compile_metrics(model)
     flat = keras_compat.flat_metrics(metrics)
-    assert [[m.name for m in per_output.metrics] for per_output in flat] == [
-        ["mae"]
-    ]
+    assert [[m.name for m in per_output.metrics] for per_output in flat] == [["mae"]]
     keras_compat.set_flat_metrics(metrics, [None])
     assert keras_compat.flat_metrics(metrics) == [None]
     keras_compat.set_flat_metrics(metrics, flat)
@@ -348,9 +346,7 @@ def test_live_optimizer_variables_during_fit():
     model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[Probe()])
     assert keras_compat.live_optimizer_variables(model) is None
     if keras.backend.backend() == "jax":
-        assert seen and all(
-            len(v) == len(model.optimizer.variables) for v in seen
-        )
+        assert seen and all(len(v) == len(model.optimizer.variables) for v in seen)
     else:
         assert seen == [None, None]
 

@@ -33,9 +33,7 @@ def pld_reference(segments, delta=DELTA):
 
 
 def private_model(sigma=1.0, optimizer=None):
-    model = keras.Sequential(
-        [keras.Input((FEATURES,)), keras.layers.Dense(1)]
-    )
+    model = keras.Sequential([keras.Input((FEATURES,)), keras.layers.Dense(1)])
     model = keras_dp.make_private(model)
     model.compile(
         optimizer=optimizer
@@ -246,9 +244,7 @@ def test_change_of_batch_size_starts_a_new_segment():
     model = private_model(sigma)
     model.fit(x, y, batch_size=20, epochs=1, verbose=0)
     logger = keras_dp.EpsilonLogger(delta=DELTA)
-    history = model.fit(
-        x, y, batch_size=40, epochs=1, verbose=0, callbacks=[logger]
-    )
+    history = model.fit(x, y, batch_size=40, epochs=1, verbose=0, callbacks=[logger])
     first_steps, second_steps = math.ceil(N / 20), math.ceil(N / 40)
     assert steps_taken(model) == first_steps + second_steps
     entries = model.optimizer.privacy_ledger.entries
@@ -339,7 +335,9 @@ def test_target_epsilon_calibrates_sigma_when_fit_starts(capsys):
 
 
 def test_target_epsilon_argument_errors():
-    with pytest.raises(ValueError, match="either `noise_multiplier` or `target_epsilon`"):
+    with pytest.raises(
+        ValueError, match="either `noise_multiplier` or `target_epsilon`"
+    ):
         keras_dp.DPAdam(
             noise_multiplier=1.0, target_epsilon=2.0, target_delta=1e-5, epochs=3
         )
@@ -348,7 +346,9 @@ def test_target_epsilon_argument_errors():
     with pytest.raises(ValueError, match="needs `target_delta` and `epochs`"):
         keras_dp.DPAdam(target_epsilon=2.0, epochs=3)
     for delta in (0.0, 1.0, 1.5, -1e-5):
-        with pytest.raises(ValueError, match=r"`delta` must be in the open interval \(0, 1\)"):
+        with pytest.raises(
+            ValueError, match=r"`delta` must be in the open interval \(0, 1\)"
+        ):
             keras_dp.DPAdam(target_epsilon=2.0, target_delta=delta, epochs=3)
     with pytest.raises(ValueError, match="`target_epsilon` must be positive"):
         keras_dp.DPAdam(target_epsilon=0.0, target_delta=1e-5, epochs=3)

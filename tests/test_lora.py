@@ -86,7 +86,9 @@ def test_lora_privatises_only_trainable_variables(per_example):
     model = _lora_model(einsum=not (per_example == "vmap" and _TF))
     trainable_paths = sorted(v.path for v in model.trainable_variables)
     assert any("lora_kernel_a" in p for p in trainable_paths)
-    assert not any(p.endswith("attn/kernel") or p.endswith("ffn/kernel") for p in trainable_paths)
+    assert not any(
+        p.endswith("attn/kernel") or p.endswith("ffn/kernel") for p in trainable_paths
+    )
     frozen_before = _frozen(model)
     assert any(p.endswith("ffn/kernel") for p in frozen_before)
     trainable_before = {v.path: _np(v).copy() for v in model.trainable_variables}
@@ -112,7 +114,9 @@ def test_lora_privatises_only_trainable_variables(per_example):
     assert seen, "the optimizer saw no gradients"
     assert sum(math.prod(s) for s in seen[-1]) == trainable_count
     total = trainable_count + sum(
-        math.prod(v.shape) for v in model.non_trainable_variables if "seed" not in v.path
+        math.prod(v.shape)
+        for v in model.non_trainable_variables
+        if "seed" not in v.path
     )
     assert trainable_count < total / 2
 
@@ -125,7 +129,9 @@ def test_lora_sigma_zero_update_is_the_same_on_both_paths():
         before = [_np(v).copy() for v in model.trainable_variables]
         model = keras_dp.make_private(model, per_example=per_example)
         model.compile(
-            optimizer=keras_dp.DPSGD(learning_rate=1.0, noise_multiplier=0.0, l2_norm_clip=0.5),
+            optimizer=keras_dp.DPSGD(
+                learning_rate=1.0, noise_multiplier=0.0, l2_norm_clip=0.5
+            ),
             loss=_loss(),
         )
         x, y = _data(8, seed=2)
@@ -157,9 +163,7 @@ def test_lora_layers_are_left_to_plain_dp_by_low_rank_sparse():
         if v.path in frozen_before and "seed" not in v.path:
             assert np.array_equal(_np(v), frozen_before[v.path]), v.path
     head = model.get_layer("head").kernel
-    rest = sum(
-        math.prod(v.shape) for v in wrapped.trainable_variables if v is not head
-    )
+    rest = sum(math.prod(v.shape) for v in wrapped.trainable_variables if v is not head)
     c = wrapped._carriers[0]
     assert wrapped.noise_dimension == rest + math.ceil(0.5 * c.p * c.rank) + math.ceil(
         0.5 * c.rank * c.d
@@ -198,8 +202,12 @@ def test_vmap_path_with_einsum_does_not_crash():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_CRASH_SCRIPT)],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0 and "finished" in result.stdout, (
-        result.returncode, result.stderr[-2000:]
+        result.returncode,
+        result.stderr[-2000:],
     )

@@ -158,8 +158,7 @@ def test_reconstruction_is_the_idempotent_projection(builder, in_shape):
 
     batch = 4
     grads = [
-        rng.randn(batch, *v.shape).astype("float32")
-        for v in model.trainable_variables
+        rng.randn(batch, *v.shape).astype("float32") for v in model.trainable_variables
     ]
     parts = space.project([ops.convert_to_tensor(g) for g in grads])
     summed = [[ops.sum(p, axis=0) for p in variable_parts] for variable_parts in parts]
@@ -261,9 +260,7 @@ def test_carriers_are_a_function_of_weights_and_refresh_index_only():
     # An accumulation micro-step (no update) neither counts nor refreshes,
     # even when the count is at a refresh point.
     garbage[position[id(model._refresh_count)]] = ops.convert_to_tensor(14, "int32")
-    held = model.after_private_update(
-        weights, garbage, ops.convert_to_tensor(False)
-    )
+    held = model.after_private_update(weights, garbage, ops.convert_to_tensor(False))
     assert int(_np(held[position[id(model._refresh_count)]])) == 14
     for c in model._carriers:
         for var in c.variables:
@@ -381,7 +378,10 @@ def test_coordinates_outside_the_support_are_zero():
     spaces = space.noise_spaces()
     for c, (L, R, mL, mR) in zip(model._carriers, carriers):
         draw = spaces[position[id(c.kernel)]]
-        base = {(c.p, c.rank): rng.randn(c.p, c.rank), (c.rank, c.d): rng.randn(c.rank, c.d)}
+        base = {
+            (c.p, c.rank): rng.randn(c.p, c.rank),
+            (c.rank, c.d): rng.randn(c.rank, c.d),
+        }
         masks = {(c.p, c.rank): mL, (c.rank, c.d): mR}
 
         def normal(shape, dtype, off_support=0.0):
@@ -456,7 +456,9 @@ def test_private_step_matches_brute_force(microbatch_size):
 
     model = keras_dp.make_private(model, microbatch_size=microbatch_size)
     model.compile(
-        optimizer=keras_dp.DPSGD(learning_rate=1.0, noise_multiplier=0.0, l2_norm_clip=clip),
+        optimizer=keras_dp.DPSGD(
+            learning_rate=1.0, noise_multiplier=0.0, l2_norm_clip=clip
+        ),
         loss=loss_fn,
     )
     before = _weights(model)
@@ -481,11 +483,17 @@ def test_noise_lies_in_carrier_space_with_the_right_scale():
     sigma, clip, batch, steps = 1.5, 2.0, 16, 8
     keras.utils.set_random_seed(0)
     inner = keras.Sequential(
-        [keras.Input((32,)), keras.layers.Dense(64, name="wide"), keras.layers.Dense(2, name="head")]
+        [
+            keras.Input((32,)),
+            keras.layers.Dense(64, name="wide"),
+            keras.layers.Dense(2, name="head"),
+        ]
     )
     model = keras_dp.LowRankSparse(inner, rank=4, sparsity=0.0, refresh_every=1000)
     model = _private(model, sigma=sigma, clip=clip, loss=_zero_loss)
-    carriers = {c.kernel.path: (c, a) for c, a in zip(model._carriers, _carrier_arrays(model))}
+    carriers = {
+        c.kernel.path: (c, a) for c, a in zip(model._carriers, _carrier_arrays(model))
+    }
     c, (L, R, _, _) = carriers["sequential/wide/kernel"]
     x = np.random.RandomState(0).randn(batch, 32).astype("float32")
     y = np.zeros((batch,), "int32")
@@ -523,7 +531,7 @@ def test_sparse_noise_is_zero_outside_support_in_the_update():
     inner = keras.Sequential([keras.Input((12,)), keras.layers.Dense(10, name="d")])
     model = keras_dp.LowRankSparse(inner, rank=3, sparsity=0.8, refresh_every=1000)
     model = _private(model, sigma=sigma, loss=_zero_loss)
-    (L, R, mL, mR), = _carrier_arrays(model)
+    ((L, R, mL, mR),) = _carrier_arrays(model)
     x = np.random.RandomState(0).randn(batch, 12).astype("float32")
     before = _np(inner.get_layer("d").kernel)
     model.train_on_batch(x, np.zeros((batch,), "int32"))
@@ -560,7 +568,7 @@ def test_gradient_accumulation_keeps_one_carrier_space_per_update():
     inner = keras.Sequential([keras.Input((8,)), keras.layers.Dense(6, name="d")])
     model = keras_dp.LowRankSparse(inner, rank=2, sparsity=0.0, refresh_every=1)
     model = _private(model, sigma=0.5, lr=1.0, gradient_accumulation_steps=2)
-    (L, R, _, _), = _carrier_arrays(model)
+    ((L, R, _, _),) = _carrier_arrays(model)
     x, y = _data(8, (8,), classes=6, seed=1)
     before = _np(inner.get_layer("d").kernel)
     model.train_on_batch(x, y)  # micro-step 1: accumulated, no update
@@ -589,7 +597,12 @@ def test_save_load_round_trip(tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path)
     assert isinstance(loaded, keras_dp.LowRankSparse)
-    assert (loaded.rank, loaded.sparsity, loaded.refresh_every, loaded.seed) == (2, 0.3, 2, 7)
+    assert (loaded.rank, loaded.sparsity, loaded.refresh_every, loaded.seed) == (
+        2,
+        0.3,
+        2,
+        7,
+    )
     assert int(_np(loaded._refresh_count)) == int(_np(model._refresh_count))
     for a, b in zip(_carrier_arrays(loaded), carriers):
         for u, v in zip(a, b):
@@ -613,9 +626,16 @@ def test_errors():
         with pytest.raises(ValueError, match=r"`sparsity` must be in \[0, 1\)"):
             keras_dp.LowRankSparse(_mlp(), sparsity=bad)
     model = keras.Sequential(
-        [keras.Input((4,)), keras.layers.LayerNormalization(name="norm"), keras.layers.Dense(2)]
+        [
+            keras.Input((4,)),
+            keras.layers.LayerNormalization(name="norm"),
+            keras.layers.Dense(2),
+        ]
     )
-    with pytest.raises(ValueError, match=r"`exclude` names layers that have no matrix kernel: \['norm'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"`exclude` names layers that have no matrix kernel: \['norm'\]",
+    ):
         keras_dp.LowRankSparse(model, exclude=("norm",))
     with pytest.raises(ValueError, match="no matrix kernel"):
         keras_dp.LowRankSparse(_mlp(), exclude=("missing",))

@@ -20,27 +20,35 @@ def _private_model():
 
 def test_optimizer_is_composed_of_a_clipping_policy_and_a_noise():
     opt = keras_dp.DPAdam(
-        l2_norm_clip=0.5, noise_multiplier=1.3, clipping="global",
-        global_clip_threshold=2.0, seed=3,
+        l2_norm_clip=0.5,
+        noise_multiplier=1.3,
+        clipping="global",
+        global_clip_threshold=2.0,
+        seed=3,
     )
     assert isinstance(opt.clipping_policy, keras_dp.ClippingPolicy)
     assert isinstance(opt.noise, keras_dp.GaussianNoise)
     assert opt.clipping_policy.get_config() == {
-        "l2_norm_clip": 0.5, "clipping": "global", "global_clip_threshold": 2.0,
+        "l2_norm_clip": 0.5,
+        "clipping": "global",
+        "global_clip_threshold": 2.0,
     }
     assert opt.noise.get_config() == {"noise_multiplier": 1.3, "seed": 3}
     # The optimizer's config is the two pieces' configs plus Keras's.
     config = opt.get_config()
     for key, value in {
-        **opt.clipping_policy.get_config(), **opt.noise.get_config()
+        **opt.clipping_policy.get_config(),
+        **opt.noise.get_config(),
     }.items():
         assert config[key] == value
 
 
 def test_clipping_policy_round_trips_its_config():
     policy = keras_dp.ClippingPolicy(
-        l2_norm_clip=2.0, clip_groups="per_layer",
-        clip_thresholds={"a": 1.0}, adaptive_clipping=True,
+        l2_norm_clip=2.0,
+        clip_groups="per_layer",
+        clip_thresholds={"a": 1.0},
+        adaptive_clipping=True,
     )
     again = keras_dp.ClippingPolicy.from_config(policy.get_config())
     assert again.get_config() == policy.get_config()
@@ -126,9 +134,7 @@ def test_stateless_privatize_matches_privatize_and_returns_the_new_state():
     assert sum(changed) == 1  # the noise seed state
     stateful = opt.privatize(batch)
     for a, b in zip(noisy, stateful):
-        np.testing.assert_array_equal(
-            ops.convert_to_numpy(a), ops.convert_to_numpy(b)
-        )
+        np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
 
 
 def test_apply_and_privatize_refuse_what_is_not_private():
@@ -196,8 +202,13 @@ def test_a_custom_loop_with_privatize_and_apply_matches_train_on_batch():
         ops.convert_to_tensor(v.value) for v in model.non_trainable_variables
     ]
     step = keras_dp.per_example.private_gradients(
-        model, keras_dp.backend.get_backend_module(), trainable, non_trainable,
-        x, y, clipping=opt.step_clipping(),
+        model,
+        keras_dp.backend.get_backend_module(),
+        trainable,
+        non_trainable,
+        x,
+        y,
+        clipping=opt.step_clipping(),
     )
     noisy = opt.privatize(keras_dp.ClippedBatch.from_step(step))
     opt.apply(noisy, model.trainable_variables)

@@ -349,8 +349,13 @@ def _compiled_conv_grads(x, dy, geometry, vector_width):
     kernel_size, strides, dilations, pads = geometry
     if keras.backend.backend() == "tensorflow":
         return native.tensorflow_ops().keras_dp_conv_kernel_grads(
-            x, dy, kernel_size=kernel_size, strides=strides,
-            dilations=dilations, pads=pads, keep_grads=True,
+            x,
+            dy,
+            kernel_size=kernel_size,
+            strides=strides,
+            dilations=dilations,
+            pads=pads,
+            keep_grads=True,
             vector_width=vector_width,
         )
     import jax
@@ -362,10 +367,18 @@ def _compiled_conv_grads(x, dy, geometry, vector_width):
             jax.ShapeDtypeStruct((x.shape[0],), "float32"),
             jax.ShapeDtypeStruct((x.shape[0], dy.shape[-1], columns), "float32"),
         ),
-    )(x, dy, geometry=np.array(
-        list(kernel_size) + list(strides) + list(dilations) + list(pads)
-        + [vector_width], "int64",
-    ))
+    )(
+        x,
+        dy,
+        geometry=np.array(
+            list(kernel_size)
+            + list(strides)
+            + list(dilations)
+            + list(pads)
+            + [vector_width],
+            "int64",
+        ),
+    )
 
 
 @pytest.mark.parametrize(
@@ -394,8 +407,12 @@ def test_conv_kernel_grads_kernel_matches_per_example_loop(
 
     module = _conv_backend()
     layer = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D}[len(kernel_size)](
-        filters, kernel_size, strides=strides, dilation_rate=dilation,
-        padding=padding, use_bias=False,
+        filters,
+        kernel_size,
+        strides=strides,
+        dilation_rate=dilation,
+        padding=padding,
+        use_bias=False,
     )
     n = 5
     rng = np.random.default_rng(4)
@@ -405,14 +422,15 @@ def test_conv_kernel_grads_kernel_matches_per_example_loop(
         "float32"
     )
     expected = np.stack(
-        [_example_kernel_grad(layer, x[i:i + 1], dy[i:i + 1]).T for i in range(n)]
+        [_example_kernel_grad(layer, x[i : i + 1], dy[i : i + 1]).T for i in range(n)]
     )
     expected_squared = np.sum(expected.astype("float64") ** 2, axis=(1, 2))
     pads = patches.conv_pads(
         input_shape[:-1], kernel_size, strides, dilation, padding, dy.shape[1:-1]
     )
     x_t, dy_t, conv = patches.as_2d_conv(
-        ops.convert_to_tensor(x), ops.convert_to_tensor(dy),
+        ops.convert_to_tensor(x),
+        ops.convert_to_tensor(dy),
         (kernel_size, strides, dilation, pads),
     )
     squared, grads = module.per_example_conv_kernel_norms(
@@ -432,7 +450,9 @@ def test_conv_kernel_grads_kernel_matches_per_example_loop(
     # The AVX2 and 128-bit vector code, as on CPUs without AVX-512.
     kernel_2d, strides_2d, dilation_2d, pads_2d = conv
     geometry = (
-        list(kernel_2d), list(strides_2d), list(dilation_2d),
+        list(kernel_2d),
+        list(strides_2d),
+        list(dilation_2d),
         [before for before, _ in pads_2d],
     )
     for width in (8, 4):
@@ -453,6 +473,11 @@ def test_conv_kernel_grads_kernel_checks_its_arguments(kernel_available):
 
         with pytest.raises(tf.errors.InvalidArgumentError, match="one value per"):
             native.tensorflow_ops().keras_dp_conv_kernel_grads(
-                x, dy, kernel_size=[3, 3], strides=[1, 1], dilations=[1, 1],
-                pads=[1], keep_grads=True,
+                x,
+                dy,
+                kernel_size=[3, 3],
+                strides=[1, 1],
+                dilations=[1, 1],
+                pads=[1],
+                keep_grads=True,
             )

@@ -57,9 +57,7 @@ def _conv():
     # gradient of the scaled output gradients; the Dense over the four
     # positions takes ghost norms.
     inputs = keras.Input((6, 6, 2))
-    h = keras.layers.Conv2D(2, 3, strides=2, padding="same", activation="tanh")(
-        inputs
-    )
+    h = keras.layers.Conv2D(2, 3, strides=2, padding="same", activation="tanh")(inputs)
     h = keras.layers.Conv2D(8, 2)(h)
     h = keras.layers.Reshape((4, 8))(h)
     h = keras.layers.Dense(16, activation="tanh")(h)
@@ -134,9 +132,7 @@ def compile_dp(model, l2_norm_clip):
 def reference_update(model, x, y, good_rows, batch_rows):
     """`-(1/B) sum_{i in good_rows} c_i g_i` with flat clipping at a
     threshold between the good examples' norms, B = `batch_rows`."""
-    grads = ref.per_example_gradients(
-        model, x[good_rows], y[good_rows], loss_fn
-    )
+    grads = ref.per_example_gradients(model, x[good_rows], y[good_rows], loss_fn)
     C = ref.split_threshold(ref.norms_of(grads))
     reference = ref.clipped_reference(
         model, x[good_rows], y[good_rows], loss_fn, "flat", C, per_example=grads
@@ -202,9 +198,7 @@ def test_bad_example_with_sample_weight_zero(path):
     compile_dp(model, C)
 
     before = [np.array(v.numpy(), "float64") for v in model.trainable_variables]
-    logs = model.train_on_batch(
-        bad_x, bad_y, sample_weight=weights, return_dict=True
-    )
+    logs = model.train_on_batch(bad_x, bad_y, sample_weight=weights, return_dict=True)
     update = [
         np.array(v.numpy(), "float64") - b
         for v, b in zip(model.trainable_variables, before)
@@ -224,10 +218,7 @@ def test_count_is_logged_and_loss_stays_finite(path):
     bad_x, bad_y = spoil(x, y, BAD, "target")
     bad_x, bad_y = spoil(bad_x, bad_y, 1, "input")
     model = compile_dp(build("mlp", path), 1.0)
-    losses = [
-        float(loss_fn(y[i : i + 1], model(x[i : i + 1]), None))
-        for i in range(B)
-    ]
+    losses = [float(loss_fn(y[i : i + 1], model(x[i : i + 1]), None)) for i in range(B)]
     expected_loss = sum(loss for i, loss in enumerate(losses) if i not in (1, BAD)) / B
 
     with warnings.catch_warnings():
@@ -273,9 +264,7 @@ def test_poisson_padding_rows_are_zeros_and_a_bad_example_0_stays_out():
 
 
 def test_weighted_sum_leaves_zero_factor_rows_out():
-    g = np.array(
-        [[1.0, 2.0], [np.inf, 1.0], [np.nan, 0.0], [3.0, -1.0]], "float32"
-    )
+    g = np.array([[1.0, 2.0], [np.inf, 1.0], [np.nan, 0.0], [3.0, -1.0]], "float32")
     f = np.array([0.5, 0.0, 0.0, 2.0], "float32")
     total = clipping.weighted_sum(
         [ops.convert_to_tensor(g)], ops.convert_to_tensor(f), zero_rows=True
@@ -285,6 +274,4 @@ def test_weighted_sum_leaves_zero_factor_rows_out():
         [ops.convert_to_tensor(np.sum(g**2, axis=1))],
         ops.convert_to_tensor(np.array([1.0, 1.0, 1.0, np.inf], "float32")),
     )
-    np.testing.assert_array_equal(
-        np.asarray(nonfinite), [False, True, True, True]
-    )
+    np.testing.assert_array_equal(np.asarray(nonfinite), [False, True, True, True])

@@ -135,18 +135,14 @@ def test_make_dp_optimizer_adagrad_end_to_end():
     model = keras_dp.make_private(_dense_model())
     model.set_weights(initial)
     model.compile(
-        optimizer=dp_adagrad(
-            learning_rate=0.5, noise_multiplier=0.0, l2_norm_clip=1e6
-        ),
+        optimizer=dp_adagrad(learning_rate=0.5, noise_multiplier=0.0, l2_norm_clip=1e6),
         loss="mse",
     )
     model.train_on_batch(x, y)
     assert isinstance(model.optimizer, keras.optimizers.Adagrad)
     assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 1
 
-    reference.compile(
-        optimizer=keras.optimizers.Adagrad(learning_rate=0.5), loss="mse"
-    )
+    reference.compile(optimizer=keras.optimizers.Adagrad(learning_rate=0.5), loss="mse")
     reference.train_on_batch(x, y)
     for got, want, before in zip(_weights(model), _weights(reference), initial):
         assert not np.allclose(want, before)
@@ -357,23 +353,23 @@ def test_save_and_load_restores_dp_optimizer_and_noise_state(tmp_path):
     [
         ({"l2_norm_clip": 3.0}, 2.0, 3.0),
         ({"auto_clip": True}, 1.5, 1.0),
-        ({"clipping": "global", "l2_norm_clip": 2.0, "global_clip_threshold": 5.0}, 1.0, 2.0),
+        (
+            {"clipping": "global", "l2_norm_clip": 2.0, "global_clip_threshold": 5.0},
+            1.0,
+            2.0,
+        ),
     ],
     ids=["flat", "auto", "global"],
 )
 def test_noise_std_is_sigma_times_clip_over_batch(kwargs, sigma, sensitivity):
     batch = 8
     model = _noise_model(
-        keras_dp.DPSGD(
-            learning_rate=1.0, noise_multiplier=sigma, seed=17, **kwargs
-        )
+        keras_dp.DPSGD(learning_rate=1.0, noise_multiplier=sigma, seed=17, **kwargs)
     )
     x, y = _noise_batch(batch)
     model.train_on_batch(x, y)
     # Clipped gradients are zero, so the SGD step (lr 1) is minus the noise.
-    _assert_gaussian_noise(
-        _kernel(model), sigma * sensitivity / batch, msg=str(kwargs)
-    )
+    _assert_gaussian_noise(_kernel(model), sigma * sensitivity / batch, msg=str(kwargs))
     assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 1
 
 
@@ -537,7 +533,9 @@ def _train_steps(optimizer, initial, x, y, steps, batch=8):
     model.set_weights(initial)
     model.compile(optimizer=optimizer, loss="mse")
     for k in range(steps):
-        model.train_on_batch(x[k * batch : (k + 1) * batch], y[k * batch : (k + 1) * batch])
+        model.train_on_batch(
+            x[k * batch : (k + 1) * batch], y[k * batch : (k + 1) * batch]
+        )
     return _weights(model)
 
 

@@ -27,7 +27,13 @@ def test_no_module_is_over_800_lines(path):
 @pytest.mark.parametrize("path", MODULES, ids=_relative)
 def test_no_call_stack_inspection(path):
     source = path.read_text()
-    for pattern in ("_getframe", "inspect.stack", "inspect.currentframe", "f_back", "f_locals"):
+    for pattern in (
+        "_getframe",
+        "inspect.stack",
+        "inspect.currentframe",
+        "f_back",
+        "f_locals",
+    ):
         assert pattern not in source, f"{_relative(path)} uses {pattern}"
 
 

@@ -44,9 +44,7 @@ def _mlp():
 
 def _conv():
     inputs = keras.Input((6, 6, 2))
-    h = keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="tanh")(
-        inputs
-    )
+    h = keras.layers.Conv2D(3, 3, strides=2, padding="same", activation="tanh")(inputs)
     h = keras.layers.Conv2D(2, 2, padding="valid")(h)
     h = keras.layers.Flatten()(h)
     return keras.Model(inputs, keras.layers.Dense(NUM_CLASSES)(h))
@@ -263,16 +261,10 @@ def test_no_noise_and_huge_clip_reproduce_non_private_training():
     initial = [np.array(w) for w in private.get_weights()]
 
     with pytest.warns(UserWarning, match="fixed-size"):
-        history = private.fit(
-            x, y, batch_size=4, epochs=2, shuffle=False, verbose=0
-        )
-    plain_history = plain.fit(
-        x, y, batch_size=4, epochs=2, shuffle=False, verbose=0
-    )
+        history = private.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    plain_history = plain.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
 
-    moved = max(
-        np.max(np.abs(a - b)) for a, b in zip(plain.get_weights(), initial)
-    )
+    moved = max(np.max(np.abs(a - b)) for a, b in zip(plain.get_weights(), initial))
     assert moved > 1e-2  # training did something
     for a, b in zip(private.get_weights(), plain.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -335,9 +327,7 @@ def test_reference_gradient_of_a_linear_model_is_analytic():
     `grad_W = 2/k * x^T (x W - y)` (k outputs).
     """
     keras.utils.set_random_seed(2)
-    model = keras.Sequential(
-        [keras.Input((3,)), keras.layers.Dense(2, use_bias=False)]
-    )
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, use_bias=False)])
     rng = np.random.default_rng(0)
     x = rng.normal(size=(4, 3)).astype("float32")
     y = rng.normal(size=(4, 2)).astype("float32")

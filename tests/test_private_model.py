@@ -138,9 +138,7 @@ def test_fit_with_metrics_and_validation_then_evaluate_and_predict():
     for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
         assert len(history.history[key]) == 2
         assert np.all(np.isfinite(history.history[key]))
-    assert any(
-        not np.array_equal(a, b) for a, b in zip(before, model.get_weights())
-    )
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
     # Evaluation and prediction are Keras's own, at the trained weights.
     logits = model.predict(x_val, verbose=0)
     np.testing.assert_allclose(
@@ -155,9 +153,7 @@ def test_fit_with_metrics_and_validation_then_evaluate_and_predict():
     np.testing.assert_allclose(
         history.history["val_loss"][-1], expected_loss, rtol=1e-5
     )
-    np.testing.assert_allclose(
-        history.history["val_accuracy"][-1], expected_accuracy
-    )
+    np.testing.assert_allclose(history.history["val_accuracy"][-1], expected_accuracy)
 
 
 # ------------------------------------------------------- sample weights
@@ -231,7 +227,12 @@ def test_class_weight_in_fit_with_fixed_batches_equals_sample_weight():
         compile_dp(model, l2_norm_clip=0.5)
         with pytest.warns(UserWarning, match="fixed-size"):
             model.fit(
-                x, y, batch_size=4, epochs=1, shuffle=False, verbose=0,
+                x,
+                y,
+                batch_size=4,
+                epochs=1,
+                shuffle=False,
+                verbose=0,
                 **fit_kwargs,
             )
         weights.append(model.get_weights())
@@ -352,9 +353,7 @@ def test_weight_regularizer_is_added_outside_the_clipped_sum(l2):
     inside the clipped part, the update's norm would be at most C.
     """
     x, y = make_data(seed=9)
-    model = keras_dp.make_private(
-        mlp(kernel_regularizer=keras.regularizers.L2(l2))
-    )
+    model = keras_dp.make_private(mlp(kernel_regularizer=keras.regularizers.L2(l2)))
     C, grads = flat_threshold(model, x, y)
     reference = ref.clipped_reference(
         model, x, y, loss_fn, "flat", C, per_example=grads
@@ -383,9 +382,7 @@ def test_activity_regularizer_is_inside_the_clip():
     update (no weight regularizer) then has norm at most C.
     """
     x, y = make_data(seed=10)
-    model = keras_dp.make_private(
-        mlp(activity_regularizer=keras.regularizers.L2(20.0))
-    )
+    model = keras_dp.make_private(mlp(activity_regularizer=keras.regularizers.L2(20.0)))
     grads = ref.per_example_gradients(model, x, y, loss_fn)
     norms = ref.norms_of(grads)
     C = 0.5
@@ -490,9 +487,7 @@ def test_dropout_masks_differ_in_the_train_step(path):
 @pytest.mark.parametrize(
     "path, microbatch_size", [("auto", None), ("vmap", None), ("vmap", 4)]
 )
-def test_dropout_seed_state_advances_like_non_private_training(
-    path, microbatch_size
-):
+def test_dropout_seed_state_advances_like_non_private_training(path, microbatch_size):
     x, y = make_data(rows=6, seed=13)
     x = x[:, :4]
     model = keras_dp.make_private(
@@ -623,9 +618,7 @@ def test_invalid_microbatch_size_is_rejected(microbatch_size):
         keras_dp.make_private(mlp(), microbatch_size=microbatch_size)
 
 
-@pytest.mark.parametrize(
-    "not_a_model", [keras.layers.Dense(2), "model", lambda x: x]
-)
+@pytest.mark.parametrize("not_a_model", [keras.layers.Dense(2), "model", lambda x: x])
 def test_make_private_needs_a_keras_model(not_a_model):
     with pytest.raises(TypeError, match="keras.Model"):
         keras_dp.make_private(not_a_model)

@@ -48,8 +48,14 @@ def _model(kind):
 
 @pytest.mark.parametrize(
     "kind",
-    ["lstm", "lstm_masked", "gru_sequences", "simple_rnn",
-     "bidirectional_masked", "time_distributed"],
+    [
+        "lstm",
+        "lstm_masked",
+        "gru_sequences",
+        "simple_rnn",
+        "bidirectional_masked",
+        "time_distributed",
+    ],
 )
 def test_recurrent_and_time_distributed_match_brute_force(kind):
     model = _model(kind)
@@ -77,8 +83,12 @@ def test_recurrent_model_takes_the_fast_path_in_fit():
 
 def test_recurrent_dropout_falls_back_with_a_readable_reason():
     model = keras.Sequential(
-        [keras.Input((STEPS,), dtype="int32"), keras.layers.Embedding(VOCAB, 8),
-         keras.layers.LSTM(5, dropout=0.2, name="lstm"), keras.layers.Dense(3)]
+        [
+            keras.Input((STEPS,), dtype="int32"),
+            keras.layers.Embedding(VOCAB, 8),
+            keras.layers.LSTM(5, dropout=0.2, name="lstm"),
+            keras.layers.Dense(3),
+        ]
     )
     with pytest.raises(per_example.Unsupported, match="'lstm'.*dropout") as info:
         per_example.build_plan(model)
@@ -106,9 +116,12 @@ def test_fallback_reason_raised_inside_a_layer_call_is_readable():
 @pytest.mark.parametrize("mask", [False, True])
 def test_recurrent_dropout_trains_on_the_vmap_path(mask):
     model = keras.Sequential(
-        [keras.Input((STEPS,), dtype="int32"),
-         keras.layers.Embedding(VOCAB, 8, mask_zero=mask),
-         keras.layers.LSTM(5, dropout=0.2), keras.layers.Dense(3)]
+        [
+            keras.Input((STEPS,), dtype="int32"),
+            keras.layers.Embedding(VOCAB, 8, mask_zero=mask),
+            keras.layers.LSTM(5, dropout=0.2),
+            keras.layers.Dense(3),
+        ]
     )
     model = keras_dp.make_private(model, per_example="vmap")
     model.compile(

@@ -30,12 +30,8 @@ class Scale(keras.layers.Layer):
     """`x * w + b`, elementwise over the last axis."""
 
     def build(self, input_shape):
-        self.w = self.add_weight(
-            shape=input_shape[-1:], initializer="ones", name="w"
-        )
-        self.b = self.add_weight(
-            shape=input_shape[-1:], initializer="zeros", name="b"
-        )
+        self.w = self.add_weight(shape=input_shape[-1:], initializer="ones", name="w")
+        self.b = self.add_weight(shape=input_shape[-1:], initializer="zeros", name="b")
 
     def call(self, x):
         return x * self.w + self.b
@@ -166,8 +162,7 @@ def reference_update(per_example_grads, C):
 
 def median_norm(per_example_grads):
     norms = sorted(
-        float(np.sqrt(sum(np.sum(g**2) for g in grads)))
-        for grads in per_example_grads
+        float(np.sqrt(sum(np.sum(g**2) for g in grads))) for grads in per_example_grads
     )
     return (norms[len(norms) // 2 - 1] + norms[len(norms) // 2]) / 2
 
@@ -207,7 +202,9 @@ def test_registered_rule_takes_the_fast_path_in_fit(registered):
     spy = registered(Scale, scale_rule)
     model = _model()
     assert {e.layer.name: e.kind for e in per_example.build_plan(model)} == {
-        "hidden": "dense", "scale": "scale_rule", "head": "dense",
+        "hidden": "dense",
+        "scale": "scale_rule",
+        "head": "dense",
     }
     model = keras_dp.make_private(model)
     model.compile(optimizer=keras_dp.DPSGD(learning_rate=0.1), loss=LOSS)
@@ -242,7 +239,9 @@ def test_user_rule_overrides_keras_dp_rule_for_the_same_class(registered):
     registered(Scale, scale_rule)
     model = _model()
     assert {e.layer.name: e.kind for e in per_example.build_plan(model)} == {
-        "hidden": "my_dense_rule", "scale": "scale_rule", "head": "my_dense_rule",
+        "hidden": "my_dense_rule",
+        "scale": "scale_rule",
+        "head": "my_dense_rule",
     }
     x, y = _data(seed=1)
     grads = brute_force_gradients(model, x, y)
@@ -310,9 +309,7 @@ def test_rule_refusing_a_call_form_sends_the_model_to_the_vmap_path(registered):
     x, y = _data(16)
     with pytest.warns(UserWarning, match=FALLBACK):
         model.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    assert model._keras_dp.per_example_path == (
-        "vmap", "'scale' refuses this call"
-    )
+    assert model._keras_dp.per_example_path == ("vmap", "'scale' refuses this call")
 
 
 def test_rule_missing_a_variable_is_reported(registered):
@@ -372,9 +369,20 @@ def _compiled(model):
         (Scale, lambda layer, call: [], {}, TypeError, "four arguments"),
         (Scale, scale_rule, {"taps": "input"}, ValueError, "`taps` must be one of"),
         (Scale, scale_rule, {"match": "any"}, ValueError, "`match` must be one of"),
-        (Scale, scale_rule, {"applies": True}, TypeError, "`applies` must be a function"),
-        (Scale, scale_rule, {"whole": True, "taps": "pre_activation"}, ValueError,
-         "pass taps='output'"),
+        (
+            Scale,
+            scale_rule,
+            {"applies": True},
+            TypeError,
+            "`applies` must be a function",
+        ),
+        (
+            Scale,
+            scale_rule,
+            {"whole": True, "taps": "pre_activation"},
+            ValueError,
+            "pass taps='output'",
+        ),
     ],
 )
 def test_registration_errors_say_what_to_do(layer_class, rule, kwargs, error, message):

@@ -108,8 +108,11 @@ def test_replace_batch_normalization_refuses_subclassed_models():
 
 def _mlp():
     return keras.Sequential(
-        [keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
-         keras.layers.Dense(1)]
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(1),
+        ]
     )
 
 
@@ -204,14 +207,16 @@ def _tiny_bert_classifier(lora=False):
         tokenizer, sequence_length=8
     )
     backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=len(vocabulary), num_layers=1, num_heads=2,
-        hidden_dim=8, intermediate_dim=16, max_sequence_length=8,
+        vocabulary_size=len(vocabulary),
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=8,
     )
     if lora:
         backbone.enable_lora(2)
-    return keras_hub.models.BertTextClassifier(
-        backbone, 2, preprocessor=preprocessor
-    )
+    return keras_hub.models.BertTextClassifier(backbone, 2, preprocessor=preprocessor)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -224,12 +229,14 @@ def test_keras_hub_task_fit_trains_privately_with_its_preprocessor(lora):
     )
     rng = np.random.default_rng(0)
     words = np.array(["good", "great", "bad", "awful"])
-    texts = np.array(
-        [f"the movie was {w}" for w in rng.choice(words, size=64)]
-    )
+    texts = np.array([f"the movie was {w}" for w in rng.choice(words, size=64)])
     labels = np.isin([t.split()[-1] for t in texts], ["good", "great"])
     history = task.fit(
-        texts, labels.astype("int32"), batch_size=16, epochs=2, verbose=0,
+        texts,
+        labels.astype("int32"),
+        batch_size=16,
+        epochs=2,
+        verbose=0,
         validation_split=0.25,
         callbacks=[keras_dp.EpsilonLogger(delta=1e-5)],
     )
@@ -302,10 +309,14 @@ def test_list_inputs_and_outputs_train_with_poisson_sampling():
     model = keras_dp.make_private(keras.Model([a, b], outputs))
     model.compile(optimizer=keras_dp.DPSGD(learning_rate=0.1), loss=["mse", "mse"])
     rng = np.random.default_rng(0)
-    x = [rng.normal(size=(40, 3)).astype("float32"),
-         rng.normal(size=(40, 2)).astype("float32")]
-    y = [rng.normal(size=(40, 1)).astype("float32"),
-         rng.normal(size=(40, 2)).astype("float32")]
+    x = [
+        rng.normal(size=(40, 3)).astype("float32"),
+        rng.normal(size=(40, 2)).astype("float32"),
+    ]
+    y = [
+        rng.normal(size=(40, 1)).astype("float32"),
+        rng.normal(size=(40, 2)).astype("float32"),
+    ]
     history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][-1])
     assert model.optimizer.privacy_ledger.entries[0]["poisson"]

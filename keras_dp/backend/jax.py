@@ -127,7 +127,7 @@ def per_example_conv_kernel_grads(x, dy, kernel_size, dilation, pads):
     x = jnp.pad(x, [(0, 0)] + [tuple(p) for p in pads] + [(0, 0)])
     n, channels, filters = x.shape[0], x.shape[-1], dy.shape[-1]
     rank = len(kernel_size)
-    spatial = "DHW"[3 - rank:]
+    spatial = "DHW"[3 - rank :]
     lhs = jnp.transpose(x, (rank + 1,) + tuple(range(1, rank + 1)) + (0,))
     rhs = jnp.transpose(dy, tuple(range(1, rank + 1)) + (0, rank + 1))
     rhs = rhs.reshape(dy.shape[1:-1] + (1, n * filters))
@@ -179,8 +179,11 @@ def per_example_conv_kernel_norms(
     n, filters = x.shape[0], dy.shape[-1]
     columns = kernel_size[0] * kernel_size[1] * x.shape[-1]
     geometry = np.array(
-        list(kernel_size) + list(strides) + list(dilation)
-        + [before for before, _ in pads] + [0],
+        list(kernel_size)
+        + list(strides)
+        + list(dilation)
+        + [before for before, _ in pads]
+        + [0],
         np.int64,
     )
     squared_norms, grads = jax.ffi.ffi_call(
@@ -202,17 +205,20 @@ def conv_kernel_grad(x, dy, kernel_size, strides, dilation, pads):
     clip factors, the clipped sum of layers whose per-example gradients
     were not kept (`per_example_conv_kernel_norms`)."""
     rank = len(kernel_size)
-    spatial = "DHW"[3 - rank:]
+    spatial = "DHW"[3 - rank :]
     kernel_shape = tuple(kernel_size) + (x.shape[-1], dy.shape[-1])
 
     def conv(kernel):
         return jax.lax.conv_general_dilated(
-            x, kernel,
+            x,
+            kernel,
             window_strides=tuple(strides),
             padding=[tuple(p) for p in pads],
             rhs_dilation=tuple(dilation),
             dimension_numbers=(
-                "N" + spatial + "C", spatial + "IO", "N" + spatial + "C"
+                "N" + spatial + "C",
+                spatial + "IO",
+                "N" + spatial + "C",
             ),
         )
 
@@ -239,9 +245,7 @@ def standard_normal(shape, seed):
         return xla_standard_normal(shape, key)
 
     def kernel(key):
-        return jax.ffi.ffi_call(
-            target, jax.ShapeDtypeStruct(shape, jnp.float32)
-        )(key)
+        return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32))(key)
 
     # Lowered for the platform the step runs on: the kernel on a CPU,
     # XLA's own ops on an accelerator.
@@ -276,9 +280,10 @@ def normal_from_bits(bits):
     """`jax.random.normal`'s transform of uint32 `bits`: a uniform number
     in (-1, 1) from the top 23 bits, then `sqrt(2) * erfinv`; finite for
     every input (at most about 5.4 in absolute value)."""
-    unit = jax.lax.bitcast_convert_type(
-        (bits >> 9) | jnp.uint32(0x3F800000), jnp.float32
-    ) - 1.0
+    unit = (
+        jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32)
+        - 1.0
+    )
     low = np.nextafter(np.float32(-1), np.float32(0))
     uniform = jnp.maximum(low, unit * (1.0 - low) + low)
     return np.float32(math.sqrt(2)) * jax.lax.erf_inv(uniform)
@@ -287,4 +292,3 @@ def normal_from_bits(bits):
 def scan(f, init, xs):
     """`jax.lax.scan(f, init, xs)`."""
     return jax.lax.scan(f, init, xs)
-

@@ -104,8 +104,12 @@ class BackendOps(Protocol):
         positions. Returns (n, T, K, C)."""
 
     def per_example_conv_kernel_grads(
-        self, x: Any, dy: Any, kernel_size: Sequence[int],
-        dilation: Sequence[int], pads: Sequence[tuple],
+        self,
+        x: Any,
+        dy: Any,
+        kernel_size: Sequence[int],
+        dilation: Sequence[int],
+        pads: Sequence[tuple],
     ) -> Any:
         """Per-example kernel gradients of a stride-1 1-D/2-D convolution,
         without patches.
@@ -116,9 +120,14 @@ class BackendOps(Protocol):
         like the kernel's (taps, C) rows."""
 
     def per_example_conv_kernel_norms(
-        self, x: Any, dy: Any, kernel_size: Sequence[int],
-        strides: Sequence[int], dilation: Sequence[int],
-        pads: Sequence[tuple], keep_grads: bool,
+        self,
+        x: Any,
+        dy: Any,
+        kernel_size: Sequence[int],
+        strides: Sequence[int],
+        dilation: Sequence[int],
+        pads: Sequence[tuple],
+        keep_grads: bool,
     ) -> Optional[tuple]:
         """`(squared_norms (n,), grads)` of a 2-D convolution's per-example
         kernel gradients, read in place from the inputs and output
@@ -129,8 +138,12 @@ class BackendOps(Protocol):
         dtype or rank)."""
 
     def conv_kernel_grad(
-        self, x: Any, dy: Any, kernel_size: Sequence[int],
-        strides: Sequence[int], dilation: Sequence[int],
+        self,
+        x: Any,
+        dy: Any,
+        kernel_size: Sequence[int],
+        strides: Sequence[int],
+        dilation: Sequence[int],
         pads: Sequence[tuple],
     ) -> Any:
         """The kernel gradient of a convolution summed over the batch,
@@ -148,7 +161,10 @@ class BackendOps(Protocol):
         """
 
     def noisy_gradients(
-        self, grads: Sequence[Any], stddev: Any, seed: Any,
+        self,
+        grads: Sequence[Any],
+        stddev: Any,
+        seed: Any,
     ) -> Optional[list]:
         """`[g + stddev * z]` with `z` one flat `standard_normal(total
         size, seed)` draw split over `grads` in order, as one pass that
@@ -160,7 +176,8 @@ def member_names():
     """The names of `BackendOps`' members, sorted."""
     names = set(BackendOps.__annotations__)
     names |= {
-        name for name, value in vars(BackendOps).items()
+        name
+        for name, value in vars(BackendOps).items()
         if callable(value) and not name.startswith("_")
     }
     return sorted(names)

@@ -69,8 +69,10 @@ def vectorizable_layers(model):
     """
     changed = []
     for layer in keras_compat.flatten_layers(model, include_self=False):
-        if isinstance(layer, keras.layers.RNN) and not layer.unroll and (
-            _static_time_steps(layer)
+        if (
+            isinstance(layer, keras.layers.RNN)
+            and not layer.unroll
+            and (_static_time_steps(layer))
         ):
             layer.unroll = True
             changed.append(layer)
@@ -151,9 +153,7 @@ def per_example_conv_kernel_grads(x, dy, kernel_size, dilation, pads):
 
     kernel = tf.raw_ops.Conv2DBackpropFilter(
         input=examples_as_channels(x),
-        filter_sizes=tf.stack(
-            [kernel_size[0], kernel_size[1], channels, n * filters]
-        ),
+        filter_sizes=tf.stack([kernel_size[0], kernel_size[1], channels, n * filters]),
         out_backprop=examples_as_channels(dy),
         strides=[1, 1, 1, 1],
         padding=padding,
@@ -185,9 +185,12 @@ def per_example_conv_kernel_norms(
     if native_ops is None or x.dtype != tf.float32 or len(kernel_size) != 2:
         return None
     squared_norms, grads = native_ops.keras_dp_conv_kernel_grads(
-        x, dy,
-        kernel_size=list(kernel_size), strides=list(strides),
-        dilations=list(dilation), pads=[before for before, _ in pads],
+        x,
+        dy,
+        kernel_size=list(kernel_size),
+        strides=list(strides),
+        dilations=list(dilation),
+        pads=[before for before, _ in pads],
         keep_grads=keep_grads,
     )
     return squared_norms, grads if keep_grads else None
@@ -221,7 +224,8 @@ def _padded_for_conv2d(x, dy, kernel_size, strides, dilation, pads):
         out = -(-size // s)
         total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
         same &= dy.shape[1 + i] == out and (before, after) == (
-            total // 2, total - total // 2
+            total // 2,
+            total - total // 2,
         )
     if same:
         return x, "SAME"
@@ -269,9 +273,7 @@ def _native_ops():
     they can run: on a CPU-only machine, outside XLA compilation
     (`jit_compile=True`)."""
     if tf.config.list_logical_devices("GPU") or (
-        control_flow_util.GraphOrParentsInXlaContext(
-            tf.compat.v1.get_default_graph()
-        )
+        control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
     ):
         return None
     return native.tensorflow_ops()

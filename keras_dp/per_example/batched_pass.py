@@ -51,9 +51,7 @@ def _make_run(model, trainable, non_trainable, x, y, sw):
             trainable, non_trainable, x, return_losses=True, **call_kwargs
         )
         if len(losses) > num_regularized:
-            raise Unsupported(
-                "the model adds losses in call (activity regularization)"
-            )
+            raise Unsupported("the model adds losses in call (activity regularization)")
         new_nt = list(new_nt)
         losses = per_example_losses(model, trainable, new_nt, x, y, y_pred, sw)
         return losses, y_pred, new_nt
@@ -96,9 +94,7 @@ def _run_rule(entry, record, own_grads, make_context, backend_ops, previous=()):
     in the forward pass, which would hold e.g. its patches until then).
     """
     own_grads = backend_ops.after(list(previous), own_grads)
-    tensors = backend_ops.after(
-        list(own_grads.values()), tensor_leaves(record.args)
-    )
+    tensors = backend_ops.after(list(own_grads.values()), tensor_leaves(record.args))
     record.args = replace_tensor_leaves(record.args, tensors)
     args, kwargs = record.args
     terms = entry.rule.fn(
@@ -138,9 +134,7 @@ def batched_pass(entries, run, make_context, backend_ops):
             return taps
 
         shapes = jax.eval_shape(shape_pass)
-        probes = {
-            k: jax.numpy.zeros(s.shape, s.dtype) for k, s in shapes.items()
-        }
+        probes = {k: jax.numpy.zeros(s.shape, s.dtype) for k, s in shapes.items()}
         recorders = []
 
         def f(probes):
@@ -220,7 +214,11 @@ def batched_pass(entries, run, make_context, backend_ops):
         grads = dict(zip(keys, values))
         terms.update(
             _rules_in_backward_order(
-                entries, recorder.records, grads, make_context, backend_ops,
+                entries,
+                recorder.records,
+                grads,
+                make_context,
+                backend_ops,
                 terms,
             )
         )
@@ -236,11 +234,7 @@ def _rules_in_backward_order(entries, records, grads, make_context, backend_ops,
     that one layer's intermediates (patches) are in memory at a time.
     """
     called = sorted(
-        (
-            e
-            for e in entries
-            if records[e.index].count and e.index not in done
-        ),
+        (e for e in entries if records[e.index].count and e.index not in done),
         key=lambda e: -records[e.index].order,
     )
     terms = {}
@@ -256,8 +250,15 @@ def _rules_in_backward_order(entries, records, grads, make_context, backend_ops,
 
 
 def per_example_norms_and_sums(
-    model, backend_ops, trainable, non_trainable, x, y=None, sample_weight=None,
-    entries=None, rows_hint=None,
+    model,
+    backend_ops,
+    trainable,
+    non_trainable,
+    x,
+    y=None,
+    sample_weight=None,
+    entries=None,
+    rows_hint=None,
 ):
     """Per-variable per-example squared norms from one batched pass.
 
@@ -279,7 +280,11 @@ def per_example_norms_and_sums(
 
     def make_context(entry, record):
         return RuleContext(
-            entry.layer, entry.variables, backend_ops, rows_hint, record.saved,
+            entry.layer,
+            entry.variables,
+            backend_ops,
+            rows_hint,
+            record.saved,
             values,
         )
 
@@ -299,8 +304,8 @@ def per_example_norms_and_sums(
             for k in entry.positions:
                 squared[k] = ops.zeros((n,), "float32")
                 fns[k] = (
-                    lambda k: lambda c, safe: ops.zeros(
-                        ops.shape(trainable[k]), "float32"
+                    lambda k: (
+                        lambda c, safe: ops.zeros(ops.shape(trainable[k]), "float32")
                     )
                 )(k)
 

@@ -116,9 +116,7 @@ def _norms_then_patches(parts, x, B, patches_of, backend_ops):
         # one chunk's patches exist at a time, as while instantiating.
         total = None
         for rows, _ in parts:
-            xg, Bg, cg = backend_ops.after(
-                [c if total is None else total], (x, B, c)
-            )
+            xg, Bg, cg = backend_ops.after([c if total is None else total], (x, B, c))
             c_rows = cg[rows]
             part = linear.weighted_product_sum(
                 patches_of(kept_rows(xg[rows], c_rows, safe)),
@@ -139,9 +137,7 @@ def _compiled_conv_parts(squared_norms, grads, x, dy, kernel_grad):
     gradients scaled by the clip factors. Clipped sums come out (K*C, F).
     """
     if grads is not None:
-        return squared_norms, (
-            lambda c, safe: ops.transpose(rows_dot(c, grads, safe))
-        )
+        return squared_norms, (lambda c, safe: ops.transpose(rows_dot(c, grads, safe)))
 
     def clipped(c, safe):
         return kernel_grad(kept_rows(x, c, safe), scaled_rows(dy, c, safe))
@@ -164,9 +160,7 @@ def conv_rule(layer, call, grads, context):
         x = ops.transpose(x, perm)
         B = ops.transpose(B, perm)
     out_spatial = tuple(B.shape[1:-1])
-    if any(s is None for s in out_spatial) or any(
-        s is None for s in x.shape[1:]
-    ):
+    if any(s is None for s in out_spatial) or any(s is None for s in x.shape[1:]):
         raise Unsupported(f"conv {layer.name!r}: unknown spatial shape")
     kernel_size = tuple(layer.kernel_size)
     K = static_prod(kernel_size)
@@ -179,12 +173,15 @@ def conv_rule(layer, call, grads, context):
     kshape = tuple(layer.kernel.shape)
 
     conv = (
-        kernel_size, tuple(layer.strides), tuple(layer.dilation_rate),
-        layer.padding, out_spatial,
+        kernel_size,
+        tuple(layer.strides),
+        tuple(layer.dilation_rate),
+        layer.padding,
+        out_spatial,
     )
 
     def group_input(x, g):
-        return x[..., g * Cg:(g + 1) * Cg] if groups > 1 else x
+        return x[..., g * Cg : (g + 1) * Cg] if groups > 1 else x
 
     def patches(x, g):
         return ops.reshape(
@@ -207,8 +204,7 @@ def conv_rule(layer, call, grads, context):
     pads = conv_pads(x.shape[1:-1], *conv)
     if grouped_conv is not None:
         padded_positions = static_prod(
-            size + before + after
-            for size, (before, after) in zip(x.shape[1:-1], pads)
+            size + before + after for size, (before, after) in zip(x.shape[1:-1], pads)
         )
         chunk = backend_ops.GROUPED_CONV_CHUNK_BYTES // (
             4 * (padded_positions * Cg + T * Fg)
@@ -235,15 +231,14 @@ def conv_rule(layer, call, grads, context):
 
         return grads
 
-    conv_args = (
-        kernel_size, tuple(layer.strides), tuple(layer.dilation_rate), pads
-    )
+    conv_args = (kernel_size, tuple(layer.strides), tuple(layer.dilation_rate), pads)
     parts = []
     for g in range(groups):
-        Bg = B[:, :, g * Fg:(g + 1) * Fg] if groups > 1 else B
+        Bg = B[:, :, g * Fg : (g + 1) * Fg] if groups > 1 else B
         if choose_method(T, K * Cg, Fg) == "instantiate":
-            xg, spatial_Bg = group_input(x, g), ops.reshape(
-                Bg, (-1,) + out_spatial + (Fg,)
+            xg, spatial_Bg = (
+                group_input(x, g),
+                ops.reshape(Bg, (-1,) + out_spatial + (Fg,)),
             )
             # The gradients are kept for the clipped sum where the layer
             # has more output positions than filters. Otherwise (where
@@ -257,7 +252,9 @@ def conv_rule(layer, call, grads, context):
             if compiled is not None:
                 parts.append(
                     _compiled_conv_parts(
-                        *compiled, x2, dy2,
+                        *compiled,
+                        x2,
+                        dy2,
                         lambda x, dy: backend_ops.conv_kernel_grad(x, dy, *conv2),
                     )
                 )
@@ -280,9 +277,7 @@ def conv_rule(layer, call, grads, context):
         sq = sq + part[0]
 
     def kernel_clipped(c, safe):
-        pieces = [
-            ops.reshape(fn(c, safe), kshape[:-1] + (Fg,)) for _, fn in parts
-        ]
+        pieces = [ops.reshape(fn(c, safe), kshape[:-1] + (Fg,)) for _, fn in parts]
         return pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, -1)
 
     terms = [(layer.kernel, sq, kernel_clipped)]
@@ -294,6 +289,9 @@ def conv_rule(layer, call, grads, context):
 with builtin_registrations():
     for _conv_class in (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D):
         register_per_example_rule(
-            _conv_class, conv_rule, name="conv", taps="pre_activation",
+            _conv_class,
+            conv_rule,
+            name="conv",
+            taps="pre_activation",
             applies=uses_plain_weights,
         )

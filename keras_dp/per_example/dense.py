@@ -89,13 +89,12 @@ def dense_lora_rule(layer, call, grads, context):
     lora_b = f32(context.value_of(layer.lora_kernel_b))
     terms = []
     sq, fn = linear_terms(
-        A3, ops.matmul(B3, ops.transpose(lora_b)) * scale,
+        A3,
+        ops.matmul(B3, ops.transpose(lora_b)) * scale,
         choose_method(T, d, rank),
     )
     terms.append((layer.lora_kernel_a, sq, fn))
-    sq, fn = linear_terms(
-        ops.matmul(A3, lora_a) * scale, B3, choose_method(T, rank, p)
-    )
+    sq, fn = linear_terms(ops.matmul(A3, lora_a) * scale, B3, choose_method(T, rank, p))
     terms.append((layer.lora_kernel_b, sq, fn))
     base_kernel = keras_compat.lora_base_kernel(layer)
     if base_kernel.trainable:
@@ -150,8 +149,7 @@ def einsum_structure(layer, input_rank):
         return None  # kernel-only letters: not a product A^T B
     if any(c not in inp and c not in ker for c in out):
         return None
-    return {"inp": inp, "ker": ker, "out": out, "batch": batch,
-            "T": T, "D": D, "P": P}
+    return {"inp": inp, "ker": ker, "out": out, "batch": batch, "T": T, "D": D, "P": P}
 
 
 def _einsum_applies(layer):
@@ -197,14 +195,23 @@ def einsum_rule(layer, call, grads, context):
 
 with builtin_registrations():
     register_per_example_rule(
-        keras.layers.Dense, dense_lora_rule, name="dense_lora",
-        taps="pre_activation", applies=_with_lora,
+        keras.layers.Dense,
+        dense_lora_rule,
+        name="dense_lora",
+        taps="pre_activation",
+        applies=_with_lora,
     )
     register_per_example_rule(
-        keras.layers.Dense, dense_rule, name="dense",
-        taps="pre_activation", applies=uses_plain_weights,
+        keras.layers.Dense,
+        dense_rule,
+        name="dense",
+        taps="pre_activation",
+        applies=uses_plain_weights,
     )
     register_per_example_rule(
-        keras.layers.EinsumDense, einsum_rule, name="einsum",
-        taps="pre_activation", applies=_einsum_applies,
+        keras.layers.EinsumDense,
+        einsum_rule,
+        name="einsum",
+        taps="pre_activation",
+        applies=_einsum_applies,
     )

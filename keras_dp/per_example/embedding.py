@@ -43,9 +43,7 @@ def embedding_rule(layer, call, grads, context):
 
     def clipped(c, safe):
         weighted = ops.reshape(scaled_rows(B, c, safe), (-1, D))
-        return ops.segment_sum(
-            weighted, ops.reshape(ids, (-1,)), num_segments=vocab
-        )
+        return ops.segment_sum(weighted, ops.reshape(ids, (-1,)), num_segments=vocab)
 
     terms = [(layer.embeddings, sq, clipped)]
     reverse = getattr(layer, "reverse_embeddings", None)
@@ -101,21 +99,29 @@ def _register_keras_hub_rules():
     cls = getattr(getattr(keras_hub, "layers", None), "PositionEmbedding", None)
     if cls is not None:
         register_per_example_rule(
-            cls, position_embedding_rule, name="position_embedding",
-            applies=uses_plain_weights, check_call=refuse_offset_positions,
+            cls,
+            position_embedding_rule,
+            name="position_embedding",
+            applies=uses_plain_weights,
+            check_call=refuse_offset_positions,
         )
 
 
 with builtin_registrations():
     register_per_example_rule(
-        keras.layers.Embedding, embedding_rule, name="embedding",
+        keras.layers.Embedding,
+        embedding_rule,
+        name="embedding",
         applies=uses_plain_weights,
     )
     _reversible = getattr(keras.layers, "ReversibleEmbedding", None)
     if _reversible is not None:
         # Used as a lookup.
         register_per_example_rule(
-            _reversible, embedding_rule, name="embedding",
-            applies=uses_plain_weights, check_call=refuse_reverse_call,
+            _reversible,
+            embedding_rule,
+            name="embedding",
+            applies=uses_plain_weights,
+            check_call=refuse_reverse_call,
         )
     register_when_imported("keras_hub", _register_keras_hub_rules)

@@ -51,8 +51,16 @@ def _warn_fallback(settings, reason):
 
 
 def clipped_gradient_sum(
-    model, clipping, backend_ops, trainable, non_trainable, x, y=None,
-    sample_weight=None, microbatch_size=None, scale=None,
+    model,
+    clipping,
+    backend_ops,
+    trainable,
+    non_trainable,
+    x,
+    y=None,
+    sample_weight=None,
+    microbatch_size=None,
+    scale=None,
 ):
     """Clipped per-example gradient sum of one batch.
 
@@ -100,8 +108,16 @@ def clipped_gradient_sum(
     else:
         try:
             result = fast_clipped_gradient_sum(
-                model, clipping, backend_ops, trainable, non_trainable, x, y,
-                sample_weight, microbatch_size=microbatch_size, scale=scale,
+                model,
+                clipping,
+                backend_ops,
+                trainable,
+                non_trainable,
+                x,
+                y,
+                sample_weight,
+                microbatch_size=microbatch_size,
+                scale=scale,
             )
         except Unsupported as error:
             reason = error.reason
@@ -120,8 +136,16 @@ def clipped_gradient_sum(
     if settings is not None:
         settings.per_example_path = ("vmap", reason)
     return vmap_clipped_gradient_sum(
-        model, clipping, backend_ops, trainable, non_trainable, x, y,
-        sample_weight, microbatch_size, scale,
+        model,
+        clipping,
+        backend_ops,
+        trainable,
+        non_trainable,
+        x,
+        y,
+        sample_weight,
+        microbatch_size,
+        scale,
     )
 
 
@@ -165,8 +189,15 @@ def private_gradients(
         static_expected = tree.flatten(x)[0].shape[0]
         expected = ops.cast(ops.shape(tree.flatten(x)[0])[0], "float32")
     result = clipped_gradient_sum(
-        model, clipping, backend_ops, trainable, non_trainable, x, y,
-        sample_weight, microbatch_size=settings.microbatch_size,
+        model,
+        clipping,
+        backend_ops,
+        trainable,
+        non_trainable,
+        x,
+        y,
+        sample_weight,
+        microbatch_size=settings.microbatch_size,
         scale=1.0 / expected,
     )
     grads = [

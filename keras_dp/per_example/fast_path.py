@@ -25,8 +25,16 @@ from keras_dp.per_example.rows import seed_state_positions
 
 
 def fast_clipped_gradient_sum(
-    model, clipping, backend_ops, trainable, non_trainable, x, y=None,
-    sample_weight=None, microbatch_size=None, scale=None,
+    model,
+    clipping,
+    backend_ops,
+    trainable,
+    non_trainable,
+    x,
+    y=None,
+    sample_weight=None,
+    microbatch_size=None,
+    scale=None,
 ):
     """The fast path of `clipped_gradient_sum` (same arguments and result,
     without `noise_spaces`).
@@ -44,7 +52,14 @@ def fast_clipped_gradient_sum(
 
     def chunk_fn(nt, cx, cy, csw):
         squared, clipped_fn, losses, y_pred, new_nt = per_example_norms_and_sums(
-            model, backend_ops, trainable, nt, cx, cy, csw, entries=entries,
+            model,
+            backend_ops,
+            trainable,
+            nt,
+            cx,
+            cy,
+            csw,
+            entries=entries,
             rows_hint=rows_hint,
         )
         factors = scaled_factors(clipping.variable_clip_factors(squared), scale)

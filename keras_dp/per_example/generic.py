@@ -34,9 +34,7 @@ def _uses_randomness(layer):
     dropout rates above 0 of recurrent cells, or any other layer that owns
     a seed generator."""
     for sub in keras_compat.flatten_layers(layer, include_self=True):
-        rates = [
-            getattr(sub, name, None) for name in ("dropout", "recurrent_dropout")
-        ]
+        rates = [getattr(sub, name, None) for name in ("dropout", "recurrent_dropout")]
         if any(isinstance(r, (int, float)) and r > 0 for r in rates):
             return True
         if keras_compat.seed_generators(sub) and not any(
@@ -102,11 +100,18 @@ def generic_rule(layer, call, grads, context):
 
 with builtin_registrations():
     register_per_example_rule(
-        keras.layers.Layer, generic_rule, name="generic", match="subclasses",
+        keras.layers.Layer,
+        generic_rule,
+        name="generic",
+        match="subclasses",
         check_layer=check_no_random_state,
     )
     for _whole_class in (keras.layers.RNN, keras.layers.TimeDistributed):
         register_per_example_rule(
-            _whole_class, generic_rule, name="generic", match="subclasses",
-            whole=True, check_layer=check_no_random_state,
+            _whole_class,
+            generic_rule,
+            name="generic",
+            match="subclasses",
+            whole=True,
+            check_layer=check_no_random_state,
         )

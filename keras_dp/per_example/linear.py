@@ -70,9 +70,7 @@ def linear_terms(A, B, method):
         sq = ops.maximum(ops.sum(aa * bb, axis=(1, 2)), 0.0)
 
         def clipped(c, safe):
-            return weighted_product_sum(
-                kept_rows(A, c, safe), kept_rows(B, c, safe), c
-            )
+            return weighted_product_sum(kept_rows(A, c, safe), kept_rows(B, c, safe), c)
 
         return sq, clipped
     G = ops.matmul(ops.transpose(A, (0, 2, 1)), B)
@@ -90,9 +88,7 @@ def row_linear_terms(a, b, b_squared_norms):
     sq = squared_norms(a) * b_squared_norms
 
     def clipped(c, safe):
-        return ops.matmul(
-            ops.transpose(kept_rows(a, c, safe)), scaled_rows(b, c, safe)
-        )
+        return ops.matmul(ops.transpose(kept_rows(a, c, safe)), scaled_rows(b, c, safe))
 
     return sq, clipped
 

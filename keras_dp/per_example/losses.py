@@ -88,18 +88,22 @@ def example_loss(model, mapping, x, y, y_pred, sample_weight, activity_losses=()
     everywhere."""
     # A non-empty override keeps compute_loss from adding the weight
     # regularization terms, which the train step adds once, unclipped.
-    with keras_compat.losses_override(
-        model, list(activity_losses) or [ops.zeros(())]
-    ), keras.StatelessScope(state_mapping=mapping), loss_trackers_paused(model):
+    with (
+        keras_compat.losses_override(model, list(activity_losses) or [ops.zeros(())]),
+        keras.StatelessScope(state_mapping=mapping),
+        loss_trackers_paused(model),
+    ):
         loss = keras_compat.compute_loss(
-            model, x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+            model,
+            x=x,
+            y=y,
+            y_pred=y_pred,
+            sample_weight=sample_weight,
             training=True,
         )
     loss = ops.cast(loss, "float32")
     if sample_weight is not None:
-        loss = ops.where(
-            example_is_present(sample_weight), loss, ops.zeros_like(loss)
-        )
+        loss = ops.where(example_is_present(sample_weight), loss, ops.zeros_like(loss))
     return loss
 
 
@@ -108,13 +112,23 @@ def example_loss(model, mapping, x, y, y_pred, sample_weight, activity_losses=()
 # e.g. `dice`, which reduces over the batch too).
 _LAST_AXIS_LOSSES = frozenset(
     (
-        "binary_crossentropy", "binary_focal_crossentropy",
-        "categorical_crossentropy", "categorical_focal_crossentropy",
-        "categorical_hinge", "cosine_similarity", "hinge", "huber",
-        "kl_divergence", "log_cosh", "mean_absolute_error",
-        "mean_absolute_percentage_error", "mean_squared_error",
-        "mean_squared_logarithmic_error", "poisson",
-        "sparse_categorical_crossentropy", "squared_hinge",
+        "binary_crossentropy",
+        "binary_focal_crossentropy",
+        "categorical_crossentropy",
+        "categorical_focal_crossentropy",
+        "categorical_hinge",
+        "cosine_similarity",
+        "hinge",
+        "huber",
+        "kl_divergence",
+        "log_cosh",
+        "mean_absolute_error",
+        "mean_absolute_percentage_error",
+        "mean_squared_error",
+        "mean_squared_logarithmic_error",
+        "poisson",
+        "sparse_categorical_crossentropy",
+        "squared_hinge",
     )
 )
 
@@ -233,9 +247,7 @@ def example_loss_fn(model):
         x = expand(example["x"])
         y = expand(example["y"]) if "y" in example else None
         sample_weight = (
-            expand(example["sample_weight"])
-            if "sample_weight" in example
-            else None
+            expand(example["sample_weight"]) if "sample_weight" in example else None
         )
         non_trainable, offsets = offset_seed_states(
             non_trainable, seed_positions, example["index"]
@@ -263,9 +275,7 @@ def example_loss_fn(model):
                 new_non_trainable[k] = ops.zeros((), dtype=before.dtype)
             else:
                 loss_fn.updated_positions.add(k)
-        restore_seed_states(
-            new_non_trainable, offsets, loss_fn.updated_positions
-        )
+        restore_seed_states(new_non_trainable, offsets, loss_fn.updated_positions)
         return loss, (squeeze(y_pred), new_non_trainable)
 
     loss_fn.updated_positions = set()

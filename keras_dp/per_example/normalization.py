@@ -157,6 +157,9 @@ with builtin_registrations():
     ):
         if _normalization_class is not None:
             register_per_example_rule(
-                _normalization_class, normalization_rule, name="normalization",
-                applies=uses_plain_weights, forward=normalization_forward,
+                _normalization_class,
+                normalization_rule,
+                name="normalization",
+                applies=uses_plain_weights,
+                forward=normalization_forward,
             )

@@ -40,9 +40,7 @@ def pad_for_conv(x, kernel_size, strides, dilation, padding, out_spatial):
     return ops.pad(x, [(0, 0)] + pads + [(0, 0)])
 
 
-def conv_patches(
-    x, kernel_size, strides, dilation, padding, out_spatial, backend_ops
-):
+def conv_patches(x, kernel_size, strides, dilation, padding, out_spatial, backend_ops):
     """(n, T, K, C) patches of channels-last `x`: T output positions, K taps.
 
     One gather with static indices into the (padded, spatially flattened)
@@ -127,6 +125,8 @@ def as_2d_conv(x, dy, conv_args):
     kernel_size, strides, dilation, pads = conv_args
     if len(kernel_size) != 1:
         return x, dy, conv_args
-    return ops.expand_dims(x, 1), ops.expand_dims(dy, 1), (
-        (1,) + kernel_size, (1,) + strides, (1,) + dilation, [(0, 0)] + list(pads)
+    return (
+        ops.expand_dims(x, 1),
+        ops.expand_dims(dy, 1),
+        ((1,) + kernel_size, (1,) + strides, (1,) + dilation, [(0, 0)] + list(pads)),
     )

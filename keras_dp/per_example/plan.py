@@ -90,8 +90,7 @@ def build_plan(model):
             continue
         if rule is None:
             raise Unsupported(
-                f"layer {layer.name!r} ({type(layer).__name__}) has no "
-                "per-example rule"
+                f"layer {layer.name!r} ({type(layer).__name__}) has no per-example rule"
             )
         if not rule.whole:
             for sub in keras_compat.flatten_layers(layer, include_self=False):
@@ -113,13 +112,9 @@ def build_plan(model):
                 raise Unsupported(f"variable {v.path!r} is shared by layers")
             covered.add(id(v))
         entries.append(
-            PlanEntry(
-                len(entries), layer, rule, own, [positions[id(v)] for v in own]
-            )
+            PlanEntry(len(entries), layer, rule, own, [positions[id(v)] for v in own])
         )
     if covered != set(positions):
         missing = [v.path for v in variables if id(v) not in covered]
-        raise Unsupported(
-            f"trainable variables not owned by a leaf layer: {missing}"
-        )
+        raise Unsupported(f"trainable variables not owned by a leaf layer: {missing}")
     return entries

@@ -30,7 +30,6 @@ class Record:
         self.saved = {}
 
 
-
 class Recorder:
     """Wraps `call` (and `activation`) of each entry's layer on the instance.
 
@@ -106,7 +105,11 @@ class Recorder:
             return tree.pack_sequence_as(outputs, new_leaves)
 
         self._saved.append(
-            (layer, "call", keras_compat.override_attribute(layer, "call", wrapped_call))
+            (
+                layer,
+                "call",
+                keras_compat.override_attribute(layer, "call", wrapped_call),
+            )
         )
         if entry.tap_pre_activation:
             original_activation = layer.activation

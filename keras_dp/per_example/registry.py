@@ -121,8 +121,18 @@ class PerExampleRule:
     """One registration of `register_per_example_rule` (see there)."""
 
     def __init__(
-        self, layer_class, fn, name, match, taps, whole, applies,
-        check_layer, check_call, forward, builtin,
+        self,
+        layer_class,
+        fn,
+        name,
+        match,
+        taps,
+        whole,
+        applies,
+        check_layer,
+        check_call,
+        forward,
+        builtin,
     ):
         self.layer_class = layer_class
         self.fn = fn
@@ -141,9 +151,7 @@ class PerExampleRule:
         layer_type = type(layer)
         if self.match == "exact" and layer_type is not self.layer_class:
             return False
-        if self.match == "same_call" and (
-            layer_type.call is not self.layer_class.call
-        ):
+        if self.match == "same_call" and (layer_type.call is not self.layer_class.call):
             return False
         return self.applies is None or bool(self.applies(layer))
 
@@ -344,8 +352,10 @@ def register_per_example_rule(
             "gradients at the layer's output; pass taps='output'."
         )
     for option, value in (
-        ("applies", applies), ("forward", forward),
-        ("check_call", check_call), ("check_layer", check_layer),
+        ("applies", applies),
+        ("forward", forward),
+        ("check_call", check_call),
+        ("check_layer", check_layer),
     ):
         if value is not None and not callable(value):
             raise TypeError(
@@ -355,8 +365,17 @@ def register_per_example_rule(
     if name is None:
         name = getattr(rule, "__name__", type(rule).__name__)
     entry = PerExampleRule(
-        layer_class, rule, str(name), match, taps, bool(whole), applies,
-        check_layer, check_call, forward, builtin=_BUILTIN[0],
+        layer_class,
+        rule,
+        str(name),
+        match,
+        taps,
+        bool(whole),
+        applies,
+        check_layer,
+        check_call,
+        forward,
+        builtin=_BUILTIN[0],
     )
     rules = _RULES.setdefault(layer_class, [])
     if entry.builtin:

@@ -38,9 +38,7 @@ def kept_rows(x, c, safe):
     exactly 0."""
     if not safe:
         return x
-    return clipping_lib.multiply_no_nan(
-        x, clipping_lib.rows_of(ops.not_equal(c, 0), x)
-    )
+    return clipping_lib.multiply_no_nan(x, clipping_lib.rows_of(ops.not_equal(c, 0), x))
 
 
 def rows_dot(c, g, safe):
@@ -97,9 +95,7 @@ def example_is_present(sample_weight):
     """For one example's sample weights (no batch axis): whether any is
     non-zero. Padding rows have weight 0 everywhere."""
     return ops.any(
-        ops.stack(
-            [ops.any(ops.not_equal(w, 0)) for w in tree.flatten(sample_weight)]
-        )
+        ops.stack([ops.any(ops.not_equal(w, 0)) for w in tree.flatten(sample_weight)])
     )
 
 
@@ -143,9 +139,7 @@ def seed_state_ids(model):
 def seed_state_positions(model):
     """Positions of the seed states in `model.non_trainable_variables`."""
     ids = seed_state_ids(model)
-    return [
-        k for k, v in enumerate(model.non_trainable_variables) if id(v) in ids
-    ]
+    return [k for k, v in enumerate(model.non_trainable_variables) if id(v) in ids]
 
 
 def offset_seed_states(non_trainable, positions, number):

@@ -18,7 +18,6 @@ The general path, for every model (the fast path falls back to it):
   (`keras_dp.per_example.microbatches`).
 """
 
-
 import keras
 from keras import ops
 from keras import tree
@@ -36,8 +35,16 @@ from keras_dp.per_example.rows import seed_state_ids
 
 
 def vmap_clipped_gradient_sum(
-    model, clipping, backend_ops, trainable, non_trainable, x, y=None,
-    sample_weight=None, microbatch_size=None, scale=None,
+    model,
+    clipping,
+    backend_ops,
+    trainable,
+    non_trainable,
+    x,
+    y=None,
+    sample_weight=None,
+    microbatch_size=None,
+    scale=None,
 ):
     """The vmap path of `clipped_gradient_sum` (same arguments and
     result)."""
@@ -45,14 +52,30 @@ def vmap_clipped_gradient_sum(
     # TensorFlow, recurrent layers unrolled while tracing).
     with backend_ops.vectorizable_layers(model):
         return _vectorized_clipped_sum(
-            model, clipping, backend_ops, trainable, non_trainable, x, y,
-            sample_weight, microbatch_size, scale,
+            model,
+            clipping,
+            backend_ops,
+            trainable,
+            non_trainable,
+            x,
+            y,
+            sample_weight,
+            microbatch_size,
+            scale,
         )
 
 
 def _vectorized_clipped_sum(
-    model, clipping, backend_ops, trainable, non_trainable, x, y,
-    sample_weight, microbatch_size, scale,
+    model,
+    clipping,
+    backend_ops,
+    trainable,
+    non_trainable,
+    x,
+    y,
+    sample_weight,
+    microbatch_size,
+    scale,
 ):
     rows = ops.shape(tree.flatten(x)[0])[0]
     loss_fn = example_loss_fn(model)
@@ -69,9 +92,7 @@ def _vectorized_clipped_sum(
             (loss, aux), grads = grad_fn(trainable, non_trainable, example)
             return grads, loss, aux
 
-        grads, losses, (y_pred, new_nt) = ops.vectorized_map(
-            one_example, chunk
-        )
+        grads, losses, (y_pred, new_nt) = ops.vectorized_map(one_example, chunk)
         parts = space.project([ops.cast(g, "float32") for g in grads])
         squared_norms = [
             sum(
@@ -81,9 +102,7 @@ def _vectorized_clipped_sum(
             )
             for variable_parts, p in zip(parts, partitions)
         ]
-        factors = scaled_factors(
-            clipping.variable_clip_factors(squared_norms), scale
-        )
+        factors = scaled_factors(clipping.variable_clip_factors(squared_norms), scale)
 
         def sums(factors, zero_rows):
             return [
@@ -99,9 +118,7 @@ def _vectorized_clipped_sum(
         )
         if count_groups:
             mask = (
-                row_mask(chunk["sample_weight"])
-                if "sample_weight" in chunk
-                else None
+                row_mask(chunk["sample_weight"]) if "sample_weight" in chunk else None
             )
             clipped.append(clipping.clip_counts(squared_norms, mask))
         return clipped, losses, y_pred, new_nt, nonfinite
@@ -168,14 +185,10 @@ def _reduce_non_trainable(model, stacked, mask, updated_positions, before):
     """
     seed_ids = seed_state_ids(model)
     reduced = []
-    for k, (variable, values) in enumerate(
-        zip(model.non_trainable_variables, stacked)
-    ):
+    for k, (variable, values) in enumerate(zip(model.non_trainable_variables, stacked)):
         if k not in updated_positions:
             reduced.append(before[k])
-        elif id(variable) in seed_ids or not keras.backend.is_float_dtype(
-            values.dtype
-        ):
+        elif id(variable) in seed_ids or not keras.backend.is_float_dtype(values.dtype):
             reduced.append(values[0])
         else:
             keep = ops.reshape(
@@ -183,9 +196,7 @@ def _reduce_non_trainable(model, stacked, mask, updated_positions, before):
             )
             total = ops.maximum(ops.sum(mask), 1.0)
             kept = ops.where(keep, values, ops.zeros((), values.dtype))
-            reduced.append(
-                ops.sum(kept, axis=0) / ops.cast(total, values.dtype)
-            )
+            reduced.append(ops.sum(kept, axis=0) / ops.cast(total, values.dtype))
     return reduced
 
 

@@ -16,8 +16,14 @@ def train_step(model, state, data):
     # Clip factors read the adaptive thresholds from this step's optimizer
     # values, not from the detached variables.
     step = per_example.private_gradients(
-        model, backend_lib.get_backend_module(), trainable, non_trainable,
-        x, y, sample_weight, clipping=optimizer.step_clipping(optimizer_variables),
+        model,
+        backend_lib.get_backend_module(),
+        trainable,
+        non_trainable,
+        x,
+        y,
+        sample_weight,
+        clipping=optimizer.step_clipping(optimizer_variables),
     )
     noisy, optimizer_variables = optimizer.stateless_privatize(
         optimizer_variables, ClippedBatch.from_step(step)

@@ -21,8 +21,14 @@ def train_step(model, data):
     # Clip factors need the optimizer's clipping groups (resolved at build).
     optimizer.build_for_model(model)
     step = per_example.private_gradients(
-        model, backend_lib.get_backend_module(), trainable, non_trainable,
-        x, y, sample_weight, clipping=optimizer.step_clipping(),
+        model,
+        backend_lib.get_backend_module(),
+        trainable,
+        non_trainable,
+        x,
+        y,
+        sample_weight,
+        clipping=optimizer.step_clipping(),
     )
     noisy = optimizer.privatize(ClippedBatch.from_step(step))
     optimizer.apply(noisy, trainable_variables)
@@ -40,9 +46,7 @@ def train_step(model, data):
         step["loss"], sample_weight=tf.shape(tf.nest.flatten(x)[0])[0]
     )
     with per_example.step_metrics(model, step):
-        logs = model.compute_metrics(
-            x, y, step["y_pred"], sample_weight=sample_weight
-        )
+        logs = model.compute_metrics(x, y, step["y_pred"], sample_weight=sample_weight)
     logs.update(optimizer.clip_threshold_logs())
     # Real examples of this step left out of the update for a non-finite
     # gradient norm or loss (see `keras_dp.per_example`).
