@@ -21,7 +21,7 @@ COMPAT_SELECT := not test_private_model or make_private_returns \
 	or multi_output_logs or regularizer or dropout_masks_differ \
 	or train_on_batch_divides
 
-.PHONY: venv demo test compat-test lint lint-imports clean
+.PHONY: venv demo test compat-test lint lint-imports docs wheel-test clean
 
 venv: $(STAMP)
 
@@ -55,6 +55,19 @@ lint: venv
 lint-imports: venv
 	$(VENV)/bin/lint-imports
 
+# Builds the wheel and sdist (python -m build), runs twine check, installs
+# the wheel into a fresh venv and trains one private step on each backend
+# from it, the native kernels built from the installed package's sources
+# (tools/wheel_smoke.py).
+wheel-test: venv
+	$(VPY) tools/wheel_smoke.py
+
+# The documentation site (mkdocs.yml: docs/ and the API reference from the
+# docstrings, by mkdocstrings) into site/. --strict: every warning (a
+# broken link, a docstring naming a parameter that does not exist) fails.
+docs: venv
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
 # The smoke subset against each Keras of COMPAT_KERAS, both backends at
 # once; each run checks that it imported the Keras it meant to
 # (KERAS_DP_EXPECT_KERAS, tests/test_keras_compat.py).
@@ -82,14 +95,17 @@ compat-test: venv $(KERAS_LOWEST_STAMP)
 	done; \
 	exit $$status
 
-# Runs the import contract, the compat smoke subset against the lowest
-# Keras (the suite itself runs on the pinned one), then the suite on both
-# backends at once (most of a test's time is single-threaded tracing, so
-# two runs share two cores well); prints each backend's log and fails if
-# any step fails.
+# Runs the lint, the import contract, the docs build (`make docs`), the
+# wheel smoke test (`make wheel-test`), the compat smoke subset against
+# the lowest Keras (the suite itself runs on the pinned one), then the
+# suite on both backends at once (most of a test's time is single-threaded
+# tracing, so two runs share two cores well); prints each backend's log
+# and fails if any step fails.
 test: venv
 	@$(MAKE) --no-print-directory lint
 	@$(MAKE) --no-print-directory lint-imports
+	@$(MAKE) --no-print-directory docs
+	@$(MAKE) --no-print-directory wheel-test
 	@$(MAKE) --no-print-directory compat-test COMPAT_KERAS=lowest
 	@mkdir -p .test-logs; \
 	for b in $(BACKENDS); do \
@@ -106,6 +122,6 @@ test: venv
 	exit $$status
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .test-logs \
+	rm -rf $(VENV) build dist site *.egg-info .pytest_cache .test-logs \
 		.grimp_cache .import_linter_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -74,15 +74,19 @@ class DPOptimizerMixin:
         noise_multiplier: `sigma`. The clipped sum receives Gaussian noise
             of standard deviation `sigma * l2_norm_clip`. Defaults to 1.0,
             or to the value calibrated from `target_epsilon`.
-        target_epsilon, target_delta, epochs: instead of `noise_multiplier`:
-            the smallest `sigma` that keeps training for `epochs` epochs
-            within `(target_epsilon, target_delta)`-DP is calibrated when
-            `fit` first sees the dataset size (for the number of updates
-            `fit` really runs per epoch), printed, and kept in
-            `optimizer.noise_multiplier`. `fit` then also stops training
-            before the update that would exceed `target_epsilon` (training
-            past `epochs` epochs, say), and `keras_dp.EpsilonLogger()`
-            reports at `target_delta`.
+        target_epsilon: instead of `noise_multiplier`, with `target_delta`
+            and `epochs`: the smallest `sigma` that keeps training for
+            `epochs` epochs within `(target_epsilon, target_delta)`-DP is
+            calibrated when `fit` first sees the dataset size (for the
+            number of updates `fit` really runs per epoch), printed, and
+            kept in `optimizer.noise_multiplier`. `fit` then also stops
+            training before the update that would exceed `target_epsilon`
+            (training past `epochs` epochs, say), and
+            `keras_dp.EpsilonLogger()` reports at `target_delta`.
+        target_delta: the delta of the target guarantee (with
+            `target_epsilon`).
+        epochs: the number of epochs the noise is calibrated for (with
+            `target_epsilon`).
         clipping: `"flat"` (Abadi et al., the default), `"auto"` (AUTO-S,
             Bu et al.: `c_i = R / (||g_i|| + 0.01)`, no threshold to tune) or
             `"global"` (Bu et al. 2023: examples with `||g_i|| <= Z` are
