@@ -1,6 +1,6 @@
 PYTHON ?= python3
 BACKEND ?= tensorflow
-BACKENDS ?= tensorflow jax
+BACKENDS ?= tensorflow jax torch
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -68,19 +68,19 @@ wheel-test: venv
 docs: venv
 	$(VENV)/bin/mkdocs build --strict --site-dir site
 
-# The smoke subset against each Keras of COMPAT_KERAS, both backends at
+# The smoke subset against each Keras of COMPAT_KERAS, all backends at
 # once; each run checks that it imported the Keras it meant to
 # (KERAS_DP_EXPECT_KERAS, tests/test_keras_compat.py).
 compat-test: venv $(KERAS_LOWEST_STAMP)
 	@mkdir -p .test-logs; \
 	status=0; \
 	for k in $(COMPAT_KERAS); do \
-		if [ $$k = lowest ]; then \
-			path=$(abspath $(KERAS_LOWEST_DIR)); expect=$(KERAS_LOWEST); \
-		else \
-			path=; expect=pinned; \
-		fi; \
 		for b in $(BACKENDS); do \
+			if [ $$k = lowest ]; then \
+				path=$(abspath $(KERAS_LOWEST_DIR)); expect=$(KERAS_LOWEST); \
+			else \
+				path=; expect=pinned; \
+			fi; \
 			PYTHONPATH=$$path$${PYTHONPATH:+:$$PYTHONPATH} \
 			KERAS_DP_EXPECT_KERAS=$$expect KERAS_BACKEND=$$b \
 			$(VPY) -m pytest $(PYTEST_ARGS) -k "$(COMPAT_SELECT)" \

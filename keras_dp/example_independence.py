@@ -35,6 +35,7 @@ import numpy as np
 from keras import ops
 from keras import tree
 
+from keras_dp import backend as backend_lib
 from keras_dp import checks
 from keras_dp import keras_compat
 
@@ -96,7 +97,10 @@ def check_examples_independent(model, x, y=None, sample_weight=None):
         compiled = jax.jit(forward)
 
     def run(batch, call=compiled):
-        outputs, after = call(trainable, before, _tensors(batch))
+        # Random layers must draw from their seed states to make the two
+        # calls comparable (not so for PyTorch's unseeded dropout).
+        with backend_lib.get_backend_module().seeded_random_ops():
+            outputs, after = call(trainable, before, _tensors(batch))
         return _snapshot(outputs, n), [_numpy(v) for v in after]
 
     out_a, state_a = run(batch_a)
@@ -145,7 +149,9 @@ def check_examples_independent(model, x, y=None, sample_weight=None):
 
 def _numpy(a):
     """`a` as a numpy array (raises for symbolic tensors)."""
-    return np.asarray(a.numpy() if hasattr(a, "numpy") else a)
+    if hasattr(a, "numpy"):
+        return np.asarray(keras.ops.convert_to_numpy(a))
+    return np.asarray(a)
 
 
 def _tensors(batch):

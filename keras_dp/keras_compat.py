@@ -182,6 +182,47 @@ def restore_attribute(obj, name, saved):
         object.__setattr__(obj, name, saved)
 
 
+def backend_random_module():
+    """The current Keras backend's random module (`keras.random`'s
+    functions call its `normal`, `uniform`, `dropout`... by attribute at
+    each call, so replacing one with `override_attribute` changes what
+    every layer draws). Checked: Keras 3.10.0-3.15.1."""
+    from keras.src import backend
+
+    return backend.random
+
+
+def backend_nn_module():
+    """The current Keras backend's nn module (`keras.ops`' functions, and
+    the module's own losses, call its `one_hot`... by attribute at each
+    call). Checked: Keras 3.10.0-3.15.1."""
+    from keras.src import backend
+
+    return backend.nn
+
+
+@contextlib.contextmanager
+def without_channels_last_copies():
+    """A context in which Keras's PyTorch convolutions do not copy their
+    inputs into channels-last memory format (newer Keras does, for speed),
+    which `torch.vmap` cannot do; the values are the same. Changes nothing
+    on other backends or where Keras makes no such copy. Checked: Keras
+    3.10.0 (no copy) - 3.15.1."""
+    from keras.src import backend
+
+    nn = backend.nn
+    name = "_maybe_convert_to_channels_last"
+    if backend.backend() != "torch" or not hasattr(nn, name):
+        yield
+        return
+    saved = getattr(nn, name)
+    setattr(nn, name, lambda tensor: tensor)
+    try:
+        yield
+    finally:
+        setattr(nn, name, saved)
+
+
 # --------------------------------------------------------------------------
 # Losses.
 

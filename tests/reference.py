@@ -3,7 +3,8 @@
 Per-example gradients are computed one example at a time (a plain Python
 loop), each with the backend's own autodiff on a batch of one:
 `tf.GradientTape` around `model(x_i, training=True)` on TensorFlow,
-`jax.grad` over `model.stateless_call(...)` on JAX.
+`jax.grad` over `model.stateless_call(...)` on JAX, `torch.autograd.grad`
+after `model(x_i, training=True)` on PyTorch.
 
 The per-example loss is `loss_fn(y_i, model(x_i), w_i)` (the compiled loss
 on a batch of one; `loss_fn` is given explicitly, e.g. a `keras.losses.Loss`)
@@ -110,6 +111,27 @@ def _grads_tensorflow(model, x, y, w, loss_fn):
     return [np.asarray(tf.convert_to_tensor(g), dtype="float64") for g in grads]
 
 
+def _grads_torch(model, x, y, w, loss_fn):
+    import torch
+
+    kwargs = _call_kwargs(model)
+    variables = model.trainable_variables
+    with torch.enable_grad():
+        y_pred = model(x, **kwargs)
+        loss = loss_fn(y, y_pred, w).to(torch.float32)
+        for extra in model.losses:
+            loss = loss + torch.sum(extra.to(torch.float32))
+        grads = torch.autograd.grad(
+            loss, [v.value for v in variables], allow_unused=True
+        )
+    return [
+        np.zeros(tuple(v.shape))
+        if g is None
+        else g.detach().cpu().to(torch.float64).numpy()
+        for v, g in zip(variables, grads)
+    ]
+
+
 def _jax_grad_fn(model, loss_fn):
     """`jax.grad` of one example's loss (jitted: one trace, reused per row)."""
     import jax
@@ -151,6 +173,8 @@ def per_example_gradients(model, x, y, loss_fn, sample_weight=None):
         if loss_fn not in cache:
             cache[loss_fn] = _jax_grad_fn(model, loss_fn)
         grad_fn = cache[loss_fn]
+    elif keras.backend.backend() == "torch":
+        grad_fn = _grads_torch
     else:
         grad_fn = _grads_tensorflow
     # Eager calls may move non-trainable state (seeds, counters): restore it.
@@ -191,6 +215,17 @@ def regularization_gradients(model):
                 ]
             )
         values = tape.gradient(total, [variables[k].value for k in regularized])
+    elif backend == "torch":
+        import torch
+
+        with torch.enable_grad():
+            params = [variables[k].value for k in regularized]
+            total = sum(
+                variables[k].regularizer(p).to(torch.float32)
+                for k, p in zip(regularized, params)
+            )
+            values = torch.autograd.grad(total, params)
+        values = [g.detach().cpu().numpy() for g in values]
     else:
         import jax
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from keras_dp import backend as backend_lib
+from keras_dp import keras_compat
 from keras_dp.backend import protocol
 
 BACKEND_DIR = pathlib.Path(backend_lib.__file__).parent
@@ -121,3 +122,98 @@ def test_optional_fast_ops_return_none_or_a_result():
     assert module.per_example_squared_norms(x) is None
     seed = keras.random.SeedGenerator(0)
     assert module.noisy_gradients([keras.ops.ones((3,), "float16")], 1.0, seed) is None
+
+
+def _dropout_masks(seed_state, rows=4):
+    """Masks of an unseeded Dropout layer (PyTorch: drawn from the global
+    generator outside `seeded_random_ops`) from a given seed state."""
+    layer = keras.layers.Dropout(0.5)
+    layer.seed_generator.state.assign(seed_state)
+    x = keras.ops.ones((rows, 64))
+    return keras.ops.convert_to_numpy(layer(x, training=True)) != 0
+
+
+def test_seeded_random_ops_draw_the_same_numbers_from_the_same_seed_state():
+    module = backend_lib.get_backend_module()
+    with module.seeded_random_ops():
+        a = _dropout_masks([3, 0])
+        b = _dropout_masks([3, 0])
+        c = _dropout_masks([4, 0])
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).mean() > 0.3  # independent masks differ in half the places
+    # Outside the context, the backend's own ops are back.
+    assert keras_compat.backend_random_module().dropout.__module__.startswith("keras")
+
+
+def test_seeded_random_ops_distributions():
+    """uniform, normal and dropout inside the context: moments and a
+    Kolmogorov-Smirnov test at fixed seeds (on TensorFlow and JAX these are
+    the frameworks' own samplers). n = 20000: the KS statistic's 0.1%
+    critical value is 1.95 / sqrt(n) = 0.0138."""
+    from scipy import stats
+
+    module = backend_lib.get_backend_module()
+    n = 20000
+    with module.seeded_random_ops():
+        u = keras.ops.convert_to_numpy(
+            keras.random.uniform((n,), seed=keras.random.SeedGenerator(5))
+        )
+        z = keras.ops.convert_to_numpy(
+            keras.random.normal((n,), seed=keras.random.SeedGenerator(6))
+        )
+        kept = keras.ops.convert_to_numpy(
+            keras.random.dropout(
+                keras.ops.ones((n,)), 0.25, seed=keras.random.SeedGenerator(7)
+            )
+        )
+    assert stats.kstest(u, "uniform").statistic < 0.0138
+    assert stats.kstest(z, "norm").statistic < 0.0138
+    assert set(np.unique(kept)) <= {0.0, np.float32(1 / 0.75)}
+    # Binomial(n, 0.75): 5 standard deviations.
+    assert abs((kept != 0).mean() - 0.75) < 5 * np.sqrt(0.75 * 0.25 / n)
+
+
+def test_seeded_random_ops_give_each_example_its_own_draw_under_vectorized_map():
+    module = backend_lib.get_backend_module()
+    seeds = keras.ops.convert_to_tensor(np.array([[1, 0], [2, 0], [1, 0]], "int32"))
+
+    def one(seed_state):
+        generator = keras.random.SeedGenerator(0)
+        return keras.random.uniform((32,), seed=_StateSeed(generator, seed_state))
+
+    if keras.backend.backend() != "torch":
+        pytest.skip("TensorFlow and JAX vectorize their own random ops")
+    with module.seeded_random_ops():
+        draws = keras.ops.convert_to_numpy(keras.ops.vectorized_map(one, seeds))
+    np.testing.assert_array_equal(draws[0], draws[2])
+    assert not np.allclose(draws[0], draws[1])
+
+
+class _StateSeed(keras.random.SeedGenerator):
+    """A SeedGenerator whose next() returns a given (batched) state."""
+
+    def __init__(self, base, state):
+        self.__dict__.update(base.__dict__)
+        self._given = state
+
+    def next(self, ordered=True):
+        return self._given
+
+
+def test_vectorizable_layers_let_vectorized_map_run_one_hot():
+    """PyTorch's own one_hot reads its input's largest value on the host,
+    which torch.vmap refuses (Keras's sparse cross-entropies call it before
+    Keras 3.14)."""
+    module = backend_lib.get_backend_module()
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    labels = np.array([[2], [0], [-1], [3]], "int32")
+
+    def one(row):
+        return keras.ops.one_hot(row, 4)
+
+    with module.vectorizable_layers(model):
+        mapped = keras.ops.vectorized_map(one, keras.ops.convert_to_tensor(labels))
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(mapped),
+        keras.ops.convert_to_numpy(keras.ops.one_hot(labels, 4)),
+    )

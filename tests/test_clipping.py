@@ -115,7 +115,7 @@ def _auto_clipped_norms(grads, radius):
         # weighted_sum with the factors masked to example i gives c_i g_i.
         mask = np.zeros(batch, "float32")
         mask[i] = 1.0
-        clipped = clipping.weighted_sum(grads, factors * mask)
+        clipped = clipping.weighted_sum(grads, factors * ops.convert_to_tensor(mask))
         per_example.append(_np_norms([_np(c)[None] for c in clipped])[0])
     return _np(factors).astype(np.float64), np.array(per_example)
 

@@ -1,7 +1,7 @@
 """The fast per-example path (keras_dp.per_example) against brute force.
 
-References are per-example loops: one GradientTape / jax.grad call per
-example, using plain Keras only.
+References are per-example loops: one GradientTape / jax.grad /
+torch.autograd.grad call per example, using plain Keras only.
 """
 
 import subprocess
@@ -58,6 +58,18 @@ def brute_force_grads(model, x, y):
                 unconnected_gradients=tf.UnconnectedGradients.ZERO,
             )
             grads = [tf.convert_to_tensor(g) for g in grads]
+        elif keras.backend.backend() == "torch":
+            import torch
+
+            with torch.enable_grad():
+                loss = loss_fn(yi, model(xi, training=True))
+                grads = torch.autograd.grad(
+                    loss, [v.value for v in variables], allow_unused=True
+                )
+            grads = [
+                np.zeros(tuple(v.shape)) if g is None else g.detach().cpu().numpy()
+                for v, g in zip(variables, grads)
+            ]
         else:
             grads = jax_grad(
                 [v.value for v in variables],
@@ -98,7 +110,7 @@ def assert_matches_brute_force(model, x, y):
     ):
         ref_sq = (ref.reshape(n, -1) ** 2).sum(axis=1)
         np.testing.assert_allclose(
-            np.asarray(sq),
+            ops.convert_to_numpy(sq),
             ref_sq,
             rtol=RTOL,
             atol=1e-6 * scale**2,
@@ -106,7 +118,7 @@ def assert_matches_brute_force(model, x, y):
         )
         ref_sum = np.tensordot(factors, ref, axes=1)
         np.testing.assert_allclose(
-            np.asarray(total),
+            ops.convert_to_numpy(total),
             ref_sum,
             rtol=RTOL,
             atol=1e-5 * scale,
@@ -114,14 +126,16 @@ def assert_matches_brute_force(model, x, y):
         )
     ref_losses = [
         float(
-            _loss()(
-                y[i : i + 1],
-                model(keras.tree.map_structure(lambda t: t[i : i + 1], x)),
+            ops.convert_to_numpy(
+                _loss()(
+                    y[i : i + 1],
+                    model(keras.tree.map_structure(lambda t: t[i : i + 1], x)),
+                )
             )
         )
         for i in range(n)
     ]
-    np.testing.assert_allclose(np.asarray(losses), ref_losses, rtol=1e-5)
+    np.testing.assert_allclose(ops.convert_to_numpy(losses), ref_losses, rtol=1e-5)
 
 
 @pytest.fixture(params=["auto", "ghost", "instantiate"])
@@ -165,7 +179,22 @@ class _ConvKernelGrads:
             assert all(r is not None and r <= max_rows for r in rows), rows
 
 
-@pytest.fixture(params=["patches", "grouped_conv", "sum_from_patches", "compiled"])
+_NO_COMPILED_CONV_KERNEL = pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="keras_dp's compiled conv kernel exists as a TensorFlow op and a "
+    "JAX XLA FFI handler only: on PyTorch `per_example_conv_kernel_norms` "
+    "returns None and the conv rule takes the other three ways",
+)
+
+
+@pytest.fixture(
+    params=[
+        "patches",
+        "grouped_conv",
+        "sum_from_patches",
+        pytest.param("compiled", marks=_NO_COMPILED_CONV_KERNEL),
+    ]
+)
 def conv_kernel_grads(request, monkeypatch):
     """How instantiated conv kernel gradients are computed: from patches,
     or by the backend's grouped convolution, for every stride-1 1-D/2-D
@@ -354,6 +383,52 @@ def test_keras_hub_bert_backbone():
         "segment_ids": (rng.rand(4, 6) > 0.5).astype("int32"),
         "padding_mask": mask,
     }
+    assert_matches_brute_force(model, x, _labels(4))
+
+
+def _keras_hub_decoder(keras_hub, name):
+    if name == "gpt2":
+        return keras_hub.models.GPT2Backbone(
+            vocabulary_size=11,
+            num_layers=1,
+            num_heads=2,
+            hidden_dim=8,
+            intermediate_dim=16,
+            max_sequence_length=9,
+            dropout=0.0,
+        )
+    return keras_hub.models.GemmaBackbone(
+        vocabulary_size=11,
+        num_layers=1,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        hidden_dim=8,
+        intermediate_dim=16,
+        head_dim=4,
+    )
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() == "jax",
+    reason="eager JAX compiles each op of the brute-force loop (about 30 s "
+    "per model); the rules are the same keras.ops code on every backend, and "
+    "JAX's attention and LoRA rules are checked by the BERT and test_lora "
+    "tests",
+)
+@pytest.mark.parametrize("name", ["gpt2", "gemma"])
+def test_keras_hub_decoders_with_lora(name):
+    """keras-hub GPT-2 and Gemma with LoRA adapters on their attention
+    (EinsumDense) layers: the adapters' clipped sum against brute force."""
+    keras_hub = pytest.importorskip("keras_hub")
+    backbone = _keras_hub_decoder(keras_hub, name)
+    backbone.enable_lora(rank=2)
+    pooled = L.GlobalAveragePooling1D()(backbone.output)
+    model = keras.Model(backbone.input, L.Dense(3)(pooled))
+    assert any("lora" in v.path for v in model.trainable_variables)
+    rng = np.random.RandomState(1)
+    mask = np.ones((4, 6), bool)
+    mask[2, 3:] = False
+    x = {"token_ids": rng.randint(1, 11, (4, 6)).astype("int32"), "padding_mask": mask}
     assert_matches_brute_force(model, x, _labels(4))
 
 
@@ -609,13 +684,31 @@ def test_mixed_model_with_generic_layers():
     "norm",
     [
         lambda: L.LayerNormalization(),
-        lambda: L.LayerNormalization(axis=[1, 2], center=False),
+        pytest.param(
+            lambda: L.LayerNormalization(axis=[1, 2], center=False),
+            marks=pytest.mark.skipif(
+                keras.backend.backend() == "torch",
+                reason="Keras's PyTorch layer_normalization gives adjacent axes "
+                "that are not the last ones to F.layer_norm, which normalizes "
+                "the last axes only: the plain model fails (layer_split_axes "
+                "covers axes that are not the last on PyTorch)",
+            ),
+        ),
+        lambda: L.LayerNormalization(axis=[1, 3]),
         lambda: L.LayerNormalization(rms_scaling=True),
         lambda: L.GroupNormalization(2),
         lambda: L.GroupNormalization(3, axis=1, scale=False),
         lambda: L.RMSNormalization(axis=[-2, -1]),
     ],
-    ids=["layer", "layer_two_axes", "layer_rms", "group", "group_axis1", "rms"],
+    ids=[
+        "layer",
+        "layer_two_axes",
+        "layer_split_axes",
+        "layer_rms",
+        "group",
+        "group_axis1",
+        "rms",
+    ],
 )
 def test_normalization_layers_closed_form(norm):
     """scale/center gradients `sum(dy * xhat)`, `sum(dy)` per example."""
@@ -682,7 +775,7 @@ def test_layer_whose_output_the_loss_does_not_use():
     ]
     assert len(positions) == 2
     for k in positions:
-        np.testing.assert_array_equal(np.asarray(squared[k]), 0.0)
+        np.testing.assert_array_equal(ops.convert_to_numpy(squared[k]), 0.0)
 
 
 def test_choose_method():
@@ -765,13 +858,13 @@ def test_batched_example_losses_equal_one_example_batches(
     )
     assert losses is not None
     np.testing.assert_allclose(
-        np.asarray(losses),
+        ops.convert_to_numpy(losses),
         _one_example_losses(model, y, y_pred, sw),
         rtol=1e-5,
         atol=1e-7,
     )
     if sw is not None:
-        assert float(np.asarray(losses)[3]) == 0.0
+        assert float(ops.convert_to_numpy(losses)[3]) == 0.0
 
 
 class _OwnLoss(keras.Model):
@@ -940,7 +1033,9 @@ def test_unsupported_models_fall_back_to_vmap(build, reason):
             for w in caught
             if "fast per-example path does not support" in str(w.message)
         ]
-        weights[mode] = [np.asarray(v.value) for v in model.trainable_variables]
+        weights[mode] = [
+            ops.convert_to_numpy(v.value) for v in model.trainable_variables
+        ]
         if mode == "auto":
             path, why = model._keras_dp.per_example_path
             assert path == "vmap" and reason in why
@@ -1029,7 +1124,9 @@ def test_train_step_fast_equals_vmap(clipping, microbatch_size, poisson):
                 verbose=0,
                 shuffle=False,
             )
-        weights[mode] = [np.asarray(v.value) for v in model.trainable_variables]
+        weights[mode] = [
+            ops.convert_to_numpy(v.value) for v in model.trainable_variables
+        ]
         paths[mode] = model._keras_dp.per_example_path
     assert paths["auto"] == ("fast", None)
     for a, b in zip(weights["auto"], weights["vmap"]):
@@ -1057,6 +1154,8 @@ def test_dropout_trains_and_advances_seed_state(microbatch_size):
             warnings.simplefilter("ignore")
             history = model.fit(x, y, batch_size=16, epochs=1, verbose=0)
         assert np.isfinite(history.history["loss"][0])
-        states[mode] = [np.asarray(v.value) for v in model.non_trainable_variables]
+        states[mode] = [
+            ops.convert_to_numpy(v.value) for v in model.non_trainable_variables
+        ]
     for a, b in zip(states["auto"], states["vmap"]):
         np.testing.assert_array_equal(a, b)

@@ -1,9 +1,9 @@
 """Group-wise clipping (docs/algorithms.md): groups as layer metadata.
 
-References are brute force: one `jax.grad` / `tf.GradientTape` per example,
-then each group of each example's gradient clipped on its own in numpy.
-Statistical checks use fixed seeds; their tolerances are stated next to
-them.
+References are brute force: one `jax.grad` / `tf.GradientTape` /
+`torch.autograd.grad` per example, then each group of each example's
+gradient clipped on its own in numpy. Statistical checks use fixed seeds;
+their tolerances are stated next to them.
 """
 
 import math
@@ -65,6 +65,26 @@ def brute_force_grads(model, x, y):
         for i in range(len(x)):
             gs = grad(trainable, x[i : i + 1], y[i : i + 1])
             out.append([np.asarray(g, dtype="float64") for g in gs])
+    elif keras.backend.backend() == "torch":
+        import torch
+
+        variables = model.trainable_variables
+        for i in range(len(x)):
+            with torch.enable_grad():
+                pred = model(x[i : i + 1])
+                target = keras.ops.convert_to_tensor(y[i : i + 1])
+                loss = keras.ops.mean(keras.ops.square(pred - target))
+                gs = torch.autograd.grad(
+                    loss, [v.value for v in variables], allow_unused=True
+                )
+            out.append(
+                [
+                    np.zeros(tuple(v.shape))
+                    if g is None
+                    else g.detach().cpu().to(torch.float64).numpy()
+                    for v, g in zip(variables, gs)
+                ]
+            )
     else:
         import tensorflow as tf
 

@@ -185,6 +185,58 @@ def test_override_and_restore_attribute():
     assert "call" not in vars(layer)
 
 
+def test_backend_random_module_is_what_keras_random_calls():
+    module = keras_compat.backend_random_module()
+    calls = []
+    original = module.dropout
+
+    def recording(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    module.dropout = recording
+    try:
+        keras.layers.Dropout(0.5, seed=1)(np.ones((2, 3), "float32"), training=True)
+    finally:
+        module.dropout = original
+    assert calls == [1]
+
+
+def test_backend_nn_module_is_what_keras_ops_call():
+    module = keras_compat.backend_nn_module()
+    original = module.one_hot
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    module.one_hot = recording
+    try:
+        keras.ops.one_hot(np.array([0, 1]), 2)
+    finally:
+        module.one_hot = original
+    assert calls == [1]
+
+
+def test_without_channels_last_copies_lets_vectorized_map_run_convolutions():
+    layer = keras.layers.Conv2D(2, 3)
+    layer.build((None, 5, 5, 3))
+    x = np.random.default_rng(0).standard_normal((4, 5, 5, 3)).astype("float32")
+
+    def one(example):
+        return layer(keras.ops.expand_dims(example, 0))[0]
+
+    with keras_compat.without_channels_last_copies():
+        mapped = keras.ops.vectorized_map(one, keras.ops.convert_to_tensor(x))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(mapped),
+        keras.ops.convert_to_numpy(layer(x)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
 # Losses.
 
 

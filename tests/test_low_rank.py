@@ -2,9 +2,9 @@
 
 References are brute force and written here in numpy: the projection
 `P_L G + G P_R - P_L G P_R`, per-example gradients from one
-`GradientTape` / `jax.grad` call per example, the clip factors of flat
-clipping, and the support sizes `ceil((1 - sparsity) * size)`.
-Everything is seeded.
+`GradientTape` / `jax.grad` / `torch.autograd.grad` call per example, the
+clip factors of flat clipping, and the support sizes
+`ceil((1 - sparsity) * size)`. Everything is seeded.
 """
 
 import math
@@ -101,6 +101,24 @@ def _per_example_gradients(model, x, y, loss_fn):
         for i in range(len(x)):
             g = grad(trainable, non_trainable, x[i : i + 1], y[i : i + 1])
             out.append([np.asarray(a, "float64") for a in g])
+    elif keras.backend.backend() == "torch":
+        import torch
+
+        variables = model.trainable_variables
+        for i in range(len(x)):
+            with torch.enable_grad():
+                loss = loss_fn(y[i : i + 1], model(x[i : i + 1]))
+                g = torch.autograd.grad(
+                    loss, [v.value for v in variables], allow_unused=True
+                )
+            out.append(
+                [
+                    np.zeros(tuple(v.shape))
+                    if a is None
+                    else a.detach().cpu().to(torch.float64).numpy()
+                    for v, a in zip(variables, g)
+                ]
+            )
     else:
         import tensorflow as tf
 

@@ -1,4 +1,8 @@
-"""Tests of keras_dp's compiled CPU noise kernel (`keras_dp.native`).
+"""Tests of keras_dp's compiled CPU kernels (`keras_dp.native`): the noise
+kernel (a TensorFlow op, a JAX XLA FFI handler, PyTorch's plain C library)
+and the per-example conv kernel gradients (TensorFlow and JAX only; the
+framework ops that PyTorch uses instead are checked against the same
+loop).
 
 The kernel's numbers are checked against its recipe (the header comment of
 `keras_dp/native/noise.h`) computed in float64 NumPy: Threefry-2x32 of the
@@ -73,6 +77,8 @@ def test_threefry_reference_known_answer():
 def kernel_available():
     if keras.backend.backend() == "tensorflow":
         available = native.tensorflow_ops() is not None
+    elif keras.backend.backend() == "torch":
+        available = native.c_api() is not None
     else:
         available = native.jax_target() is not None
     assert available, (
@@ -86,14 +92,20 @@ def _key(seed):
     return np.asarray(ops.convert_to_numpy(seed.state.value)).astype(np.uint32)
 
 
-def _draw(shape, seed):
-    """The backend's sampler inside a compiled function, as in a train step."""
+def _sample(shape, seed):
+    """The backend's sampler inside a compiled function, as in a train step
+    (a tensor of the backend)."""
     sampler = backend_lib.get_backend_module().standard_normal
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(lambda: sampler(shape, seed))().numpy()
-    return np.asarray(sampler(shape, seed))
+        return tf.function(lambda: sampler(shape, seed))()
+    return sampler(shape, seed)
+
+
+def _draw(shape, seed):
+    """`_sample` as numpy."""
+    return ops.convert_to_numpy(_sample(shape, seed))
 
 
 @pytest.mark.parametrize("shape", [(1,), (2,), (3,), (5, 3), (2049,), (3, 44445)])
@@ -156,7 +168,9 @@ def test_switched_off_by_environment(monkeypatch, tmp_path):
     key0, key1 = _key(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        z = _draw((1000,), seed)
+        z = _sample((1000,), seed)
+    # Converted outside: Keras's PyTorch `convert_to_numpy` warns on NumPy 2.
+    z = ops.convert_to_numpy(z)
     assert np.abs(z - reference_normal(key0, key1, 1000)).max() > 0.1
     assert not list(tmp_path.iterdir())
 
@@ -165,11 +179,14 @@ def test_build_is_cached_per_source_and_version(monkeypatch, tmp_path):
     """A second build with the same sources and framework version reuses
     the library; another version builds its own."""
     _fresh_native(monkeypatch, tmp_path)
-    source = "jax_ffi.cc" if keras.backend.backend() == "jax" else "tf_ops.cc"
+    backend = keras.backend.backend()
+    source = {"jax": "jax_ffi.cc", "torch": "c_api.cc"}.get(backend, "tf_ops.cc")
     if source == "jax_ffi.cc":
         import jax.ffi
 
         flags, links = ["-I", jax.ffi.include_dir()], []
+    elif source == "c_api.cc":
+        flags, links = [], ["-pthread"]
     else:
         import tensorflow as tf
 
@@ -203,35 +220,43 @@ def test_tensorflow_xla_compiled_step_uses_its_own_ops(kernel_available):
 
 
 @pytest.mark.skipif(
-    keras.backend.backend() != "tensorflow", reason="TensorFlow's fused op"
+    keras.backend.backend() == "jax",
+    reason="JAX has no fused op: the optimizer draws and adds, and XLA fuses "
+    "the two (`noisy_gradients` returns None)",
 )
-def test_tensorflow_noisy_gradients_are_the_flat_draw_added(kernel_available):
-    """The fused op gives `g + stddev * z` with `z` the flat draw (the
-    recipe) split over the gradients in order, for shapes whose sizes
-    cross pairs and blocks; it leaves its inputs' values alone."""
-    import tensorflow as tf
-
-    from keras_dp.backend import tensorflow as tf_backend
-
+def test_noisy_gradients_are_the_flat_draw_added(kernel_available):
+    """The fused op (TensorFlow's op, PyTorch's C entry point) gives
+    `g + stddev * z` with `z` the flat draw (the recipe) split over the
+    gradients in order, for shapes whose sizes cross pairs and blocks; it
+    leaves its inputs' values alone."""
+    module = backend_lib.get_backend_module()
     rng = np.random.default_rng(0)
     shapes = [(3, 5), (7,), (1,), (40, 51), (2, 2)]
-    grads = [tf.constant(rng.standard_normal(s).astype(np.float32)) for s in shapes]
-    before = [g.numpy().copy() for g in grads]
+    grads = [
+        ops.convert_to_tensor(rng.standard_normal(s).astype(np.float32)) for s in shapes
+    ]
+    before = [ops.convert_to_numpy(g).copy() for g in grads]
     seed = keras.random.SeedGenerator(9)
     key0, key1 = _key(seed)
-    noisy = tf.function(lambda: tf_backend.noisy_gradients(grads, 0.25, seed))()
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        noisy = tf.function(lambda: module.noisy_gradients(grads, 0.25, seed))()
+    else:
+        noisy = module.noisy_gradients(grads, 0.25, seed)
+    assert noisy is not None
     sizes = [math.prod(s) for s in shapes]
     z = reference_normal(key0, key1, sum(sizes))
     offsets = np.cumsum([0] + sizes)
     for g, out, a, b, s in zip(before, noisy, offsets[:-1], offsets[1:], shapes):
-        assert out.shape == s
+        assert tuple(out.shape) == s
         np.testing.assert_allclose(
-            out.numpy(), g + 0.25 * z[a:b].reshape(s), rtol=0, atol=1e-6
+            ops.convert_to_numpy(out), g + 0.25 * z[a:b].reshape(s), rtol=0, atol=1e-6
         )
     for g, b in zip(grads, before):
-        np.testing.assert_array_equal(g.numpy(), b)
+        np.testing.assert_array_equal(ops.convert_to_numpy(g), b)
     # Not float32: the optimizer's own draw and add.
-    assert tf_backend.noisy_gradients([tf.zeros((3,), tf.float16)], 1.0, seed) is None
+    assert module.noisy_gradients([ops.zeros((3,), "float16")], 1.0, seed) is None
 
 
 @pytest.mark.skipif(
@@ -313,14 +338,6 @@ def test_tensorflow_conv_patches_op_matches_pad_and_gather(
         )
 
 
-def _conv_backend():
-    if keras.backend.backend() == "tensorflow":
-        from keras_dp.backend import tensorflow as module
-    else:
-        from keras_dp.backend import jax as module
-    return module
-
-
 def _example_kernel_grad(layer, x_i, dy_i):
     """The layer's kernel gradient for one example, by the framework's own
     autodiff, as (taps * C, F)."""
@@ -330,6 +347,12 @@ def _example_kernel_grad(layer, x_i, dy_i):
         with tf.GradientTape() as tape:
             inner = tf.reduce_sum(layer(x_i) * dy_i)
         grad = tape.gradient(inner, layer.kernel)
+    elif keras.backend.backend() == "torch":
+        import torch
+
+        with torch.enable_grad():
+            inner = torch.sum(layer(x_i) * ops.convert_to_tensor(dy_i))
+            (grad,) = torch.autograd.grad(inner, [layer.kernel.value])
     else:
         import jax
         import jax.numpy as jnp
@@ -339,7 +362,7 @@ def _example_kernel_grad(layer, x_i, dy_i):
             return jnp.sum(outputs * dy_i)
 
         grad = jax.grad(inner)(layer.kernel.value)
-    return np.asarray(grad).reshape(-1, layer.filters)
+    return ops.convert_to_numpy(grad).reshape(-1, layer.filters)
 
 
 def _compiled_conv_grads(x, dy, geometry, vector_width):
@@ -381,7 +404,7 @@ def _compiled_conv_grads(x, dy, geometry, vector_width):
     )
 
 
-@pytest.mark.parametrize(
+_CONV_CASES = pytest.mark.parametrize(
     "input_shape, filters, kernel_size, strides, dilation, padding",
     [
         # Channel and filter counts that leave partial tiles (16 channels
@@ -395,17 +418,22 @@ def _compiled_conv_grads(x, dy, geometry, vector_width):
         ((12, 5), 40, (4,), (3,), (1,), "same"),
     ],
 )
-def test_conv_kernel_grads_kernel_matches_per_example_loop(
-    kernel_available, input_shape, filters, kernel_size, strides, dilation, padding
-):
-    """The compiled per-example kernel gradients and their norms equal each
-    example's own gradient through the Keras layer (the framework's
-    autodiff, one example at a time), for strides, dilations, even
-    kernels, same, valid and causal padding, in 1-D and 2-D, at every
-    vector width; and `conv_kernel_grad` equals their sum."""
+
+_NO_COMPILED_CONV_KERNEL = pytest.mark.skipif(
+    keras.backend.backend() == "torch",
+    reason="keras_dp's compiled conv kernel exists as a TensorFlow op and a "
+    "JAX XLA FFI handler only: on PyTorch `per_example_conv_kernel_norms` "
+    "returns None",
+)
+
+
+def _conv_case(input_shape, filters, kernel_size, strides, dilation, padding):
+    """A conv layer, 5 examples' inputs and output gradients, and their
+    per-example kernel gradients by the framework's autodiff, one example
+    at a time: `(x, dy, pads, expected (n, F, K * C), expected squared
+    norms)`."""
     from keras_dp.per_example import patches
 
-    module = _conv_backend()
     layer = {1: keras.layers.Conv1D, 2: keras.layers.Conv2D}[len(kernel_size)](
         filters,
         kernel_size,
@@ -428,24 +456,73 @@ def test_conv_kernel_grads_kernel_matches_per_example_loop(
     pads = patches.conv_pads(
         input_shape[:-1], kernel_size, strides, dilation, padding, dy.shape[1:-1]
     )
+    return x, dy, pads, expected, expected_squared
+
+
+@_CONV_CASES
+def test_conv_kernel_grads_match_per_example_loop(
+    input_shape, filters, kernel_size, strides, dilation, padding
+):
+    """The per-example kernel gradients and their norms equal each
+    example's own gradient through the Keras layer (the framework's
+    autodiff, one example at a time), for strides, dilations, even
+    kernels, same, valid and causal padding, in 1-D and 2-D: the backend's
+    grouped convolutions (stride 1, called as the conv rule calls them),
+    `conv_kernel_grad` (their sum; 1-D convs as 2-D) and, on TensorFlow and
+    JAX, keras_dp's compiled kernel at every vector width (on PyTorch
+    `per_example_conv_kernel_norms` gives the protocol's "cannot run
+    here")."""
+    from keras_dp.per_example import patches
+
+    module = backend_lib.get_backend_module()
+    x, dy, pads, expected, expected_squared = _conv_case(
+        input_shape, filters, kernel_size, strides, dilation, padding
+    )
     x_t, dy_t, conv = patches.as_2d_conv(
         ops.convert_to_tensor(x),
         ops.convert_to_tensor(dy),
         (kernel_size, strides, dilation, pads),
     )
+    if all(s == 1 for s in strides):
+        grouped = module.per_example_conv_kernel_grads(
+            ops.convert_to_tensor(x),
+            ops.convert_to_tensor(dy),
+            kernel_size,
+            dilation,
+            pads,
+        )
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(grouped), expected, rtol=1e-5, atol=1e-5
+        )
+    total = module.conv_kernel_grad(x_t, dy_t, *conv)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(total), expected.sum(0).T, rtol=1e-4, atol=1e-4
+    )
+    if keras.backend.backend() == "torch":
+        assert (
+            module.per_example_conv_kernel_norms(x_t, dy_t, *conv, keep_grads=True)
+            is None
+        )
+        return
+    if keras.backend.backend() == "tensorflow":
+        assert native.tensorflow_ops() is not None, "the kernel did not build"
+    else:
+        assert native.jax_target() is not None, "the kernel did not build"
     squared, grads = module.per_example_conv_kernel_norms(
         x_t, dy_t, *conv, keep_grads=True
     )
-    np.testing.assert_allclose(np.asarray(grads), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(squared), expected_squared, rtol=1e-5)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(grads), expected, rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(squared), expected_squared, rtol=1e-5
+    )
     squared_only, no_grads = module.per_example_conv_kernel_norms(
         x_t, dy_t, *conv, keep_grads=False
     )
     assert no_grads is None
-    np.testing.assert_allclose(np.asarray(squared_only), expected_squared, rtol=1e-5)
-    total = module.conv_kernel_grad(x_t, dy_t, *conv)
     np.testing.assert_allclose(
-        np.asarray(total), expected.sum(0).T, rtol=1e-4, atol=1e-4
+        ops.convert_to_numpy(squared_only), expected_squared, rtol=1e-5
     )
     # The AVX2 and 128-bit vector code, as on CPUs without AVX-512.
     kernel_2d, strides_2d, dilation_2d, pads_2d = conv
@@ -457,17 +534,18 @@ def test_conv_kernel_grads_kernel_matches_per_example_loop(
     )
     for width in (8, 4):
         squared, grads = _compiled_conv_grads(
-            np.asarray(x_t), np.asarray(dy_t), geometry, width
+            ops.convert_to_numpy(x_t), ops.convert_to_numpy(dy_t), geometry, width
         )
         np.testing.assert_allclose(np.asarray(grads), expected, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(squared), expected_squared, rtol=1e-5)
 
 
+@_NO_COMPILED_CONV_KERNEL
 def test_conv_kernel_grads_kernel_checks_its_arguments(kernel_available):
     x, dy = np.zeros((2, 5, 5, 3), "float32"), np.zeros((2, 5, 5, 4), "float32")
     geometry = ([3, 3], [0, 1], [1, 1], [1, 1])
     with pytest.raises(Exception, match="must be positive"):
-        np.asarray(_compiled_conv_grads(x, dy, geometry, 0)[0])
+        ops.convert_to_numpy(_compiled_conv_grads(x, dy, geometry, 0)[0])
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 

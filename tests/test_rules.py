@@ -3,8 +3,8 @@
 A layer keras_dp knows nothing about gets a rule from the test; a private
 model using it must take the fast path through that rule, and one DP step
 must equal a brute-force reference: per-example gradients by a Python loop
-over the examples (`tf.GradientTape` / `jax.grad`, no keras_dp), clipped
-and summed in numpy.
+over the examples (`tf.GradientTape` / `jax.grad` / `torch.autograd.grad`,
+no keras_dp), clipped and summed in numpy.
 """
 
 import warnings
@@ -129,6 +129,19 @@ def brute_force_gradients(model, x, y):
             with tf.GradientTape() as tape:
                 loss = LOSS(yi, model(xi, training=True))
             grads = tape.gradient(loss, model.trainable_variables)
+        elif keras.backend.backend() == "torch":
+            import torch
+
+            variables = model.trainable_variables
+            with torch.enable_grad():
+                loss = LOSS(yi, model(xi, training=True))
+                grads = torch.autograd.grad(
+                    loss, [v.value for v in variables], allow_unused=True
+                )
+            grads = [
+                np.zeros(tuple(v.shape)) if g is None else ops.convert_to_numpy(g)
+                for v, g in zip(variables, grads)
+            ]
         else:
             import jax
 
@@ -141,7 +154,9 @@ def brute_force_gradients(model, x, y):
                 return LOSS(yi, y_pred)
 
             grads = jax.grad(loss_of)([v.value for v in model.trainable_variables])
-        out.append([np.asarray(g, dtype="float64") for g in grads])
+        out.append(
+            [np.asarray(ops.convert_to_numpy(g), dtype="float64") for g in grads]
+        )
     return out
 
 
@@ -168,10 +183,7 @@ def median_norm(per_example_grads):
 
 
 def _numpy(variable):
-    value = variable.value
-    return np.asarray(
-        value.numpy() if hasattr(value, "numpy") else value, dtype="float64"
-    )
+    return np.asarray(ops.convert_to_numpy(variable.value), dtype="float64")
 
 
 def dp_step_update(model, x, y, C):

@@ -51,12 +51,12 @@ def test_frozen_batch_normalization_trains_and_keeps_its_statistics(per_example)
     model = _bn_model(trainable_bn=False)
     bn = model.get_layer("bn")
     bn.moving_mean.assign(np.full((8,), 0.3, "float32"))
-    statistics = [np.array(v) for v in bn.non_trainable_weights]
+    statistics = [keras.ops.convert_to_numpy(v) for v in bn.non_trainable_weights]
     model = _compile(keras_dp.make_private(model, per_example=per_example))
     x, y = _images()
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     for before, after in zip(statistics, bn.non_trainable_weights):
-        np.testing.assert_array_equal(before, np.array(after))
+        np.testing.assert_array_equal(before, keras.ops.convert_to_numpy(after))
 
 
 def test_replace_batch_normalization_keeps_weights_and_trains():
@@ -68,7 +68,9 @@ def test_replace_batch_normalization_keeps_weights_and_trains():
     norm = fixed.get_layer("bn_group_norm")
     assert isinstance(norm, keras.layers.GroupNormalization)
     assert norm.groups == 8 and norm.axis == -1
-    np.testing.assert_allclose(np.array(norm.gamma), np.linspace(1, 2, 8))
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(norm.gamma), np.linspace(1, 2, 8)
+    )
     for name in ("conv", "head"):
         for a, b in zip(
             model.get_layer(name).get_weights(), fixed.get_layer(name).get_weights()
@@ -142,7 +144,7 @@ def test_privacy_summary_and_model_summary(capsys):
     y = rng.normal(size=(64, 1)).astype("float32")
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     text = keras_dp.privacy_summary(model, delta=1e-5)
-    steps = int(np.array(model.optimizer.iterations))
+    steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
     assert f"noisy updates taken: {steps}" in text
     assert "noise_multiplier=1.5" in text and "sample_rate=0.25" in text
     assert "l2_norm_clip=0.5" in text
@@ -191,7 +193,7 @@ def test_unbuilt_models_are_built_on_the_first_batch(kind, per_example, entry):
     else:
         model.train_on_batch(x[:8], y[:8])
     assert model.built
-    assert int(np.array(model.optimizer.iterations)) >= 1
+    assert int(keras.ops.convert_to_numpy(model.optimizer.iterations)) >= 1
 
 
 # --------------------------------------------------------------------------

@@ -22,7 +22,7 @@ venv's Python. It
    that: keras_dp must not be importable in the fresh venv before the
    wheel is installed. As `--no-deps` skips pip's dependency resolution,
    the script then checks that the wheel's declared requirements (and
-   those of its `tensorflow` and `jax` extras, recursively) are installed
+   those of its `tensorflow`, `jax` and `torch` extras, recursively) are installed
    at versions that satisfy them (`pip check` would also report the dev
    venv's own unrelated gaps, such as keras-hub's dependencies, which
    `make venv` installs with `--no-deps` on purpose);
@@ -49,9 +49,16 @@ import time
 import zipfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BACKENDS = ("tensorflow", "jax")
-EXTRAS = ("tensorflow", "jax")
-NATIVE_SOURCES = ("noise.h", "chunks.h", "conv_grads.h", "jax_ffi.cc", "tf_ops.cc")
+BACKENDS = ("tensorflow", "jax", "torch")
+EXTRAS = ("tensorflow", "jax", "torch")
+NATIVE_SOURCES = (
+    "noise.h",
+    "chunks.h",
+    "conv_grads.h",
+    "jax_ffi.cc",
+    "tf_ops.cc",
+    "c_api.cc",
+)
 
 
 class SmokeFailure(Exception):
@@ -336,7 +343,7 @@ for folder in (source_dir, reported):
         fail(f"keras_dp.native's source dir {folder} is not in the fresh venv")
 missing = [
     name
-    for name in ("noise.h", "chunks.h", "conv_grads.h", "jax_ffi.cc", "tf_ops.cc")
+    for name in ("noise.h", "chunks.h", "conv_grads.h", "jax_ffi.cc", "tf_ops.cc", "c_api.cc")
     if not os.path.isfile(os.path.join(reported, name))
 ]
 if missing:
@@ -390,6 +397,8 @@ for command in builds:
 count = len(builds)
 if backend == "tensorflow":
     loaded = native.tensorflow_ops()
+elif backend == "torch":
+    loaded = native.c_api()
 else:
     loaded = native.jax_target()
 if loaded is None:

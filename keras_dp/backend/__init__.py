@@ -1,6 +1,6 @@
 """The few operations keras_dp writes per framework: one module per backend.
 
-`keras_dp/backend/tensorflow.py` and `keras_dp/backend/jax.py` each provide
+`keras_dp/backend/tensorflow.py`, `jax.py` and `torch.py` each provide
 every member of `keras_dp.backend.protocol.BackendOps` (gradients, a scan,
 ordering, the fast path's conv kernels, the noise sampler...); everything
 else in keras_dp is written with `keras.ops`. Backend modules import
@@ -16,7 +16,7 @@ noise = ops.standard_normal((10,), keras.random.SeedGenerator(0))
 
 import keras
 
-SUPPORTED_BACKENDS = ("tensorflow", "jax")
+SUPPORTED_BACKENDS = ("tensorflow", "jax", "torch")
 
 
 def get_backend_module():
@@ -30,11 +30,13 @@ def get_backend_module():
         from keras_dp.backend import tensorflow as module
     elif name == "jax":
         from keras_dp.backend import jax as module
+    elif name == "torch":
+        from keras_dp.backend import torch as module
     else:
         raise NotImplementedError(
             f"keras_dp does not support the {name!r} Keras backend yet; "
             f"supported backends: {', '.join(SUPPORTED_BACKENDS)}. Set the "
-            "environment variable KERAS_BACKEND=jax or "
-            "KERAS_BACKEND=tensorflow before importing keras."
+            "environment variable KERAS_BACKEND to one of them before "
+            "importing keras."
         )
     return module

@@ -30,6 +30,12 @@ def vectorizable_layers(model):
     yield
 
 
+def seeded_random_ops():
+    """Changes nothing: every `keras.random` draw is a function of its
+    seed tensor already."""
+    return contextlib.nullcontext()
+
+
 def multiply_no_nan(x, y):
     """`x * y` (broadcast), exactly 0 wherever `y` is 0, even where `x` is
     infinite or NaN: a select that XLA fuses with the product."""

@@ -81,6 +81,14 @@ class BackendOps(Protocol):
         unrolled); a context that changes nothing where the framework's
         vmap takes every layer as it is."""
 
+    def seeded_random_ops(self) -> ContextManager:
+        """A context inside which every `keras.random` draw of a layer is a
+        function of its seed tensor (the same seed state, the same
+        numbers), as the example-independence check needs (PyTorch:
+        Keras's dropout of a layer made without a seed draws from the
+        global generator); a context that changes nothing where that
+        holds already."""
+
     def multiply_no_nan(self, x: Any, y: Any) -> Any:
         """`x * y` (broadcast, `y` cast to `x`'s dtype), exactly 0 wherever
         `y` is 0 even where `x` is infinite or NaN: how non-finite

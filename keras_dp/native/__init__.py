@@ -24,7 +24,11 @@ kernel (and the warning). Accelerators never use it: there the
 framework's own sampler is fast. The setting is read when a train step is
 traced: a model keeps the sampler it was traced with.
 
-Both libraries also hold the fast path's per-example conv kernel
+On PyTorch the noise comes from a third, plain C library (`c_api.cc`,
+no framework headers) called through ctypes on the tensors' buffers
+(`c_api()`); the same key gives the same numbers as on the other two.
+
+The TensorFlow and JAX libraries also hold the fast path's per-example conv kernel
 gradients (`conv_grads.h`: `KerasDpConvKernelGrads`, a TensorFlow op and
 an XLA FFI handler): a 1-D/2-D conv's per-example kernel gradients and
 their norms, computed in place from the layer's inputs and output
@@ -83,9 +87,7 @@ def _compiler():
     for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
         if name and shutil.which(name):
             return shutil.which(name)
-    raise RuntimeError(
-        "no C++ compiler found (set CXX, or install g++ or clang++)"
-    )
+    raise RuntimeError("no C++ compiler found (set CXX, or install g++ or clang++)")
 
 
 def build(name, source, compile_flags=(), link_flags=(), version=""):
@@ -178,11 +180,13 @@ def _load_jax():
     )
     library = ctypes.cdll.LoadLibrary(path)
     jax.ffi.register_ffi_target(
-        JAX_TARGET, jax.ffi.pycapsule(library.KerasDpStandardNormal),
+        JAX_TARGET,
+        jax.ffi.pycapsule(library.KerasDpStandardNormal),
         platform="cpu",
     )
     jax.ffi.register_ffi_target(
-        JAX_CONV_TARGET, jax.ffi.pycapsule(library.KerasDpConvKernelGrads),
+        JAX_CONV_TARGET,
+        jax.ffi.pycapsule(library.KerasDpConvKernelGrads),
         platform="cpu",
     )
     return JAX_TARGET
@@ -213,3 +217,37 @@ def tensorflow_ops():
     `keras_dp_noisy_gradients`, `keras_dp_conv_kernel_grads`,
     `keras_dp_conv_patches`), or None."""
     return _load("TensorFlow", _load_tensorflow)
+
+
+def _load_c_api():
+    import ctypes
+
+    path = build("c_api", "c_api.cc", link_flags=["-pthread"])
+    library = ctypes.cdll.LoadLibrary(path)
+    u32, i32, i64, ptr = (
+        ctypes.c_uint32,
+        ctypes.c_int32,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    )
+    library.KerasDpStandardNormalC.argtypes = [u32, u32, ptr, i64, i32]
+    library.KerasDpStandardNormalC.restype = None
+    library.KerasDpNoisyGradientsC.argtypes = [
+        u32,
+        u32,
+        i64,
+        ptr,
+        ptr,
+        ptr,
+        ctypes.c_float,
+        i32,
+    ]
+    library.KerasDpNoisyGradientsC.restype = None
+    return library
+
+
+def c_api():
+    """The plain C library (`c_api.cc`: `KerasDpStandardNormalC`,
+    `KerasDpNoisyGradientsC`, called through ctypes on CPU buffers, as
+    PyTorch does), or None. It needs no framework headers."""
+    return _load("PyTorch", _load_c_api)

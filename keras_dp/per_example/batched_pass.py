@@ -223,7 +223,54 @@ def batched_pass(entries, run, make_context, backend_ops):
             )
         )
         return losses, y_pred, new_nt, recorder.records, terms
+    if backend == "torch":
+        import torch
+
+        # Eager: the gradient of the summed loss with respect to a zero
+        # probe added at each tap is that tap's output gradient; no weight
+        # gradient is computed. The rules then run without a graph.
+        probes = {}
+
+        def tap(index, key, z):
+            probes[key] = torch.zeros_like(z, requires_grad=True)
+            return z + probes[key]
+
+        # Random layers draw from their seed states (advancing them), as on
+        # the vmap path, not from PyTorch's global generator.
+        with torch.enable_grad(), backend_ops.seeded_random_ops():
+            recorder = Recorder(entries, tap)
+            with recorder:
+                losses, y_pred, new_nt = run()
+            keys = list(probes)
+            total = torch.sum(losses)
+            values = [None] * len(keys)
+            if keys and total.requires_grad:
+                values = torch.autograd.grad(
+                    total, [probes[k] for k in keys], allow_unused=True
+                )
+        grads = {
+            k: torch.zeros_like(probes[k]) if g is None else g
+            for k, g in zip(keys, values)
+        }
+        losses, y_pred, new_nt = tree_detach((losses, y_pred, new_nt))
+        for record in recorder.records:
+            record.args = tree_detach(record.args)
+            record.saved = tree_detach(record.saved)
+        with torch.no_grad():
+            terms = _rules_in_backward_order(
+                entries, recorder.records, grads, make_context, backend_ops, {}
+            )
+        return losses, y_pred, new_nt, recorder.records, terms
     raise Unsupported(f"backend {backend!r}")
+
+
+def tree_detach(structure):
+    """`structure` with its torch tensors cut from the autograd graph."""
+
+    def detach(t):
+        return t.detach() if hasattr(t, "detach") else t
+
+    return keras.tree.map_structure(detach, structure)
 
 
 def _rules_in_backward_order(entries, records, grads, make_context, backend_ops, done):

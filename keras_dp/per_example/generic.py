@@ -94,7 +94,10 @@ def generic_rule(layer, call, grads, context):
         _, g = context.backend_ops.value_and_grad(f)(params)
         return [f32(t) for t in g]
 
-    per_example = ops.vectorized_map(one_example, (tensors, cotangents))
+    # PyTorch: Keras's convolutions copy to channels-last memory, which
+    # torch.vmap cannot do (the layer draws no random numbers: checked).
+    with keras_compat.without_channels_last_copies():
+        per_example = ops.vectorized_map(one_example, (tensors, cotangents))
     return [instantiated_terms(v, g) for v, g in zip(variables, per_example)]
 
 

@@ -22,6 +22,7 @@ from keras_dp import backend as backend_lib
 from keras_dp import keras_compat
 from keras_dp.per_example.rows import example_is_present
 from keras_dp.per_example.rows import expand
+from keras_dp.per_example.rows import mappable
 from keras_dp.per_example.rows import offset_seed_states
 from keras_dp.per_example.rows import restore_seed_states
 from keras_dp.per_example.rows import row_mask
@@ -218,7 +219,7 @@ def per_example_losses(model, trainable, new_non_trainable, x, y, y_pred, sw):
             expand(row["sample_weight"]) if "sample_weight" in row else None,
         )
 
-    return ops.vectorized_map(one, rows)
+    return ops.vectorized_map(one, mappable(rows))
 
 
 def example_loss_fn(model):

@@ -7,6 +7,7 @@ per-example seed offsets, and adding or removing a batch axis of one.
 """
 
 import keras
+import numpy as np
 from keras import ops
 from keras import tree
 
@@ -173,4 +174,14 @@ def restore_seed_states(new_non_trainable, offsets, positions=None):
 def is_float_tensor(t):
     return ops.is_tensor(t) and keras.backend.is_float_dtype(
         keras.backend.standardize_dtype(t.dtype)
+    )
+
+
+def mappable(structure):
+    """`structure` with its numpy arrays as tensors: `torch.vmap` (Keras's
+    `ops.vectorized_map` on PyTorch) maps over tensors only, and arrays
+    given to `train_on_batch` arrive as numpy arrays there."""
+    return tree.map_structure(
+        lambda a: ops.convert_to_tensor(a) if isinstance(a, np.ndarray) else a,
+        structure,
     )

@@ -30,6 +30,7 @@ from keras_dp.per_example.losses import example_loss_fn
 from keras_dp.per_example.microbatches import microbatch_examples
 from keras_dp.per_example.microbatches import scan_microbatches
 from keras_dp.per_example.microbatches import unchunked
+from keras_dp.per_example.rows import mappable
 from keras_dp.per_example.rows import row_mask
 from keras_dp.per_example.rows import seed_state_ids
 
@@ -77,6 +78,7 @@ def _vectorized_clipped_sum(
     microbatch_size,
     scale,
 ):
+    x, y, sample_weight = mappable((x, y, sample_weight))
     rows = ops.shape(tree.flatten(x)[0])[0]
     loss_fn = example_loss_fn(model)
     grad_fn = backend_ops.value_and_grad(loss_fn)

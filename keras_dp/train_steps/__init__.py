@@ -12,8 +12,11 @@ from keras_dp import backend as backend_lib
 def train_step_for_backend():
     """The private `train_step(model, ...)` of the current Keras backend."""
     backend_lib.get_backend_module()  # the supported-backend check
-    if keras.backend.backend() == "tensorflow":
+    name = keras.backend.backend()
+    if name == "tensorflow":
         from keras_dp.train_steps import tensorflow as module
+    elif name == "torch":
+        from keras_dp.train_steps import torch as module
     else:
         from keras_dp.train_steps import jax as module
     return module.train_step

@@ -1,0 +1,54 @@
+// Plain C entry points for frameworks that call keras_dp's kernels through
+// ctypes on their own CPU buffers (PyTorch: keras_dp/backend/torch.py):
+//   KerasDpStandardNormalC(key0, key1, out, n, threads): out[0:n] standard
+//     normal float32 numbers, the same as the XLA FFI and TensorFlow
+//     kernels give for the key (noise.h);
+//   KerasDpNoisyGradientsC(key0, key1, num, offsets, grads, out, stddev,
+//     threads): out[k] = grads[k] + stddev * z over the flat draw z split
+//     at `offsets` (num + 1 entries), in one pass.
+// `threads`: how many threads share the work (the caller's included).
+// No framework headers: the library builds in a second or two.
+#include <cstdint>
+#include <functional>
+#include <thread>
+#include <vector>
+
+#include "chunks.h"
+#include "noise.h"
+
+namespace {
+
+void RunOnThreads(int64_t num_pairs, int32_t threads,
+                  std::function<void(int64_t, int64_t)> work) {
+  std::vector<std::thread> started;
+  keras_dp::RunChunks(
+      num_pairs, keras_dp::kChunkPairs, threads > 1 ? threads - 1 : 0,
+      [&started](std::function<void()> task) {
+        started.emplace_back(std::move(task));
+      },
+      std::move(work));
+  for (auto& thread : started) thread.join();
+}
+
+}  // namespace
+
+extern "C" {
+
+void KerasDpStandardNormalC(uint32_t key0, uint32_t key1, float* out,
+                            int64_t n, int32_t threads) {
+  RunOnThreads(kdp_num_pairs(n), threads, [=](int64_t lo, int64_t hi) {
+    kdp_standard_normal_range(key0, key1, out, n, lo, hi);
+  });
+}
+
+void KerasDpNoisyGradientsC(uint32_t key0, uint32_t key1, int64_t num,
+                            const int64_t* offsets, const float* const* grads,
+                            float* const* out, float stddev, int32_t threads) {
+  const kdp_segments segments = {num, offsets, grads, out, stddev};
+  RunOnThreads(kdp_num_pairs(offsets[num]), threads,
+               [&segments, key0, key1](int64_t lo, int64_t hi) {
+                 kdp_noisy_range(key0, key1, &segments, lo, hi);
+               });
+}
+
+}  // extern "C"

@@ -1,0 +1,64 @@
+"""The private train step for the PyTorch backend: runs eagerly (or under
+`torch.compile` with `jit_compile=True`), variables assigned in place."""
+
+import keras
+import torch
+
+from keras_dp import backend as backend_lib
+from keras_dp import keras_compat
+from keras_dp import per_example
+from keras_dp.clipped_batch import ClippedBatch
+
+
+def train_step(model, data):
+    x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+    trainable_variables = model.trainable_variables
+    # Values cut from the variables' autograd history: the per-example
+    # gradients come from the engine's own passes, not from `backward()`.
+    trainable = [v.value.detach() for v in trainable_variables]
+    non_trainable = [v.value.detach() for v in model.non_trainable_variables]
+    optimizer = model.optimizer
+    # Clip factors need the optimizer's clipping groups (resolved at build).
+    optimizer.build_for_model(model)
+    step = per_example.private_gradients(
+        model,
+        backend_lib.get_backend_module(),
+        trainable,
+        non_trainable,
+        x,
+        y,
+        sample_weight,
+        clipping=optimizer.step_clipping(),
+    )
+    with torch.no_grad():
+        noisy = optimizer.privatize(ClippedBatch.from_step(step))
+        optimizer.apply(noisy, trainable_variables)
+        non_trainable = step["non_trainable"]
+        after_update = getattr(model, "after_private_update", None)
+        if after_update is not None:
+            non_trainable = after_update(
+                [v.value.detach() for v in trainable_variables],
+                non_trainable,
+                optimizer.took_update(),
+            )
+        for variable, value in zip(model.non_trainable_variables, non_trainable):
+            variable.assign(value)
+        logs = _update_metrics(model, step, x, y, sample_weight)
+    logs.update(optimizer.clip_threshold_logs())
+    # Real examples of this step left out of the update for a non-finite
+    # gradient norm or loss (see `keras_dp.per_example`).
+    logs[per_example.NONFINITE_LOG] = step["nonfinite_examples"]
+    return logs
+
+
+# Outside torch.compile's graph (jit_compile=True): `step_metrics` sets and
+# deletes an attribute of the model (an nn.Module), which Dynamo replays
+# wrongly (the set is only recorded, the delete is run).
+@torch.compiler.disable
+def _update_metrics(model, step, x, y, sample_weight):
+    batch_size = keras.ops.shape(keras.tree.flatten(x)[0])[0]
+    keras_compat.loss_tracker(model).update_state(
+        step["loss"], sample_weight=batch_size
+    )
+    with per_example.step_metrics(model, step):
+        return model.compute_metrics(x, y, step["y_pred"], sample_weight=sample_weight)
