@@ -1,6 +1,6 @@
 """keras_dp benchmark suite: DP vs non-private step time and peak memory.
 
-    .venv/bin/python benchmarks/run.py [--backends tensorflow,jax]
+    .venv/bin/python benchmarks/run.py [--backends tensorflow,jax[,torch]]
         [--models mlp,mlp1,cnn,transformer,resnet] [--batch 256] [--vmap]
         [--poisson] [--peers DIR [--peer-venvs DIR]] [--write /tmp/results]
 
@@ -14,7 +14,13 @@ repository): `model.fit` on random data, a warm-up epoch, then the median
 over timed epochs of 20 steps. `--peers DIR` also runs their `bench_*.py`
 from the folder DIR, each in its own venv under `--peer-venvs` (default:
 the system's temporary folder; `PEER_RUNS` names them) when that venv
-exists, after keras_dp's rows.
+exists, after keras_dp's rows. The peers' scripts define `mlp` and `cnn`
+only (`PEER_MODELS`).
+
+`--backends torch` (Keras's PyTorch backend, eager, on the CPU) measures
+memory as on JAX: resident memory only, no allocator column. Its peer is
+Opacus (`bench_opacus.py`, venv `venv-opacus`), PyTorch's own DP-SGD on
+the same architectures written in `torch.nn`.
 """
 
 import argparse
@@ -36,6 +42,8 @@ PEER_RUNS = [
     ("venv-tfp", "bench_tf_privacy.py", ["fast"], "TF Privacy fast"),
     ("venv-tfp", "bench_tf_privacy.py", ["optimizer"], "TF Privacy optimizer"),
 ]
+# The models the peers' scripts define (the suite's others have no peer).
+PEER_MODELS = ("mlp", "cnn")
 HEADER = (
     "| backend | model | mode | plain step s | DP step s | time ratio "
     "| plain MB | DP MB | memory ratio | TF allocator ratio | path |"
@@ -182,7 +190,7 @@ def main():
     peer_lines = []
     if args.peers:
         for model in args.models.split(","):
-            if model not in ("cnn", "mlp"):
+            if model not in PEER_MODELS:
                 continue
             for venv_name, script, extra, label in PEER_RUNS:
                 venv = os.path.join(args.peer_venvs, venv_name)

@@ -24,7 +24,14 @@ memory during that epoch minus the resident memory once data and frameworks
 were loaded: model, optimizer state, compiled step and its buffers),
 `peak_mb` (`ru_maxrss` growth over the whole run, compilation included) and,
 on TensorFlow, `allocator_peak_mb` (peak bytes held by TensorFlow's CPU
-allocator during that epoch).
+allocator during that epoch). JAX and PyTorch (CPU) have resident memory
+only (`allocator_peak_mb` is null). On PyTorch the baseline is taken after
+the imports that the first `build` would make (`load_frameworks`), so that
+both modes' `train_peak_mb` is the training's own memory.
+
+PyTorch (`KERAS_BACKEND=torch`): Keras's PyTorch trainer, eager (Keras
+resolves `jit_compile="auto"` to no compilation on PyTorch, for the plain
+model and keras_dp's step alike), on the arrays as on JAX.
 
 On TensorFlow the batches come from a `tf.data.Dataset` with autotuning
 off, for plain and DP alike: on a 2-core machine tf.data's autotuner thread
@@ -89,6 +96,18 @@ def allocator_peak_mb():
     import tensorflow as tf
 
     return tf.config.experimental.get_memory_info("CPU:0")["peak"] / 2**20
+
+
+def load_frameworks(name):
+    """Imports what the first `build(name, ...)` would import, so that a
+    memory baseline taken after it holds them: `keras.utils.set_random_seed`
+    imports TensorFlow where it is installed (several hundred MB resident,
+    whatever the backend) and the BERT models import keras-hub. Used on
+    PyTorch only: the TensorFlow and JAX rows keep the baseline of their
+    earlier runs (on JAX these imports count in both modes' MB)."""
+    keras.utils.set_random_seed(0)
+    if name in models.BERT_CONFIGS:
+        import keras_hub  # noqa: F401
 
 
 def release_freed_heap():
@@ -191,6 +210,8 @@ def time_modes(name, modes, batch):
 
 def measure_memory(name, mode, batch):
     x, y = models.data(name, batch * STEPS)
+    if keras.backend.backend() == "torch":
+        load_frameworks(name)
     baseline = maxrss_mb()
     baseline_rss = status_mb("VmRSS")
     model = build(name, mode)
