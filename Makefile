@@ -4,7 +4,7 @@ BACKENDS ?= tensorflow jax torch
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PYTEST_ARGS ?= -q -p no:cacheprovider --timeout=900
+PYTEST_ARGS ?= -q -p no:cacheprovider --timeout=900 --durations=15
 
 # The lowest Keras that pyproject.toml allows ("keras>=X"), installed alone
 # into a folder put first on PYTHONPATH, so the rest of the venv is reused.
