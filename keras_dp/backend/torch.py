@@ -49,13 +49,27 @@ def vectorizable_layers(model):
     `torch.vmap` runs Keras's Python loops over time steps as they are."""
     del model
     nn = keras_compat.backend_nn_module()
-    saved = nn.one_hot
-    nn.one_hot = _one_hot
+    with (
+        _replaced(nn, {"one_hot": _one_hot}),
+        seeded_random_ops(),
+        keras_compat.without_channels_last_copies(),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def _replaced(module, functions):
+    """`module`'s attributes named in `functions` replaced by them inside
+    the context (Keras's backend modules: their functions are looked up by
+    attribute at each call)."""
+    saved = {name: getattr(module, name) for name in functions}
+    for name, fn in functions.items():
+        setattr(module, name, fn)
     try:
-        with seeded_random_ops(), keras_compat.without_channels_last_copies():
-            yield
+        yield
     finally:
-        nn.one_hot = saved
+        for name, fn in saved.items():
+            setattr(module, name, fn)
 
 
 def _one_hot(x, num_classes, axis=-1, dtype=None, sparse=False):
@@ -89,15 +103,10 @@ def seeded_random_ops():
     and augmentation, not the DP noise (`standard_normal`).
     """
     module = keras_compat.backend_random_module()
-    replaced = {"dropout": _dropout, "uniform": _uniform, "normal": _normal}
-    saved = {name: getattr(module, name) for name in replaced}
-    for name, fn in replaced.items():
-        setattr(module, name, fn)
-    try:
+    with _replaced(
+        module, {"dropout": _dropout, "uniform": _uniform, "normal": _normal}
+    ):
         yield
-    finally:
-        for name, fn in saved.items():
-            setattr(module, name, fn)
 
 
 _MASK32 = 0xFFFFFFFF
@@ -296,8 +305,7 @@ def conv_kernel_grad(x, dy, kernel_size, strides, dilation, pads):
 
 def _noise_key(seed):
     """The two uint32 words of `seed` (a SeedGenerator, advanced once)."""
-    words = seed.next()
-    return [int(w) & _MASK32 for w in torch.as_tensor(words).reshape(-1).tolist()]
+    return _seed_words(seed).reshape(-1).tolist()
 
 
 def _native_library(device):
