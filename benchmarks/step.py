@@ -5,6 +5,9 @@
 
 MODE: plain | dp (fast path, fixed batches) | dp-vmap (general path, fixed
 batches) | dp-poisson (fast path, Poisson sampling with padding) |
+dp-secure (as dp-poisson, with `secure_mode=True`: noise keyed by OS
+entropy at every step and drawn by `keras_dp.secure_noise`, batches drawn
+from OS entropy) |
 dp-framework-noise (as dp, but the noise from the framework's own random
 ops instead of keras_dp's compiled kernel, as with KERAS_DP_NATIVE=0).
 
@@ -146,7 +149,7 @@ def build(name, mode):
         return model
     model = keras_dp.make_private(
         model,
-        poisson_sampling=(mode == "dp-poisson"),
+        poisson_sampling=mode in ("dp-poisson", "dp-secure"),
         per_example="vmap" if mode == "dp-vmap" else "fast",
     )
     model.compile(
@@ -154,6 +157,7 @@ def build(name, mode):
             learning_rate=0.01,
             l2_norm_clip=1.0,
             noise_multiplier=float(os.environ.get("BENCH_NOISE", "1.0")),
+            secure_mode=mode == "dp-secure",
         ),
         loss=loss,
     )
@@ -169,7 +173,7 @@ def noise_sampler(mode):
 
 
 def fit_epoch(model, mode, x, y, batch):
-    if mode == "dp-poisson":
+    if mode in ("dp-poisson", "dp-secure"):
         model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
     else:
         model.fit(**batches(x, y, batch), epochs=1, verbose=0)

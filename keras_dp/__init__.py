@@ -10,6 +10,7 @@ model.fit(x, y, epochs=3)
 import importlib.metadata
 
 from keras_dp import accounting
+from keras_dp import audit
 from keras_dp import data
 from keras_dp.accounting import calibrate_noise_multiplier
 from keras_dp.accounting import compute_epsilon
@@ -47,6 +48,7 @@ except importlib.metadata.PackageNotFoundError:  # a source tree not installed
 __all__ = [
     "accounting",
     "AdaptiveClipping",
+    "audit",
     "calibrate_noise_multiplier",
     "clear_clip_group",
     "ClippedBatch",

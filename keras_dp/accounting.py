@@ -45,13 +45,14 @@ sigma = accounting.calibrate_noise_multiplier(
 
 import logging
 import math
-import operator
 import warnings
 
 import dp_accounting
 import numpy as np
 from dp_accounting import pld as dp_pld
 from dp_accounting import rdp as dp_rdp
+
+from keras_dp import arguments
 
 ACCOUNTANTS = ("rdp", "pld")
 
@@ -94,6 +95,26 @@ DEFAULT_PLD_DISCRETIZATION_INTERVAL = 1e-4
 MIN_NOISE_MULTIPLIER = 0.1
 MAX_NOISE_MULTIPLIER = 1e4
 
+# Noise multipliers below this are accounted as no noise (epsilon = inf):
+# their epsilon is astronomically large anyway, and dp-accounting's RDP
+# series overflows into NaN near 1e-150, which it would report as 0.
+MIN_ACCOUNTED_NOISE_MULTIPLIER = 1e-6
+# Larger ones are accounted as this one (sigma**2 overflows near 1e154).
+MAX_ACCOUNTED_NOISE_MULTIPLIER = 1e6
+# Renyi orders above this are refused: dp-accounting sums one term per
+# unit of an integer order.
+MAX_RDP_ORDER = 1e4
+# PLD accounting of one step discretises the privacy loss on about
+# (1 / (2 sigma**2) + 10 / sigma) / interval points; beyond this many it
+# would take minutes and gigabytes (or fail to allocate them).
+MAX_PLD_POINTS = 1e7
+
+# The largest dataset size `default_delta` and `check_delta` take (its
+# `n**1.1` must stay within the float range).
+MAX_EXAMPLES = 2**63 - 1
+
+_DEFAULT_ORDERS = np.asarray(DEFAULT_RDP_ORDERS, dtype=np.float64)
+
 
 def compute_epsilon(
     noise_multiplier,
@@ -123,8 +144,11 @@ def compute_epsilon(
 
     Args:
         noise_multiplier: Ratio of the standard deviation of the Gaussian
-            noise to the L2 clipping norm. Must be `>= 0`; `0` means no noise,
-            and the result is then `inf` unless `steps == 0`.
+            noise to the L2 clipping norm: a finite number `>= 0`. Below
+            `MIN_ACCOUNTED_NOISE_MULTIPLIER` (`1e-6`; `0` means no noise)
+            the result is `inf` unless `steps == 0`; above
+            `MAX_ACCOUNTED_NOISE_MULTIPLIER` (`1e6`) it is the epsilon of
+            that multiplier, an upper bound.
         sample_rate: Probability `q` that each example is included in a batch,
             i.e. `batch_size / n`. Must be in `(0, 1]`.
         steps: Number of noisy gradient steps (non-negative integer).
@@ -139,8 +163,12 @@ def compute_epsilon(
     Returns:
         Epsilon, as a Python float.
     """
+    segment = _validate_segment(
+        (noise_multiplier, sample_rate, steps),
+        ("noise_multiplier", "sample_rate", "steps"),
+    )
     return compute_epsilon_for_segments(
-        [(noise_multiplier, sample_rate, steps)],
+        [segment],
         delta,
         accountant=accountant,
         rdp_orders=rdp_orders,
@@ -186,26 +214,31 @@ def compute_epsilon_for_segments(
 
     Returns:
         Epsilon, as a Python float: `0.0` if there are no steps at all, and
-        `inf` if some step uses `noise_multiplier == 0`.
+        `inf` if some step uses `noise_multiplier == 0` (or below
+        `MIN_ACCOUNTED_NOISE_MULTIPLIER`).
     """
+    segments = _validate_segments(segments, "segments")
     check_delta(delta)
     new_accountant = _accountant_factory(
         accountant, rdp_orders, pld_discretization_interval
     )
-    events = []
-    non_private = False
-    for index, segment in enumerate(segments):
-        noise_multiplier, sample_rate, steps = _validate_segment(segment, index)
-        if steps == 0:
-            continue
-        if noise_multiplier == 0:
-            non_private = True
-        events.append(_segment_event(noise_multiplier, sample_rate, steps))
-    if not events:
-        return 0.0
-    if non_private:
+    segments = [segment for segment in segments if segment[2] > 0]
+    if any(sigma < MIN_ACCOUNTED_NOISE_MULTIPLIER for sigma, _, _ in segments):
         return math.inf
-    event = dp_accounting.ComposedDpEvent(events)
+    if not segments:
+        return 0.0
+    # Epsilon only decreases as the noise grows, so a larger multiplier is
+    # accounted as the largest one dp-accounting handles: an upper bound.
+    segments = [
+        (min(sigma, MAX_ACCOUNTED_NOISE_MULTIPLIER), q, steps)
+        for sigma, q, steps in segments
+    ]
+    if check_accountant(accountant) == "pld":
+        for sigma, _, _ in segments:
+            _check_pld_size(sigma, float(pld_discretization_interval))
+    event = dp_accounting.ComposedDpEvent(
+        [_segment_event(*segment) for segment in segments]
+    )
     return float(new_accountant().compose(event).get_epsilon(delta))
 
 
@@ -265,31 +298,28 @@ def calibrate_noise_multiplier(
         ValueError: If an argument is invalid, or if the target cannot be
             met with a noise multiplier of at most `MAX_NOISE_MULTIPLIER`.
     """
-    if not target_epsilon > 0:
-        raise ValueError(
-            "`target_epsilon` must be > 0: epsilon = 0 cannot be reached "
-            "with Gaussian noise. Received: "
-            f"target_epsilon={target_epsilon}"
-        )
-    if not 0 < tolerance < 1:
-        raise ValueError(
-            f"`tolerance` must be in (0, 1). Received: tolerance={tolerance}"
-        )
+    target_epsilon = arguments.positive_number(
+        "target_epsilon",
+        target_epsilon,
+        hint="epsilon = 0 cannot be reached with Gaussian noise",
+    )
+    tolerance = arguments.probability(
+        "tolerance", tolerance, low_open=True, high_open=True
+    )
     if (steps is None) == (epochs is None):
         raise ValueError(
             "Pass exactly one of `steps` and `epochs`. Received: "
-            f"steps={steps}, epochs={epochs}"
+            f"steps={steps!r}, epochs={epochs!r}"
         )
     check_delta(delta)
-    _validate_sample_rate(sample_rate)
+    sample_rate = _validate_sample_rate(sample_rate)
     _accountant_factory(accountant, rdp_orders, pld_discretization_interval)
+    prior_segments = _validate_segments(prior_segments, "prior_segments")
     if epochs is not None:
         steps = steps_for_epochs(epochs, sample_rate)
     steps = _validate_steps(steps)
     if steps == 0:
         return 0.0
-
-    prior_segments = list(prior_segments)
 
     def epsilon(sigma):
         return compute_epsilon_for_segments(
@@ -354,14 +384,18 @@ def steps_for_epochs(epochs, sample_rate):
     Returns:
         The number of steps, as a Python int.
     """
-    _validate_sample_rate(sample_rate)
-    if not 0 <= epochs < math.inf:
+    sample_rate = _validate_sample_rate(sample_rate)
+    epochs = arguments.non_negative_number("epochs", epochs)
+    steps = epochs / sample_rate
+    if not math.isfinite(steps):
         raise ValueError(
-            f"`epochs` must be a finite number >= 0. Received: epochs={epochs}"
+            f"`epochs` / `sample_rate` = {epochs!r} / {sample_rate!r} is "
+            "beyond the float range: no training runs that many steps. "
+            "Check the two arguments."
         )
     # Round away floating point noise such as 3 / 0.3 = 10.000000000000002
     # before taking the ceiling.
-    return int(math.ceil(round(epochs / sample_rate, 9)))
+    return int(math.ceil(round(steps, 9)))
 
 
 def default_delta(n):
@@ -382,19 +416,10 @@ def default_delta(n):
     Returns:
         Delta, as a Python float.
     """
-    try:
-        n_int = operator.index(n)
-    except TypeError:
-        n_int = None
-    if n_int is None or n_int < 2:
-        raise ValueError(
-            "`n` must be the number of training examples, an integer >= 2. "
-            f"Received: n={n}"
-        )
-    return 1.0 / n_int**1.1
+    return 1.0 / _validate_n(n, low=2) ** 1.1
 
 
-def check_delta(delta, n=None):
+def check_delta(delta, n=None, *, name="delta"):
     """Validates `delta`, optionally against the dataset size `n`.
 
     Raises a `ValueError` unless `0 < delta < 1`. If `n` is given and
@@ -412,18 +437,21 @@ def check_delta(delta, n=None):
     Args:
         delta: The delta of the `(epsilon, delta)` guarantee.
         n: Optional number of training examples.
+        name: the argument's name in error messages (`"target_delta"`).
+
+    Returns:
+        `delta`, as a Python float.
     """
-    if not 0 < delta < 1:
-        raise ValueError(
-            "`delta` must be in the open interval (0, 1); use e.g. "
-            f"`default_delta(n)` = 1 / n**1.1. Received: delta={delta}"
-        )
+    delta = arguments.probability(
+        name,
+        delta,
+        low_open=True,
+        high_open=True,
+        hint="use e.g. `default_delta(n)` = 1 / n**1.1",
+    )
     if n is None:
-        return
-    if not n >= 1:
-        raise ValueError(
-            f"`n` must be the number of training examples. Received: n={n}"
-        )
+        return delta
+    n = _validate_n(n, low=1)
     if delta >= 1 / n:
         warnings.warn(
             f"delta={delta} is >= 1/n = {1 / n:.3g} for a dataset of n={n} "
@@ -434,6 +462,7 @@ def check_delta(delta, n=None):
             UserWarning,
             stacklevel=2,
         )
+    return delta
 
 
 def _segment_event(noise_multiplier, sample_rate, steps):
@@ -443,75 +472,126 @@ def _segment_event(noise_multiplier, sample_rate, steps):
     return dp_accounting.SelfComposedDpEvent(event, steps)
 
 
+def check_accountant(accountant):
+    """Returns the accountant's name, one of `ACCOUNTANTS` (any case), or
+    raises `ValueError`."""
+    if isinstance(accountant, str) and accountant.lower() in ACCOUNTANTS:
+        return accountant.lower()
+    return arguments.one_of("accountant", accountant, ACCOUNTANTS, what="accountant")
+
+
 def _accountant_factory(accountant, rdp_orders, pld_discretization_interval):
-    name = accountant.lower() if isinstance(accountant, str) else accountant
+    name = check_accountant(accountant)
     if name == "rdp":
-        orders = DEFAULT_RDP_ORDERS if rdp_orders is None else rdp_orders
-        orders = np.asarray(orders, dtype=np.float64)
-        if orders.ndim != 1 or orders.size == 0 or not np.all(orders > 1):
-            raise ValueError(
-                "`rdp_orders` must be a non-empty list of Renyi orders > 1. "
-                f"Received: rdp_orders={rdp_orders}"
-            )
+        orders = _DEFAULT_ORDERS if rdp_orders is None else _orders(rdp_orders)
         return lambda: dp_rdp.RdpAccountant(orders)
-    if name == "pld":
-        if not 0 < pld_discretization_interval < math.inf:
-            raise ValueError(
-                "`pld_discretization_interval` must be > 0. Received: "
-                f"pld_discretization_interval={pld_discretization_interval}"
-            )
-        return lambda: dp_pld.PLDAccountant(
-            value_discretization_interval=pld_discretization_interval
-        )
-    raise ValueError(
-        f"Unknown accountant {accountant!r}. Valid names are: "
-        f"{', '.join(repr(a) for a in ACCOUNTANTS)}."
+    interval = arguments.positive_number(
+        "pld_discretization_interval", pld_discretization_interval
     )
+    return lambda: dp_pld.PLDAccountant(value_discretization_interval=interval)
 
 
-def _validate_segment(segment, index):
+def _orders(rdp_orders):
+    """`rdp_orders` as a float64 array, or an error naming the argument."""
+    allowed = f"a non-empty list of Renyi orders, numbers in (1, {MAX_RDP_ORDER:g}]"
+    if isinstance(rdp_orders, np.ndarray):
+        items = list(rdp_orders.ravel()) if rdp_orders.ndim == 1 else None
+    elif isinstance(rdp_orders, (list, tuple)):
+        items = list(rdp_orders)
+    else:
+        items = None
+    if not items or not all(arguments.is_number(order) for order in items):
+        raise arguments.ArgumentTypeError(
+            f"`rdp_orders` must be {allowed}. Received: rdp_orders={rdp_orders!r}"
+        )
+    orders = np.asarray([float(order) for order in items], dtype=np.float64)
+    if not np.all((orders > 1) & (orders <= MAX_RDP_ORDER)):
+        raise ValueError(
+            f"`rdp_orders` must be {allowed}. Received: rdp_orders={rdp_orders!r}"
+        )
+    return orders
+
+
+def _check_pld_size(noise_multiplier, interval):
+    points = (0.5 / noise_multiplier**2 + 10 / noise_multiplier) / interval
+    if points > MAX_PLD_POINTS:
+        raise ValueError(
+            f"PLD accounting of noise_multiplier={noise_multiplier:g} at "
+            f"pld_discretization_interval={interval:g} would discretise the "
+            f"privacy loss on about {points:.2g} points (more than "
+            f"{MAX_PLD_POINTS:g}: minutes and gigabytes). Use "
+            "accountant='rdp', or a larger `pld_discretization_interval`."
+        )
+
+
+def _validate_segments(segments, name):
+    """`segments` as a list of validated `(sigma, q, steps)` tuples."""
+    if isinstance(segments, (str, bytes, dict)):
+        items = None
+    else:
+        try:
+            items = list(segments)
+        except TypeError:
+            items = None
+    if items is None:
+        raise arguments.ArgumentTypeError(
+            f"`{name}` must be a list of (noise_multiplier, sample_rate, "
+            f"steps) tuples. Received: {name}={segments!r}"
+        )
+    return [
+        _validate_segment(
+            segment, tuple(f"{name}[{index}][{k}]" for k in range(3)), index, name
+        )
+        for index, segment in enumerate(items)
+    ]
+
+
+def _validate_segment(segment, names, index=None, name=None):
+    """`(sigma, q, steps)` as `(float, float, int)`; `names`: those of
+    the three values in messages."""
     try:
         noise_multiplier, sample_rate, steps = segment
     except (TypeError, ValueError):
-        raise ValueError(
-            "Each segment must be a (noise_multiplier, sample_rate, steps) "
-            f"tuple. Received: segments[{index}]={segment!r}"
+        raise arguments.ArgumentTypeError(
+            f"`{name}[{index}]` must be a (noise_multiplier, sample_rate, "
+            f"steps) tuple. Received: {name}[{index}]={segment!r}"
         ) from None
-    if not 0 <= noise_multiplier < math.inf:
-        raise ValueError(
-            "`noise_multiplier` must be a finite number >= 0 (the ratio of "
-            "the noise standard deviation to the clipping norm). Received: "
-            f"noise_multiplier={noise_multiplier}"
-        )
-    _validate_sample_rate(sample_rate)
-    return float(noise_multiplier), float(sample_rate), _validate_steps(steps)
+    sigma_name, rate_name, steps_name = names
+    noise_multiplier = arguments.non_negative_number(
+        sigma_name,
+        noise_multiplier,
+        hint="the noise multiplier, the ratio of the noise standard deviation "
+        "to the clipping norm",
+    )
+    return (
+        noise_multiplier,
+        _validate_sample_rate(sample_rate, rate_name),
+        _validate_steps(steps, steps_name),
+    )
 
 
-def _validate_sample_rate(sample_rate):
-    if sample_rate > 1:
-        raise ValueError(
-            f"`sample_rate` must be <= 1, but received {sample_rate}. The "
-            "sample rate is batch_size / n, the expected batch size divided "
-            "by the dataset size; check that batch_size is not larger than "
-            "the number of training examples and that they are not swapped."
-        )
-    if not sample_rate > 0:
-        raise ValueError(
-            "`sample_rate` must be in (0, 1]: it is batch_size / n, the "
-            "expected batch size divided by the dataset size. Received: "
-            f"sample_rate={sample_rate}"
-        )
+def _validate_sample_rate(sample_rate, name="sample_rate"):
+    return arguments.probability(
+        name,
+        sample_rate,
+        low_open=True,
+        hint="the sample rate batch_size / n, the expected batch size divided "
+        "by the dataset size; check that batch_size is not larger than the "
+        "number of training examples and that the two are not swapped",
+    )
 
 
-def _validate_steps(steps):
-    try:
-        value = operator.index(steps)
-    except TypeError:
-        is_integral_float = isinstance(steps, float) and steps.is_integer()
-        value = int(steps) if is_integral_float else None
-    if value is None or value < 0:
-        raise ValueError(
-            "`steps` must be a non-negative integer (the number of training "
-            f"steps). Received: steps={steps}"
-        )
-    return value
+def _validate_steps(steps, name="steps"):
+    return arguments.integer(
+        name,
+        steps,
+        low=0,
+        integral_float=True,
+        hint="the number of training steps",
+    )
+
+
+def _validate_n(n, low):
+    return arguments.integer(
+        "n", n, low=low, high=MAX_EXAMPLES, hint="the number of training examples"
+    )

@@ -3,6 +3,7 @@
 import keras
 
 from keras_dp import accounting
+from keras_dp import arguments
 from keras_dp import keras_compat
 from keras_dp import ledger as ledger_lib
 from keras_dp.privacy_settings import is_private
@@ -15,13 +16,6 @@ def _check_private(model, callback):
             "but this model is not private. Pass it through "
             "keras_dp.make_private(model) and compile it with a keras_dp DP "
             "optimizer."
-        )
-
-
-def _check_accountant(accountant):
-    if accountant not in accounting.ACCOUNTANTS:
-        raise ValueError(
-            f"Unknown accountant {accountant!r}; use one of {accounting.ACCOUNTANTS}."
         )
 
 
@@ -59,19 +53,11 @@ class EpsilonLogger(keras.callbacks.Callback):
 
     def __init__(self, delta=None, accountant="rdp", every_n_batches=None):
         super().__init__()
-        if delta is not None:
-            accounting.check_delta(delta)
-        _check_accountant(accountant)
-        if every_n_batches is not None and (
-            not isinstance(every_n_batches, int) or every_n_batches <= 0
-        ):
-            raise ValueError(
-                "`every_n_batches` must be a positive integer or None. "
-                f"Received: {every_n_batches!r}."
-            )
-        self.delta = delta
-        self.accountant = accountant
-        self.every_n_batches = every_n_batches
+        self.delta = None if delta is None else accounting.check_delta(delta)
+        self.accountant = accounting.check_accountant(accountant)
+        self.every_n_batches = arguments.positive_int(
+            "every_n_batches", every_n_batches, allow_none=True
+        )
 
     def on_train_begin(self, logs=None):
         _check_private(self.model, self)
@@ -139,15 +125,11 @@ class PrivacyBudget(keras.callbacks.Callback):
 
     def __init__(self, target_epsilon, delta, accountant="rdp"):
         super().__init__()
-        if not target_epsilon > 0:
-            raise ValueError(
-                f"`target_epsilon` must be positive. Received: {target_epsilon!r}."
-            )
-        accounting.check_delta(delta)
-        _check_accountant(accountant)
-        self.target_epsilon = target_epsilon
-        self.delta = delta
-        self.accountant = accountant
+        self.target_epsilon = arguments.positive_number(
+            "target_epsilon", target_epsilon
+        )
+        self.delta = accounting.check_delta(delta)
+        self.accountant = accounting.check_accountant(accountant)
         self.stopped_at_step = None
 
     def on_train_begin(self, logs=None):

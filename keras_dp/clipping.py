@@ -22,6 +22,7 @@ import math
 
 from keras import ops
 
+from keras_dp import arguments
 from keras_dp import backend as backend_lib
 
 CLIPPING_MODES = ("flat", "auto", "global")
@@ -33,28 +34,32 @@ AUTO_CLIP_GAMMA = 0.01
 
 
 def validate_clipping(clipping, l2_norm_clip, global_clip_threshold):
-    """Raises `ValueError` for settings that would not bound sensitivity."""
-    if clipping not in CLIPPING_MODES:
+    """Raises for settings that would not bound the sensitivity.
+
+    Returns:
+        `(clipping, l2_norm_clip, global_clip_threshold)`, the numbers as
+        Python floats.
+    """
+    clipping = arguments.one_of(
+        "clipping", clipping, CLIPPING_MODES, what="clipping mode"
+    )
+    l2_norm_clip = arguments.positive_number(
+        "l2_norm_clip",
+        l2_norm_clip,
+        hint="the L2 bound C (or scale R) on each example's clipped gradient",
+    )
+    global_clip_threshold = arguments.positive_number(
+        "global_clip_threshold",
+        global_clip_threshold,
+        allow_none=True,
+        hint="Z of clipping='global', which defaults to l2_norm_clip",
+    )
+    if global_clip_threshold is not None and clipping != "global":
         raise ValueError(
-            f"Unknown clipping mode {clipping!r}. Use one of "
-            f"{', '.join(repr(m) for m in CLIPPING_MODES)}."
+            "`global_clip_threshold` only applies to clipping='global'. "
+            f"Received it with clipping={clipping!r}."
         )
-    if l2_norm_clip is None or not l2_norm_clip > 0:
-        raise ValueError(
-            "`l2_norm_clip` must be a positive number (the L2 bound C on each "
-            f"example's clipped gradient). Received: {l2_norm_clip!r}."
-        )
-    if global_clip_threshold is not None:
-        if clipping != "global":
-            raise ValueError(
-                "`global_clip_threshold` only applies to clipping='global'. "
-                f"Received it with clipping={clipping!r}."
-            )
-        if not global_clip_threshold > 0:
-            raise ValueError(
-                "`global_clip_threshold` (Z) must be positive. Received: "
-                f"{global_clip_threshold!r}."
-            )
+    return clipping, l2_norm_clip, global_clip_threshold
 
 
 def clip_factors(norms, clipping, l2_norm_clip, global_clip_threshold=None):
@@ -333,27 +338,20 @@ class AdaptiveClipping:
         count_stddev_fraction=0.05,
         count_stddev=None,
     ):
-        if not 0 < target_quantile < 1:
-            raise ValueError(
-                f"`target_quantile` must be in (0, 1). Received: {target_quantile!r}."
-            )
-        if not learning_rate > 0:
-            raise ValueError(
-                f"`learning_rate` must be positive. Received: {learning_rate!r}."
-            )
-        if count_stddev is None and not count_stddev_fraction > 0:
-            raise ValueError(
-                "`count_stddev_fraction` must be positive. Received: "
-                f"{count_stddev_fraction!r}."
-            )
-        if count_stddev is not None and not count_stddev >= 0:
-            raise ValueError(
-                f"`count_stddev` must be >= 0. Received: {count_stddev!r}."
-            )
-        self.target_quantile = float(target_quantile)
-        self.learning_rate = float(learning_rate)
-        self.count_stddev_fraction = float(count_stddev_fraction)
-        self.count_stddev = None if count_stddev is None else float(count_stddev)
+        self.target_quantile = arguments.probability(
+            "target_quantile",
+            target_quantile,
+            low_open=True,
+            high_open=True,
+            hint="the fraction of examples to leave unclipped",
+        )
+        self.learning_rate = arguments.positive_number("learning_rate", learning_rate)
+        self.count_stddev_fraction = arguments.positive_number(
+            "count_stddev_fraction", count_stddev_fraction
+        )
+        self.count_stddev = arguments.non_negative_number(
+            "count_stddev", count_stddev, allow_none=True
+        )
 
     def count_noise_stddev(self, expected_batch_size):
         """`sigma_b` for expected batch size `B` (a float)."""

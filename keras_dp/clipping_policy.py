@@ -26,8 +26,10 @@ exposes it as `optimizer.clipping_policy`.
 import math
 
 import keras
+import numpy as np
 from keras import ops
 
+from keras_dp import arguments
 from keras_dp import clipping as clipping_lib
 from keras_dp import groups as groups_lib
 
@@ -60,23 +62,17 @@ class ClippingPolicy:
         clip_thresholds=None,
         adaptive_clipping=None,
     ):
-        clipping_lib.validate_clipping(clipping, l2_norm_clip, global_clip_threshold)
-        if clip_groups is not None and clip_groups not in groups_lib.CLIP_GROUP_MODES:
-            raise ValueError(
-                f"Unknown clip_groups={clip_groups!r}. Use one of "
-                f"{', '.join(repr(m) for m in groups_lib.CLIP_GROUP_MODES)}, "
-                "or None."
-            )
-        if clip_thresholds is not None:
-            if not isinstance(clip_thresholds, dict):
-                raise ValueError(
-                    "`clip_thresholds` must be a dict {group name: threshold}. "
-                    f"Received: {clip_thresholds!r}."
-                )
-            clip_thresholds = {
-                str(k): groups_lib.check_threshold(v, k)
-                for k, v in clip_thresholds.items()
-            }
+        clipping, l2_norm_clip, global_clip_threshold = clipping_lib.validate_clipping(
+            clipping, l2_norm_clip, global_clip_threshold
+        )
+        clip_groups = arguments.one_of(
+            "clip_groups",
+            clip_groups,
+            groups_lib.CLIP_GROUP_MODES,
+            allow_none=True,
+            what="clip_groups",
+        )
+        clip_thresholds = _thresholds(clip_thresholds)
         adaptive_clipping = _adaptive(adaptive_clipping)
         if adaptive_clipping is not None and clipping != "flat":
             raise ValueError(
@@ -84,11 +80,9 @@ class ClippingPolicy:
                 f"clipping={clipping!r} the threshold is only a scale). Use "
                 "clipping='flat'."
             )
-        self.l2_norm_clip = float(l2_norm_clip)
+        self.l2_norm_clip = l2_norm_clip
         self.clipping = clipping
-        self.global_clip_threshold = (
-            None if global_clip_threshold is None else float(global_clip_threshold)
-        )
+        self.global_clip_threshold = global_clip_threshold
         self.clip_groups = clip_groups
         self.clip_thresholds = clip_thresholds
         self.adaptive_clipping = adaptive_clipping
@@ -194,17 +188,48 @@ class ClippingPolicy:
         return f"ClippingPolicy({args})"
 
 
-def _adaptive(adaptive_clipping):
-    if adaptive_clipping is True:
-        return clipping_lib.AdaptiveClipping()
-    if adaptive_clipping is False or adaptive_clipping is None:
+def _thresholds(clip_thresholds):
+    """`{group name: C_k}` with non-empty string names and positive finite
+    float thresholds, or None."""
+    if clip_thresholds is None:
         return None
+    if not isinstance(clip_thresholds, dict):
+        raise arguments.ArgumentTypeError(
+            "`clip_thresholds` must be a dict {group name: threshold}, or "
+            f"None. Received: clip_thresholds={clip_thresholds!r}."
+        )
+    result = {}
+    for name, threshold in clip_thresholds.items():
+        if not isinstance(name, str) or not name:
+            error = ValueError if isinstance(name, str) else arguments.ArgumentTypeError
+            raise error(
+                "`clip_thresholds` must map group names, non-empty strings, "
+                f"to thresholds. Received the key {name!r} in "
+                f"clip_thresholds={clip_thresholds!r}."
+            )
+        result[name] = groups_lib.check_threshold(
+            f"clip_thresholds[{name!r}]", threshold
+        )
+    return result
+
+
+def _adaptive(adaptive_clipping):
+    if adaptive_clipping is None or isinstance(adaptive_clipping, (bool, np.bool_)):
+        return clipping_lib.AdaptiveClipping() if adaptive_clipping else None
     if isinstance(adaptive_clipping, dict):
-        return clipping_lib.AdaptiveClipping.from_config(adaptive_clipping)
+        try:
+            return clipping_lib.AdaptiveClipping.from_config(adaptive_clipping)
+        except TypeError as error:  # an unknown key
+            raise arguments.ArgumentTypeError(
+                "`adaptive_clipping` as a dict must be the config of a "
+                f"keras_dp.AdaptiveClipping ({error}). Received: "
+                f"adaptive_clipping={adaptive_clipping!r}."
+            ) from None
     if not isinstance(adaptive_clipping, clipping_lib.AdaptiveClipping):
-        raise ValueError(
-            "`adaptive_clipping` must be True, False or a "
-            f"keras_dp.AdaptiveClipping. Received: {adaptive_clipping!r}."
+        raise arguments.ArgumentTypeError(
+            "`adaptive_clipping` must be True, False, None or a "
+            "keras_dp.AdaptiveClipping (or its config). Received: "
+            f"adaptive_clipping={adaptive_clipping!r}."
         )
     return adaptive_clipping
 

@@ -14,7 +14,7 @@ row of zeros gives the model a non-finite loss: see `keras_dp.per_example`).
 yourself for a custom pipeline:
 
 ```python
-sampler = keras_dp.data.PoissonSampler(x, y, batch_size=256, seed=0)
+sampler = keras_dp.data.PoissonSampler(x, y, batch_size=256)
 model.fit(sampler, epochs=3)
 ```
 """
@@ -25,6 +25,8 @@ import secrets
 import keras
 import numpy as np
 from keras import tree
+
+from keras_dp import arguments
 
 # Padded rows = expected batch + this many standard deviations of the
 # Binomial batch size. A larger batch (probability ~1e-3 per step) is padded
@@ -64,7 +66,13 @@ class PoissonSampler(keras.utils.PyDataset):
         seed: seed of the sampling. None draws one from the OS entropy pool.
             (NumPy's generator is not a cryptographic one; like other DP
             libraries, this sampler does not defend against an adversary
-            who can predict its pseudo-random stream.)
+            who can predict its pseudo-random stream: see `secure_mode`.)
+        secure_mode: False (the default) or True: every logical batch is
+            drawn by a generator keyed with 128 fresh bits of the
+            operating system's cryptographic entropy (`secrets`), never
+            stored, instead of the reproducible stream of `seed` (which
+            must then be None). A private model's `fit` builds its sampler
+            this way when the DP optimizer has `secure_mode=True`.
 
     Each item is `(x, y, sample_weight)` with `padded_batch_size` rows; rows
     beyond the sampled examples are zeros with sample weight 0 (copies of
@@ -82,8 +90,21 @@ class PoissonSampler(keras.utils.PyDataset):
         steps_per_epoch=None,
         accumulation_steps=1,
         seed=None,
+        secure_mode=False,
     ):
         super().__init__()
+        secure_mode = arguments.boolean("secure_mode", secure_mode)
+        seed = arguments.seed("seed", seed)
+        if secure_mode and seed is not None:
+            raise ValueError(
+                "`secure_mode=True` draws every batch from fresh operating-"
+                f"system entropy, so it takes no seed. Received seed={seed!r}: "
+                "pass seed=None, or secure_mode=False for reproducible batches."
+            )
+        self.secure_mode = secure_mode
+        # Secure mode: the current logical batch, kept until all its
+        # accumulation parts are read (each part must come from one draw).
+        self._secure_batch = None
         if y is None:
             raise ValueError(
                 "PoissonSampler needs targets `y`: padding rows are marked by "
@@ -94,25 +115,36 @@ class PoissonSampler(keras.utils.PyDataset):
         self.x = x
         self.y = y
         self.n = num_examples(x)
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(
-                f"`batch_size` must be a positive integer. Received: {batch_size!r}."
-            )
+        batch_size = arguments.positive_int(
+            "batch_size", batch_size, hint="the expected batch size"
+        )
+        steps_per_epoch = arguments.positive_int(
+            "steps_per_epoch", steps_per_epoch, allow_none=True
+        )
         self.batch_size = batch_size
-        self.accumulation_steps = int(accumulation_steps or 1)
+        self.accumulation_steps = (
+            arguments.positive_int(
+                "accumulation_steps", accumulation_steps, allow_none=True
+            )
+            or 1
+        )
         logical = batch_size * self.accumulation_steps
         if logical > self.n:
             raise ValueError(
                 f"The sample rate q = batch_size * accumulation_steps / n = "
                 f"{logical} / {self.n} is above 1: the expected batch cannot "
-                "be larger than the dataset. Use a smaller batch_size."
+                "be larger than the dataset. Use a smaller batch_size. "
+                f"Received: batch_size={batch_size}, accumulation_steps="
+                f"{self.accumulation_steps}, n={self.n}."
             )
         self.sample_rate = logical / self.n
-        if sample_weight is None:
-            sample_weight = np.ones((self.n,), dtype="float32")
-        self.sample_weight = np.asarray(sample_weight, dtype="float32")
+        self.sample_weight = _sample_weights(sample_weight, self.n)
         self.updates_per_epoch = steps_per_epoch or math.ceil(self.n / logical)
-        self.seed = secrets.randbits(63) if seed is None else int(seed)
+        self.seed = (
+            None
+            if secure_mode
+            else (secrets.randbits(63) if seed is None else int(seed))
+        )
         self.padded_size = padded_batch_size(batch_size, batch_size / self.n)
         self.epoch = 0
 
@@ -124,14 +156,18 @@ class PoissonSampler(keras.utils.PyDataset):
         return self.updates_per_epoch * self.accumulation_steps
 
     def sample_indices(self, update):
-        """Indices of the logical batch of optimizer update `update`."""
-        rng = np.random.default_rng([self.seed, self.epoch, update])
+        """Indices of the logical batch of optimizer update `update` (in
+        secure mode a fresh draw at each call)."""
+        if self.secure_mode:
+            rng = np.random.Generator(np.random.Philox(key=secrets.randbits(128)))
+        else:
+            rng = np.random.default_rng([self.seed, self.epoch, update])
         chosen = np.flatnonzero(rng.random(self.n) < self.sample_rate)
         return rng.permutation(chosen)
 
     def __getitem__(self, index):
         update, part = divmod(index, self.accumulation_steps)
-        chosen = np.array_split(self.sample_indices(update), self.accumulation_steps)[
+        chosen = np.array_split(self._logical_batch(update), self.accumulation_steps)[
             part
         ]
         rows = max(self.padded_size, _round_up(len(chosen), 8))
@@ -141,8 +177,50 @@ class PoissonSampler(keras.utils.PyDataset):
             _take_padded(self.sample_weight, chosen, rows),
         )
 
+    def _logical_batch(self, update):
+        if not self.secure_mode:
+            return self.sample_indices(update)
+        key = (self.epoch, update)
+        if self._secure_batch is None or self._secure_batch[0] != key:
+            self._secure_batch = (key, self.sample_indices(update))
+        return self._secure_batch[1]
+
     def on_epoch_end(self):
         self.epoch += 1
+        self._secure_batch = None
+
+
+def _sample_weights(sample_weight, n):
+    """Per-example weights as float32 with `n` rows (ones by default).
+
+    A negative weight would turn the example's loss around and a
+    non-finite one its whole gradient (the train step would drop that
+    example from every batch it is in): both are refused."""
+    if sample_weight is None:
+        return np.ones((n,), dtype="float32")
+    try:
+        # A weight beyond float32's range becomes inf, refused below.
+        with np.errstate(over="ignore"):
+            weights = np.asarray(sample_weight, dtype="float32")
+    except (TypeError, ValueError):
+        weights = None
+    if weights is None or weights.ndim == 0 or weights.shape[0] != n:
+        raise arguments.ArgumentTypeError(
+            f"`sample_weight` must be an array of numbers with one row per "
+            f"example ({n} rows), or None. Received: sample_weight of type "
+            f"{type(sample_weight).__name__}"
+            + ("" if weights is None else f" and shape {weights.shape}")
+            + "."
+        )
+    bad = np.argwhere(~(np.isfinite(weights) & (weights >= 0)))
+    if len(bad):
+        index = ", ".join(str(int(i)) for i in bad[0])
+        raise ValueError(
+            "`sample_weight` must hold finite numbers >= 0 (as float32). "
+            f"Received: sample_weight[{index}]={float(weights[tuple(bad[0])])!r} "
+            f"({len(bad)} such entries)."
+        )
+    return weights
 
 
 def _take_padded(structure, indices, rows):

@@ -76,6 +76,35 @@ def poisson_plan(sampler, accumulation):
     return SamplingPlan(sampler.sample_rate, True, sampler.n, sampler.updates_per_epoch)
 
 
+def check_secure_sampling(optimizer, x):
+    """Refuses data that secure mode cannot sample: its guarantee covers
+    the batches too, so they must be Poisson samples drawn from the
+    operating system's entropy."""
+    if not optimizer.secure_mode:
+        return
+    if isinstance(x, data_lib.PoissonSampler) and x.secure_mode:
+        return
+    if isinstance(x, data_lib.PoissonSampler):
+        why = "this PoissonSampler draws from a reproducible NumPy stream"
+        fix = "Build it with keras_dp.data.PoissonSampler(..., secure_mode=True)"
+    else:
+        why = (
+            "this data is batched by Keras or by its own pipeline (fixed-size "
+            "shuffled batches from a reproducible generator), or "
+            "make_private(poisson_sampling=False) was given"
+        )
+        fix = (
+            "Train on in-memory arrays with Poisson sampling (fit then builds "
+            "a secure sampler), or pass "
+            "keras_dp.data.PoissonSampler(x, y, ..., secure_mode=True)"
+        )
+    raise ValueError(
+        f"{type(optimizer).__name__} has secure_mode=True, which draws the "
+        f"batches from the operating system's entropy as well, but {why}. "
+        f"{fix}, or use secure_mode=False."
+    )
+
+
 def fixed_batch_plan(
     model, x, y, batch_size, steps_per_epoch, validation_split, accumulation
 ):

@@ -101,6 +101,7 @@ squared norms, which both paths produce:
 
 import keras
 
+from keras_dp import arguments
 from keras_dp import keras_compat
 
 GROUP_ATTR = "_keras_dp_clip_group"
@@ -122,14 +123,12 @@ def set_clip_group(layer, group, threshold=None):
     Returns:
         `layer`.
     """
-    if not isinstance(layer, keras.layers.Layer):
-        raise TypeError(f"set_clip_group expects a keras Layer. Received: {layer!r}.")
-    if not isinstance(group, str) or not group:
-        raise ValueError(
-            f"The group name must be a non-empty string. Received: {group!r}."
-        )
+    arguments.instance_of("layer", layer, keras.layers.Layer, "a keras Layer")
+    group = arguments.non_empty_string(
+        "group", group, hint="the name of the clipping group"
+    )
     if threshold is not None:
-        threshold = check_threshold(threshold, group)
+        threshold = check_threshold("threshold", threshold)
     object.__setattr__(layer, GROUP_ATTR, (group, threshold))
     return layer
 
@@ -145,17 +144,12 @@ def clear_clip_group(layer):
         object.__delattr__(layer, GROUP_ATTR)
 
 
-def check_threshold(threshold, group):
-    try:
-        value = float(threshold)
-    except (TypeError, ValueError):
-        value = None
-    if value is None or not value > 0:
-        raise ValueError(
-            f"The clipping threshold of group {group!r} must be a positive "
-            f"number. Received: {threshold!r}."
-        )
-    return value
+def check_threshold(name, threshold):
+    """`threshold` (argument `name`) as a float if it is a positive finite
+    number: a group's clipping threshold `C_k`."""
+    return arguments.positive_number(
+        name, threshold, hint="the clipping threshold C_k of the group"
+    )
 
 
 def _children(layer):

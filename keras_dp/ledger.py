@@ -8,6 +8,15 @@ adds the change points of the noise multiplier and the sampling rate, stored
 in the optimizer's config, so `model.save` -> `keras.saving.load_model` ->
 `fit` continues the count, and a private model compiled again with a new DP
 optimizer hands its ledger on to it (`keras_dp.make_private` does this).
+
+After a crash the count is that of the weights restored: a checkpoint
+holds `iterations` with the weights, so the updates lost after it are not
+counted and those that run again are counted once. `BackupAndRestore`
+(and `load_weights`) restore the variables but not the config: the
+resumed process records its own setting from step 0 when `fit` starts,
+which is right when it runs the same code as the crashed one (as Keras
+requires of `BackupAndRestore`); `load_model` restores the change points
+too (`tests/test_fault_tolerance.py` kills a run and checks both).
 """
 
 import keras

@@ -51,6 +51,7 @@ import math
 import keras
 from keras import ops
 
+from keras_dp import arguments
 from keras_dp import keras_compat
 
 _MATRIX_LAYERS = (
@@ -102,6 +103,21 @@ def _support_mask(scores, keep):
     return ops.reshape(mask, scores.shape)
 
 
+def _layer_names(name, names):
+    """`names` as a tuple of non-empty strings: a list or tuple of layer
+    names (one string alone is refused: it would be read letter by
+    letter)."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple, set, frozenset)):
+        raise arguments.ArgumentTypeError(
+            f"`{name}` must be a list, tuple or set of layer names, e.g. "
+            f"('head',). Received: {name}={names!r}."
+        )
+    return tuple(
+        arguments.non_empty_string(f"{name}[{k}]", item, hint="a layer name")
+        for k, item in enumerate(names)
+    )
+
+
 class _Carrier:
     """Carriers of one kernel: its position and the carrier variables."""
 
@@ -143,15 +159,17 @@ class LowRankSparse(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"`rank` must be a positive integer. Received: {rank!r}.")
-        if not 0 <= sparsity < 1:
-            raise ValueError(f"`sparsity` must be in [0, 1). Received: {sparsity!r}.")
-        if not isinstance(refresh_every, int) or refresh_every < 1:
-            raise ValueError(
-                "`refresh_every` must be a positive integer. Received: "
-                f"{refresh_every!r}."
-            )
+        arguments.instance_of("model", model, keras.Model, "a keras.Model")
+        rank = arguments.positive_int("rank", rank)
+        sparsity = arguments.probability(
+            "sparsity",
+            sparsity,
+            high_open=True,
+            hint="the fraction of carrier coordinates left out",
+        )
+        refresh_every = arguments.positive_int("refresh_every", refresh_every)
+        exclude = _layer_names("exclude", exclude)
+        seed = arguments.seed("seed", seed, allow_none=False)
         if not model.built:
             raise ValueError(
                 "LowRankSparse needs a built model (its kernels must exist). "
@@ -159,10 +177,10 @@ class LowRankSparse(keras.Model):
             )
         self.inner = model
         self.rank = rank
-        self.sparsity = float(sparsity)
+        self.sparsity = sparsity
         self.refresh_every = refresh_every
-        self.exclude = tuple(exclude)
-        self.seed = int(seed)
+        self.exclude = exclude
+        self.seed = seed
         self._carriers = self._create_carriers()
         self._refresh_count = self.add_weight(
             shape=(),
@@ -234,7 +252,12 @@ class LowRankSparse(keras.Model):
                 (carrier.p, carrier.d),
             )
             seed = ops.cast(
-                ops.stack([self.seed + 7919 * k, ops.cast(refresh_index, "int32")]),
+                ops.stack(
+                    [
+                        (self.seed + 7919 * k) % (arguments.MAX_SEED + 1),
+                        ops.cast(refresh_index, "int32"),
+                    ]
+                ),
                 seed_dtype,
             )
             r0 = keras.random.normal((carrier.d, carrier.rank), seed=_FixedSeed(seed))

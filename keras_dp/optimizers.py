@@ -24,6 +24,7 @@ model.fit(x, y, batch_size=256, epochs=3)
 ```
 """
 
+import contextlib
 import math
 import numbers
 import weakref
@@ -33,6 +34,8 @@ import numpy as np
 from keras import ops
 
 from keras_dp import accounting
+from keras_dp import arguments
+from keras_dp import backend as backend_lib
 from keras_dp import clipping as clipping_lib
 from keras_dp import groups as groups_lib
 from keras_dp import keras_compat
@@ -103,6 +106,16 @@ class DPOptimizerMixin:
             debugging); anyone who knows it can subtract the noise, which
             voids the guarantee against them. Do not train models you
             release with a fixed seed.
+        secure_mode: False (the default) or True. True keys the noise of
+            every step afresh with the operating system's cryptographic
+            entropy (never stored) and samples it with
+            `keras_dp.secure_noise` (a sum of four Gaussians with tails
+            right out to 16 standard deviations, against the
+            floating-point attacks on Gaussian samplers), and `fit` draws
+            the Poisson batches from the same entropy
+            (`keras_dp.data.PoissonSampler(secure_mode=True)`). Nothing is
+            reproducible: `seed` must be None. See the "Security and
+            reliability" docs for what it protects against.
         privacy_ledger: restored from a saved config; leave it unset.
         clip_groups: group-wise clipping (He et al.; see `keras_dp.groups`):
             `"flat"` (one group), `"layers"` (groups named on layers with
@@ -133,6 +146,7 @@ class DPOptimizerMixin:
         auto_clip=False,
         global_clip_threshold=None,
         seed=None,
+        secure_mode=False,
         target_epsilon=None,
         target_delta=None,
         epochs=None,
@@ -143,7 +157,7 @@ class DPOptimizerMixin:
         layer_clip_groups=None,
         **kwargs,
     ):
-        if auto_clip:
+        if arguments.boolean("auto_clip", auto_clip):
             if clipping not in ("flat", "auto"):
                 raise ValueError(
                     "`auto_clip=True` is shorthand for clipping='auto' and "
@@ -160,7 +174,7 @@ class DPOptimizerMixin:
             if noise_multiplier is None:
                 noise_multiplier = 1.0
         else:
-            _check_calibration_target(
+            target_epsilon, target_delta, epochs = _check_calibration_target(
                 noise_multiplier, target_epsilon, target_delta, epochs
             )
         _refuse_keras_clipping(kwargs)
@@ -172,7 +186,7 @@ class DPOptimizerMixin:
             clip_thresholds,
             adaptive_clipping,
         )
-        noise = GaussianNoise(noise_multiplier, seed)
+        noise = GaussianNoise(noise_multiplier, seed, secure_mode)
         kwargs.setdefault("name", type(self).__name__)
         super().__init__(*args, **kwargs)
         self.clipping_policy = clipping_policy
@@ -200,6 +214,7 @@ class DPOptimizerMixin:
     clip_thresholds = property(lambda self: self.clipping_policy.clip_thresholds)
     adaptive_clipping = property(lambda self: self.clipping_policy.adaptive_clipping)
     seed = property(lambda self: self.noise.seed)
+    secure_mode = property(lambda self: self.noise.secure_mode)
 
     @property
     def noise_multiplier(self):
@@ -208,7 +223,7 @@ class DPOptimizerMixin:
 
     @noise_multiplier.setter
     def noise_multiplier(self, value):
-        self.noise = GaussianNoise(value, self.noise.seed)
+        self.noise = GaussianNoise(value, self.noise.seed, self.noise.secure_mode)
 
     def __repr__(self):
         noise = (
@@ -230,6 +245,7 @@ class DPOptimizerMixin:
                 else ""
             )
             + (" seed=fixed" if self.seed is not None else "")
+            + (" secure_mode=True" if self.secure_mode else "")
             + ">"
         )
 
@@ -343,6 +359,14 @@ class DPOptimizerMixin:
         # optimizer's saved state.
         self._owner_ref = weakref.ref(model)
 
+    def load_own_variables(self, store):
+        super().load_own_variables(store)
+        # A restore can move the noise counter back (see
+        # `NoiseSeedGenerator.restored`).
+        generator = getattr(self, "_noise_seed_generator", None)
+        if generator is not None:
+            generator.restored()
+
     def build_for_model(self, model):
         """Builds the optimizer for `model`'s trainable variables, once.
 
@@ -391,6 +415,16 @@ class DPOptimizerMixin:
             )
 
     # One private step: clip factors, noise, update.
+
+    def step_entropy(self):
+        """The context to run one call of a compiled train function in:
+        in secure mode on TensorFlow it loads the step's fresh
+        operating-system entropy and wipes it afterwards (the private
+        model's `fit` and `train_on_batch` do this; a custom TensorFlow
+        loop wraps each step in it). Elsewhere it changes nothing."""
+        if not self.secure_mode:
+            return contextlib.nullcontext()
+        return backend_lib.get_backend_module().os_entropy(self._noise_seed_generator)
 
     def step_clipping(self, optimizer_variables=None):
         """The `keras_dp.StepClipping` of one step: the clipping policy
@@ -604,13 +638,13 @@ def _check_calibration_target(noise_multiplier, target_epsilon, target_delta, ep
             "the noise multiplier. Received: "
             f"target_delta={target_delta!r}, epochs={epochs!r}."
         )
-    if not target_epsilon > 0:
-        raise ValueError(
-            f"`target_epsilon` must be positive. Received: {target_epsilon!r}."
-        )
-    accounting.check_delta(target_delta)
-    if not epochs > 0:
-        raise ValueError(f"`epochs` must be positive. Received: {epochs!r}.")
+    return (
+        arguments.positive_number("target_epsilon", target_epsilon),
+        accounting.check_delta(target_delta, name="target_delta"),
+        arguments.positive_number(
+            "epochs", epochs, hint="the epochs the noise is calibrated for"
+        ),
+    )
 
 
 def _static_float(value):

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 from keras import tree
 
+from keras_dp import arguments
 from keras_dp import callbacks as callbacks_lib
 from keras_dp import checks
 from keras_dp import data as data_lib
@@ -88,22 +89,19 @@ def make_private(
         `model`, now private. Compile it with a keras_dp DP optimizer.
     """
     train_step = train_steps.train_step_for_backend()
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            f"make_private expects a keras.Model. Received: {type(model).__name__}."
-        )
-    if per_example not in ("auto", "fast", "vmap"):
-        raise ValueError(
-            "`per_example` must be 'auto', 'fast' or 'vmap'. Received: "
-            f"{per_example!r}."
-        )
-    if microbatch_size is not None and (
-        not isinstance(microbatch_size, int) or microbatch_size <= 0
-    ):
-        raise ValueError(
-            "`microbatch_size` must be a positive integer or None. Received: "
-            f"{microbatch_size!r}."
-        )
+    arguments.instance_of("model", model, keras.Model, "a keras.Model")
+    per_example = arguments.one_of("per_example", per_example, ("auto", "fast", "vmap"))
+    microbatch_size = arguments.positive_int(
+        "microbatch_size", microbatch_size, allow_none=True
+    )
+    poisson_sampling = arguments.boolean("poisson_sampling", poisson_sampling)
+    sample_rate = arguments.probability(
+        "sample_rate",
+        sample_rate,
+        low_open=True,
+        allow_none=True,
+        hint="batch_size / n, for data whose size fit cannot see",
+    )
     if type(model).train_step is not keras.Model.train_step:
         raise ValueError(
             f"{type(model).__name__} overrides `train_step`, which "
@@ -113,11 +111,6 @@ def make_private(
         )
     checks.check_no_example_mixing_layers(model)
 
-    if sample_rate is not None and not 0 < sample_rate <= 1:
-        raise ValueError(
-            "`sample_rate` (batch_size / n) must be in (0, 1]. Received: "
-            f"{sample_rate!r}."
-        )
     settings = getattr(model, "_keras_dp", None)
     if settings is None:
         model._keras_dp = PrivacySettings(
@@ -165,9 +158,31 @@ def _checked_make_train_function(make_train_function):
         if settings.traced_with != trace_key:
             force = force or model.train_function is not None
             settings.traced_with = trace_key
-        return make_train_function(model, force=force)
+        result = make_train_function(model, force=force)
+        if model.optimizer.secure_mode and not hasattr(
+            model.train_function, "keras_dp_step_entropy"
+        ):
+            model.train_function = _with_step_entropy(model, model.train_function)
+        return result
 
     return checked
+
+
+def _with_step_entropy(model, train_function):
+    """`train_function` run inside the optimizer's `step_entropy()`: in
+    secure mode on TensorFlow, each call loads fresh OS entropy for its
+    noise (the compiled step cannot read it)."""
+    optimizer = model.optimizer
+
+    def with_step_entropy(*args, **kwargs):
+        # The entropy is attached to the noise seed generator, which the
+        # optimizer's build creates.
+        optimizer.build_for_model(model)
+        with optimizer.step_entropy():
+            return train_function(*args, **kwargs)
+
+    with_step_entropy.keras_dp_step_entropy = True
+    return with_step_entropy
 
 
 def _trainer_fit(model):
@@ -261,8 +276,10 @@ def _private_fit(fit):
                 steps_per_epoch=steps_per_epoch,
                 accumulation_steps=accumulation,
                 seed=settings.sampling_seed,
+                secure_mode=optimizer.secure_mode,
             )
             y = sample_weight = batch_size = steps_per_epoch = None
+        fit_data.check_secure_sampling(optimizer, x)
         if isinstance(x, data_lib.PoissonSampler):
             plan = fit_data.poisson_plan(x, accumulation)
             expected_batch_size = x.expected_batch_size

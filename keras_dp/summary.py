@@ -6,7 +6,10 @@ model.summary()   # a private model's summary ends with the same text
 ```
 """
 
+import keras
+
 from keras_dp import accounting
+from keras_dp import arguments
 from keras_dp import ledger as ledger_lib
 from keras_dp.privacy_settings import is_private
 
@@ -24,6 +27,10 @@ def privacy_summary(model, delta=None, accountant="rdp"):
     Returns:
         A multi-line string.
     """
+    arguments.instance_of("model", model, keras.Model, "a keras.Model")
+    if delta is not None:
+        delta = accounting.check_delta(delta)
+    accountant = accounting.check_accountant(accountant)
     if not is_private(model):
         return (
             f"Model {model.name!r} is not private: pass it through "

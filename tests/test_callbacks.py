@@ -345,7 +345,9 @@ def test_privacy_budget_counts_updates_under_accumulation():
 
 def test_privacy_budget_argument_errors():
     for target in (0, -1.0):
-        with pytest.raises(ValueError, match="`target_epsilon` must be positive"):
+        with pytest.raises(
+            ValueError, match="`target_epsilon` must be a positive finite number"
+        ):
             keras_dp.PrivacyBudget(target_epsilon=target, delta=DELTA)
     for delta in (0.0, 1.0, 2.0):
         with pytest.raises(ValueError, match=r"open interval \(0, 1\)"):

@@ -306,8 +306,8 @@ VALIDATE_ERRORS = [
     (("global", float("nan"), None), "l2_norm_clip.*positive"),
     (("flat", 1.0, 2.0), "global_clip_threshold.*only applies"),
     (("auto", 1.0, 2.0), "global_clip_threshold.*only applies"),
-    (("global", 1.0, 0.0), r"global_clip_threshold.*\(Z\) must be positive"),
-    (("global", 1.0, -2.0), r"\(Z\) must be positive"),
+    (("global", 1.0, 0.0), r"`global_clip_threshold` must be a positive finite"),
+    (("global", 1.0, -2.0), r"global_clip_threshold.*\(> 0\).*Z of"),
 ]
 
 

@@ -82,3 +82,34 @@ def test_dp_text_classifier_offline():
     values = epsilons(out)
     assert len(values) >= 2 and all(0 < e < 1000 for e in values), out
     assert "accuracy" in out.lower(), out
+
+
+@pytest.mark.skipif(
+    BACKEND != "tensorflow",
+    reason="one backend is enough for the audit example (tests/test_audit.py "
+    "runs the auditor itself on every backend)",
+)
+def test_audit_smoke():
+    out = run_example("audit.py", "--smoke")
+    assert re.search(
+        r"^reproduce: KERAS_BACKEND=\w+ python examples/audit.py --smoke$",
+        out,
+        re.MULTILINE,
+    ), out
+    rows = re.findall(
+        r"^(non-private|DP)\s+(input|gradient) canaries\s+claimed epsilon\s+(\S+)"
+        r"\s+lower bound (\d+\.\d+) at 95% confidence",
+        out,
+        re.MULTILINE,
+    )
+    runs = {
+        (name, kind): (claimed, float(lower)) for name, kind, claimed, lower in rows
+    }
+    assert len(runs) == 4, out
+    assert runs["non-private", "input"][0] == "none", out
+    assert runs["non-private", "input"][1] > 1.5, out
+    assert runs["non-private", "gradient"][0] == "inf", out
+    assert runs["non-private", "gradient"][1] > 2.0, out
+    for kind in ("input", "gradient"):
+        claimed, lower = runs["DP", kind]
+        assert 0 < float(claimed) < 100 and lower <= float(claimed), out

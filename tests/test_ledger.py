@@ -347,12 +347,14 @@ def test_target_epsilon_argument_errors():
         keras_dp.DPAdam(target_epsilon=2.0, epochs=3)
     for delta in (0.0, 1.0, 1.5, -1e-5):
         with pytest.raises(
-            ValueError, match=r"`delta` must be in the open interval \(0, 1\)"
+            ValueError, match=r"`target_delta` must be in the open interval \(0, 1\)"
         ):
             keras_dp.DPAdam(target_epsilon=2.0, target_delta=delta, epochs=3)
-    with pytest.raises(ValueError, match="`target_epsilon` must be positive"):
+    with pytest.raises(
+        ValueError, match="`target_epsilon` must be a positive finite number"
+    ):
         keras_dp.DPAdam(target_epsilon=0.0, target_delta=1e-5, epochs=3)
-    with pytest.raises(ValueError, match="`epochs` must be positive"):
+    with pytest.raises(ValueError, match="`epochs` must be a positive finite number"):
         keras_dp.DPAdam(target_epsilon=2.0, target_delta=1e-5, epochs=0)
     with pytest.raises(ValueError, match="calibrate the noise together"):
         keras_dp.DPAdam(target_delta=1e-5, epochs=3)

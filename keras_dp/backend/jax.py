@@ -7,8 +7,10 @@ and the callers' `keras.ops` forms run instead.
 
 import contextlib
 import math
+import secrets
 
 import jax
+import jax.experimental
 import jax.numpy as jnp
 import keras
 import numpy as np
@@ -251,13 +253,42 @@ def standard_normal(shape, seed):
         return xla_standard_normal(shape, key)
 
     def kernel(key):
-        return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32))(key)
+        return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32))(
+            key, secure=False
+        )
 
     # Lowered for the platform the step runs on: the kernel on a CPU,
     # XLA's own ops on an accelerator.
     return jax.lax.platform_dependent(
         key, cpu=kernel, default=lambda key: xla_standard_normal(shape, key)
     )
+
+
+def secure_standard_normal(shape, seed):
+    """Secure mode's standard normal float32 numbers of `shape` by
+    keras_dp's compiled kernel, keyed by two words of operating-system
+    entropy that a host callback reads at every call inside the compiled
+    step (`seed` advanced once); None off the CPU, without the kernel or
+    under a `keras.distribution` (the caller then draws in XLA ops from
+    `os_random_bits`)."""
+    target = native.jax_target()
+    if (
+        target is None
+        or jax.default_backend() != "cpu"
+        or keras.distribution.distribution() is not None
+    ):
+        return None
+    shape = tuple(shape)
+    seed.next()
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32))(
+        _os_key(), secure=True
+    )
+
+
+def secure_noisy_gradients(grads, stddev, seed):
+    """None: XLA fuses the add (`secure_standard_normal` draws)."""
+    del grads, stddev, seed
+    return None
 
 
 def xla_standard_normal(shape, key):
@@ -298,3 +329,32 @@ def normal_from_bits(bits):
 def scan(f, init, xs):
     """`jax.lax.scan(f, init, xs)`."""
     return jax.lax.scan(f, init, xs)
+
+
+def os_random_bits(shape, seed):
+    """uint32 words of `shape` (secure mode's noise): `jax.random.bits`
+    under a threefry key of two words read from the operating system's
+    entropy by a host callback at every call, inside the compiled step.
+    `seed` is advanced (its count of draws is saved) but does not key the
+    draw."""
+    seed.next()
+    return jax.random.bits(_os_key(), tuple(shape), jnp.uint32)
+
+
+def _os_key():
+    """Two uint32 words of operating-system entropy, read by a host
+    callback each time the compiled step runs this call."""
+    return jax.experimental.io_callback(
+        _os_key_words, jax.ShapeDtypeStruct((2,), jnp.uint32), ordered=False
+    )
+
+
+def _os_key_words():
+    return np.frombuffer(secrets.token_bytes(8), dtype=np.uint32).copy()
+
+
+def os_entropy(seed):
+    """Changes nothing: the step reads the entropy itself
+    (`os_random_bits`)."""
+    del seed
+    return contextlib.nullcontext()

@@ -179,6 +179,34 @@ class BackendOps(Protocol):
         adds the noise while drawing it; None where it cannot run (the
         caller then draws with `standard_normal` and adds)."""
 
+    def secure_standard_normal(self, shape: Sequence[int], seed: Any) -> Any:
+        """Secure mode's standard normal float32 numbers of `shape` (the
+        sampler of `keras_dp.secure_noise`) by keras_dp's compiled kernel,
+        keyed by fresh operating-system entropy (`seed`, the noise seed
+        generator, advanced once); None where the kernel cannot run (the
+        caller then draws from `os_random_bits`)."""
+
+    def secure_noisy_gradients(
+        self, grads: Sequence[Any], stddev: Any, seed: Any
+    ) -> Optional[list]:
+        """`noisy_gradients` with secure mode's sampler and key; None where
+        it cannot run."""
+
+    def os_random_bits(self, shape: Sequence[int], seed: Any) -> Any:
+        """Integers uniform on `[0, 2^32)` of static `shape` (uint32, or
+        int64 where the framework lacks uint32 ops), from a generator keyed
+        afresh by the operating system's cryptographic entropy at every
+        call inside a step: secure mode's noise words
+        (`keras_dp.secure_noise`). `seed` is the optimizer's noise seed
+        generator (advanced once); nothing that keys the draw is saved.
+        """
+
+    def os_entropy(self, seed: Any) -> ContextManager:
+        """A context around one call of the compiled train function in
+        secure mode: where the step cannot read the OS entropy itself
+        (TensorFlow), it loads fresh entropy for `os_random_bits` on entry
+        and wipes it on exit; elsewhere it changes nothing."""
+
 
 def member_names():
     """The names of `BackendOps`' members, sorted."""

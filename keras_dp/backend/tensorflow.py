@@ -9,8 +9,10 @@ everything else vectorized; the notice it logs for them is filtered out.
 import contextlib
 import logging
 import math
+import secrets
 
 import keras
+import numpy as np
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
 
@@ -323,6 +325,50 @@ def noisy_gradients(grads, stddev, seed):
     )
 
 
+def secure_standard_normal(shape, seed):
+    """Secure mode's standard normal float32 numbers of static `shape` by
+    keras_dp's compiled kernel, under a key from the operating-system
+    entropy that `os_entropy` loaded for this call of the train function
+    plus `seed`'s counter (advanced once); None where the kernel cannot
+    run (the caller then draws from `os_random_bits`)."""
+    native_ops = _native_ops()
+    if native_ops is None or not all(isinstance(d, int) for d in shape):
+        return None
+    z = native_ops.keras_dp_standard_normal(
+        key=_os_key(seed), n=math.prod(shape), secure=True
+    )
+    return tf.reshape(z, shape)
+
+
+def secure_noisy_gradients(grads, stddev, seed):
+    """`noisy_gradients` with secure mode's sampler and key (see
+    `secure_standard_normal`)."""
+    if any(g.dtype != tf.float32 or not g.shape.is_fully_defined() for g in grads):
+        return None
+    native_ops = _native_ops()
+    if native_ops is None:
+        return None
+    return native_ops.keras_dp_noisy_gradients(
+        key=_os_key(seed),
+        stddev=tf.cast(stddev, tf.float32),
+        grads=grads,
+        secure=True,
+    )
+
+
+def _os_key(seed):
+    """Two int32 words: the 64-bit entropy word plus the draw counter."""
+    word = _os_entropy_words(seed)[0] + _counter(seed)
+    high = tf.bitwise.right_shift(word, tf.constant(32, tf.int64))
+    # int64 -> int32 keeps the low 32 bits of each.
+    return tf.stack([tf.cast(high, tf.int32), tf.cast(word, tf.int32)])
+
+
+def _counter(seed):
+    counter = tf.cast(seed.next(), tf.int64)
+    return counter[0] * (2**32) + counter[1]
+
+
 def box_muller(shape, seed):
     """Standard normal float32 numbers of static `shape`, in TensorFlow ops.
 
@@ -374,3 +420,52 @@ def scan(f, init, xs):
     )
     ys = tf.nest.pack_sequence_as(ys_spec, [a.stack() for a in arrays])
     return carry, ys
+
+
+def os_random_bits(shape, seed):
+    """uint32 words of static `shape` (secure mode's noise): TensorFlow's
+    stateless Philox, seeded with the 128 bits of operating-system entropy
+    that `os_entropy` loaded before this call of the train function, the
+    second word offset by `seed`'s counter (advanced once), so that every
+    draw of one call has its own stream. A compiled step cannot read the
+    entropy itself (a `py_function` does not compile with XLA)."""
+    entropy = _os_entropy_words(seed)
+    key = tf.stack([entropy[0], entropy[1] + _counter(seed)])
+    return tf.random.stateless_uniform(
+        tuple(shape), seed=key, minval=None, maxval=None, dtype=tf.uint32
+    )
+
+
+def _os_entropy_words(seed):
+    entropy = getattr(seed, "_keras_dp_os_entropy", None)
+    if entropy is None:
+        raise RuntimeError(
+            "secure_mode on TensorFlow reads fresh entropy that keras_dp "
+            "loads before each call of the model's train function, and none "
+            "was loaded. Train with model.fit or model.train_on_batch on a "
+            "model made private with keras_dp.make_private; a custom "
+            "training loop must run each step inside "
+            "`with optimizer.step_entropy():`."
+        )
+    return entropy
+
+
+@contextlib.contextmanager
+def os_entropy(seed):
+    """Loads 128 fresh bits of operating-system entropy into a variable
+    that `os_random_bits` reads, for one call of the train function, and
+    overwrites them with zeros after it. The variable is not tracked by
+    the optimizer: no checkpoint holds it."""
+    entropy = getattr(seed, "_keras_dp_os_entropy", None)
+    if entropy is None:
+        with tf.init_scope():
+            entropy = tf.Variable(
+                tf.zeros((2,), tf.int64), trainable=False, name="os_entropy"
+            )
+        # Set with object.__setattr__: no framework tracking of it.
+        object.__setattr__(seed, "_keras_dp_os_entropy", entropy)
+    entropy.assign(np.frombuffer(secrets.token_bytes(16), dtype=np.int64))
+    try:
+        yield
+    finally:
+        entropy.assign(tf.zeros((2,), tf.int64))

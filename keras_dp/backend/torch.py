@@ -8,8 +8,10 @@ vmap path.
 """
 
 import contextlib
+import secrets
 
 import keras
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -334,7 +336,7 @@ def standard_normal(shape, seed):
     if library is not None:
         z = torch.empty(shape, dtype=torch.float32)
         library.KerasDpStandardNormalC(
-            key0, key1, z.data_ptr(), z.numel(), torch.get_num_threads()
+            key0, key1, z.data_ptr(), z.numel(), 0, torch.get_num_threads()
         )
         return z
     generator = torch.Generator(device=device)
@@ -343,11 +345,45 @@ def standard_normal(shape, seed):
 
 
 @torch.compiler.disable
+def secure_standard_normal(shape, seed):
+    """Secure mode's standard normal float32 numbers of `shape` by
+    keras_dp's compiled kernel on a CPU, under a key of 64 bits of fresh
+    operating-system entropy (`seed` advanced once); None elsewhere."""
+    shape = tuple(int(d) for d in shape)
+    library = _native_library(seed.state.value.device)
+    if library is None:
+        return None
+    key0, key1 = _os_key(seed)
+    z = torch.empty(shape, dtype=torch.float32)
+    library.KerasDpStandardNormalC(
+        key0, key1, z.data_ptr(), z.numel(), 1, torch.get_num_threads()
+    )
+    return z
+
+
+def _os_key(seed):
+    seed.next()
+    key = secrets.randbits(64)
+    return key >> 32, key & 0xFFFFFFFF
+
+
+@torch.compiler.disable
 def noisy_gradients(grads, stddev, seed):
     """`[g + stddev * z]` in one pass by keras_dp's compiled kernel, `z` the
     numbers `standard_normal(total size, seed)` gives; None off the CPU,
     without the kernel, or for gradients that are not contiguous float32
     (the caller then draws and adds)."""
+    return _noisy_gradients(grads, stddev, seed, secure=False)
+
+
+@torch.compiler.disable
+def secure_noisy_gradients(grads, stddev, seed):
+    """`noisy_gradients` with secure mode's sampler, keyed by fresh
+    operating-system entropy."""
+    return _noisy_gradients(grads, stddev, seed, secure=True)
+
+
+def _noisy_gradients(grads, stddev, seed, secure):
     import ctypes
 
     grads = list(grads)
@@ -359,7 +395,7 @@ def noisy_gradients(grads, stddev, seed):
     library = _native_library(grads[0].device)
     if library is None:
         return None
-    key0, key1 = _noise_key(seed)
+    key0, key1 = _os_key(seed) if secure else _noise_key(seed)
     out = [torch.empty_like(g) for g in grads]
     offsets = [0]
     for g in grads:
@@ -373,6 +409,36 @@ def noisy_gradients(grads, stddev, seed):
         ctypes.cast(pointers(*[g.data_ptr() for g in grads]), ctypes.c_void_p),
         ctypes.cast(pointers(*[o.data_ptr() for o in out]), ctypes.c_void_p),
         float(stddev),
+        int(secure),
         torch.get_num_threads(),
     )
     return out
+
+
+@torch.compiler.disable
+def os_random_bits(shape, seed):
+    """int64 words in `[0, 2^32)` of `shape` (secure mode's noise), keyed
+    afresh by the operating system's entropy at every call: on a CPU,
+    NumPy's Philox under a 128-bit key (PyTorch's CPU generator keeps only
+    32 bits of a seed); elsewhere the device's Philox generator seeded
+    with 64 bits. `seed` is advanced (its count of draws is saved) but
+    does not key the draw."""
+    shape = tuple(int(d) for d in shape)
+    device = seed.state.value.device
+    seed.next()
+    if torch.device(device).type == "cpu":
+        rng = np.random.Generator(np.random.Philox(key=secrets.randbits(128)))
+        words = rng.integers(0, 2**32, size=shape, dtype=np.uint32)
+        return torch.from_numpy(words.astype(np.int64))
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbits(64))
+    return torch.randint(
+        0, 2**32, shape, generator=generator, dtype=torch.int64, device=device
+    )
+
+
+def os_entropy(seed):
+    """Changes nothing: the step reads the entropy itself
+    (`os_random_bits`)."""
+    del seed
+    return contextlib.nullcontext()

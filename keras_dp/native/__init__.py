@@ -230,7 +230,7 @@ def _load_c_api():
         ctypes.c_int64,
         ctypes.c_void_p,
     )
-    library.KerasDpStandardNormalC.argtypes = [u32, u32, ptr, i64, i32]
+    library.KerasDpStandardNormalC.argtypes = [u32, u32, ptr, i64, i32, i32]
     library.KerasDpStandardNormalC.restype = None
     library.KerasDpNoisyGradientsC.argtypes = [
         u32,
@@ -240,6 +240,7 @@ def _load_c_api():
         ptr,
         ptr,
         ctypes.c_float,
+        i32,
         i32,
     ]
     library.KerasDpNoisyGradientsC.restype = None

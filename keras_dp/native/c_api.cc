@@ -1,11 +1,12 @@
 // Plain C entry points for frameworks that call keras_dp's kernels through
 // ctypes on their own CPU buffers (PyTorch: keras_dp/backend/torch.py):
-//   KerasDpStandardNormalC(key0, key1, out, n, threads): out[0:n] standard
+//   KerasDpStandardNormalC(key0, key1, out, n, secure, threads): out[0:n] standard
 //     normal float32 numbers, the same as the XLA FFI and TensorFlow
 //     kernels give for the key (noise.h);
 //   KerasDpNoisyGradientsC(key0, key1, num, offsets, grads, out, stddev,
-//     threads): out[k] = grads[k] + stddev * z over the flat draw z split
+//     secure, threads): out[k] = grads[k] + stddev * z over the flat draw z split
 //     at `offsets` (num + 1 entries), in one pass.
+// `secure` (0 or 1): secure mode's sampler (noise.h) instead.
 // `threads`: how many threads share the work (the caller's included).
 // No framework headers: the library builds in a second or two.
 #include <cstdint>
@@ -35,19 +36,28 @@ void RunOnThreads(int64_t num_pairs, int32_t threads,
 extern "C" {
 
 void KerasDpStandardNormalC(uint32_t key0, uint32_t key1, float* out,
-                            int64_t n, int32_t threads) {
-  RunOnThreads(kdp_num_pairs(n), threads, [=](int64_t lo, int64_t hi) {
-    kdp_standard_normal_range(key0, key1, out, n, lo, hi);
+                            int64_t n, int32_t secure, int32_t threads) {
+  RunOnThreads(kdp_num_units(n, secure), threads, [=](int64_t lo, int64_t hi) {
+    if (secure) {
+      kdp_secure_standard_normal_range(key0, key1, out, n, lo, hi);
+    } else {
+      kdp_standard_normal_range(key0, key1, out, n, lo, hi);
+    }
   });
 }
 
 void KerasDpNoisyGradientsC(uint32_t key0, uint32_t key1, int64_t num,
                             const int64_t* offsets, const float* const* grads,
-                            float* const* out, float stddev, int32_t threads) {
+                            float* const* out, float stddev, int32_t secure,
+                            int32_t threads) {
   const kdp_segments segments = {num, offsets, grads, out, stddev};
-  RunOnThreads(kdp_num_pairs(offsets[num]), threads,
-               [&segments, key0, key1](int64_t lo, int64_t hi) {
-                 kdp_noisy_range(key0, key1, &segments, lo, hi);
+  RunOnThreads(kdp_num_units(offsets[num], secure), threads,
+               [&segments, key0, key1, secure](int64_t lo, int64_t hi) {
+                 if (secure) {
+                   kdp_secure_noisy_range(key0, key1, &segments, lo, hi);
+                 } else {
+                   kdp_noisy_range(key0, key1, &segments, lo, hi);
+                 }
                });
 }
 

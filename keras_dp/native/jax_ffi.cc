@@ -1,6 +1,7 @@
 // XLA FFI handlers for JAX on the CPU:
 //   KerasDpStandardNormal(key) -> z, with `key` two uint32 words and z
-//     float32 of any shape (noise.h);
+//     float32 of any shape (noise.h; the attribute `secure`: secure
+//     mode's sampler);
 //   KerasDpConvKernelGrads(x, dy) -> (squared_norms, grads): a 2-D conv's
 //     per-example kernel gradients (conv_grads.h) from its inputs x
 //     (n, H, W, C) and output gradients dy (n, Ho, Wo, F), the attribute
@@ -18,7 +19,7 @@
 namespace ffi = xla::ffi;
 
 static ffi::Error StandardNormal(ffi::ThreadPool pool,
-                                 ffi::Buffer<ffi::U32> key,
+                                 ffi::Buffer<ffi::U32> key, bool secure,
                                  ffi::ResultBuffer<ffi::F32> z) {
   if (key.element_count() != 2) {
     return ffi::Error::InvalidArgument("the key must have two uint32 words");
@@ -27,10 +28,14 @@ static ffi::Error StandardNormal(ffi::ThreadPool pool,
   const int64_t n = z->element_count();
   float* out = z->typed_data();
   keras_dp::RunChunks(
-      kdp_num_pairs(n), keras_dp::kChunkPairs, pool.num_threads(),
+      kdp_num_units(n, secure), keras_dp::kChunkPairs, pool.num_threads(),
       [&pool](std::function<void()> task) { pool.Schedule(std::move(task)); },
       [=](int64_t lo, int64_t hi) {
-        kdp_standard_normal_range(key0, key1, out, n, lo, hi);
+        if (secure) {
+          kdp_secure_standard_normal_range(key0, key1, out, n, lo, hi);
+        } else {
+          kdp_standard_normal_range(key0, key1, out, n, lo, hi);
+        }
       });
   return ffi::Error::Success();
 }
@@ -39,6 +44,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(KerasDpStandardNormal, StandardNormal,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Attr<bool>("secure")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 static ffi::Error ConvKernelGrads(ffi::ThreadPool pool,

@@ -187,6 +187,137 @@ static inline void kdp_noisy_range(uint32_t key0, uint32_t key1,
   }
 }
 
+/* Secure mode (keras_dp/secure_noise.py has the same formulas in framework
+ * ops): number i is half the sum of the four normals of pairs 2i and
+ * 2i + 1. Pair p hashes the counter (p, 1): word 0 gives the angle
+ * theta = 2 pi (w + 1/2) / 2**32 (as above, quadrant from the top 2
+ * bits), word 1 the radius sqrt(2 X) with X = -log((w + 1/2) / 2**32).
+ * A zero radius word (probability 2**-32) continues the exponential by
+ * memorylessness: X += 32 log 2 and the next word of the counter (p, 2)
+ * decides, then the word after it; the chain stops after three words.
+ * Units of work are numbers, not pairs. */
+static inline void kdp_threefry(uint32_t key0, uint32_t key1, uint32_t c0,
+                                uint32_t c1, uint32_t *w0, uint32_t *w1) {
+  const uint32_t ks2 = key0 ^ key1 ^ 0x1BD11BDAu;
+  uint32_t x0 = c0 + key0, x1 = c1 + key1;
+#define KDP_ROUND(r) \
+  x0 += x1;          \
+  x1 = kdp_rotl(x1, r); \
+  x1 ^= x0;
+  KDP_ROUND(13) KDP_ROUND(15) KDP_ROUND(26) KDP_ROUND(6)
+  x0 += key1; x1 += ks2 + 1u;
+  KDP_ROUND(17) KDP_ROUND(29) KDP_ROUND(16) KDP_ROUND(24)
+  x0 += ks2; x1 += key0 + 2u;
+  KDP_ROUND(13) KDP_ROUND(15) KDP_ROUND(26) KDP_ROUND(6)
+  x0 += key0; x1 += key1 + 3u;
+  KDP_ROUND(17) KDP_ROUND(29) KDP_ROUND(16) KDP_ROUND(24)
+  x0 += key1; x1 += ks2 + 4u;
+  KDP_ROUND(13) KDP_ROUND(15) KDP_ROUND(26) KDP_ROUND(6)
+  x0 += ks2; x1 += key0 + 5u;
+#undef KDP_ROUND
+  *w0 = x0;
+  *w1 = x1;
+}
+
+/* -log((w + 1/2) / 2**32), continued through the counter (p, 2) when w is
+ * zero (rare: a scalar branch). */
+static inline float kdp_secure_exponential(uint32_t key0, uint32_t key1,
+                                           uint32_t p, uint32_t w) {
+  float extra = 0.0f;
+  if (w == 0u) {
+    uint32_t w2, w3;
+    kdp_threefry(key0, key1, p, 2u, &w2, &w3);
+    extra = 22.18070977791825f; /* 32 log 2 */
+    w = w2;
+    if (w == 0u) {
+      extra += 22.18070977791825f;
+      w = w3;
+    }
+  }
+  const float u = ((float)w + 0.5f) * 2.3283064365386963e-10f;
+  return extra - kdp_log(u);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+static void kdp_secure_numbers(uint32_t key0, uint32_t key1, int64_t first,
+                               int64_t count, float *__restrict z) {
+  uint32_t wa[2 * KDP_BLOCK], wr[2 * KDP_BLOCK];
+  const int64_t pairs = 2 * count;
+  const uint32_t p0 = (uint32_t)(2 * first);
+  for (int64_t j = 0; j < pairs; j++) {
+    kdp_threefry(key0, key1, p0 + (uint32_t)j, 1u, &wa[j], &wr[j]);
+  }
+  float x[2 * KDP_BLOCK];
+  for (int64_t j = 0; j < pairs; j++) {
+    const float u = ((float)wr[j] + 0.5f) * 2.3283064365386963e-10f;
+    x[j] = -kdp_log(u);
+  }
+  for (int64_t j = 0; j < pairs; j++) {
+    if (wr[j] == 0u) {
+      x[j] = kdp_secure_exponential(key0, key1, p0 + (uint32_t)j, 0u);
+    }
+  }
+  float pair_sum[2 * KDP_BLOCK];
+  for (int64_t j = 0; j < pairs; j++) {
+    const float r = __builtin_sqrtf(2.0f * x[j]);
+    const uint32_t q = wa[j] >> 30;
+    const float phi =
+        (((float)(wa[j] & 0x3FFFFFFFu) + 0.5f) * 9.313225746154785e-10f -
+         0.5f) *
+        1.5707963267948966f;
+    const float p2 = phi * phi;
+    float s = -1.9515295891E-4f;
+    s = s * p2 + 8.3321608736E-3f;
+    s = s * p2 - 1.6666654611E-1f;
+    s = s * p2 * phi + phi;
+    float c = 2.443315711809948E-5f;
+    c = c * p2 - 1.388731625493765E-3f;
+    c = c * p2 + 4.166664568298827E-2f;
+    c = c * p2 * p2 - 0.5f * p2 + 1.0f;
+    const float odd = (float)(q & 1u);
+    const float sign = 1.0f - 2.0f * (float)(q >> 1);
+    const float cq = sign * (c - odd * (s + c));
+    const float sq = sign * (s + odd * (c - s));
+    pair_sum[j] = r * (cq + sq);
+  }
+  for (int64_t i = 0; i < count; i++) {
+    z[i] = 0.5f * (pair_sum[2 * i] + pair_sum[2 * i + 1]);
+  }
+}
+
+/* Secure mode: z[lo:hi] of n numbers (lo a multiple of KDP_BLOCK). */
+static inline void kdp_secure_standard_normal_range(uint32_t key0,
+                                                    uint32_t key1, float *z,
+                                                    int64_t n, int64_t lo,
+                                                    int64_t hi) {
+  if (hi > n) hi = n;
+  for (int64_t start = lo; start < hi; start += KDP_BLOCK) {
+    const int64_t count = hi - start < KDP_BLOCK ? hi - start : KDP_BLOCK;
+    kdp_secure_numbers(key0, key1, start, count, z + start);
+  }
+}
+
+/* Secure mode: the segments' noisy gradients for numbers [lo, hi). */
+static inline void kdp_secure_noisy_range(uint32_t key0, uint32_t key1,
+                                          const kdp_segments *seg, int64_t lo,
+                                          int64_t hi) {
+  const int64_t n = seg->offsets[seg->num];
+  if (hi > n) hi = n;
+  float z[KDP_BLOCK];
+  for (int64_t start = lo; start < hi; start += KDP_BLOCK) {
+    const int64_t count = hi - start < KDP_BLOCK ? hi - start : KDP_BLOCK;
+    kdp_secure_numbers(key0, key1, start, count, z);
+    kdp_add_run(seg, start, z, count);
+  }
+}
+
+/* Units of work (pairs, or numbers in secure mode) for n numbers. */
+static inline int64_t kdp_num_units(int64_t n, int secure) {
+  return secure ? n : kdp_num_pairs(n);
+}
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,6 +1,7 @@
 // TensorFlow CPU ops around noise.h, with `key` two int32 words (read as
 // uint32):
-//   KerasDpStandardNormal(key, n) -> z, float32 of shape (n,);
+//   KerasDpStandardNormal(key, n) -> z, float32 of shape (n,) (the
+//     attribute `secure`, on both noise ops: secure mode's sampler);
 //   KerasDpNoisyGradients(key, stddev, grads) -> grads + stddev * z, with z
 //     one flat KerasDpStandardNormal draw split over the float32 gradients
 //     in order, added as it is made: TensorFlow would run the slices, the
@@ -50,6 +51,7 @@ using ::tensorflow::shape_inference::InferenceContext;
 REGISTER_OP("KerasDpStandardNormal")
     .Input("key: int32")
     .Attr("n: int >= 0")
+    .Attr("secure: bool = false")
     .Output("z: float")
     .SetShapeFn([](InferenceContext* c) {
       int64_t n;
@@ -63,6 +65,7 @@ REGISTER_OP("KerasDpNoisyGradients")
     .Input("stddev: float")
     .Input("grads: N * float")
     .Attr("N: int >= 1")
+    .Attr("secure: bool = false")
     .Output("noisy: N * float")
     .SetShapeFn([](InferenceContext* c) {
       for (int i = 2; i < c->num_inputs(); i++) {
@@ -151,6 +154,7 @@ class StandardNormalOp : public OpKernel {
   explicit StandardNormalOp(OpKernelConstruction* context)
       : OpKernel(context) {
     OP_REQUIRES_OK(context, context->GetAttr("n", &n_));
+    OP_REQUIRES_OK(context, context->GetAttr("secure", &secure_));
   }
 
   void Compute(OpKernelContext* context) override {
@@ -161,18 +165,29 @@ class StandardNormalOp : public OpKernel {
                    context->allocate_output(0, TensorShape({n_}), &z));
     float* out = z->flat<float>().data();
     const int64_t n = n_;
-    RunOnWorkers(context, kdp_num_pairs(n), [=](int64_t lo, int64_t hi) {
-      kdp_standard_normal_range(key0, key1, out, n, lo, hi);
-    });
+    const bool secure = secure_;
+    RunOnWorkers(context, kdp_num_units(n, secure),
+                 [=](int64_t lo, int64_t hi) {
+                   if (secure) {
+                     kdp_secure_standard_normal_range(key0, key1, out, n, lo,
+                                                      hi);
+                   } else {
+                     kdp_standard_normal_range(key0, key1, out, n, lo, hi);
+                   }
+                 });
   }
 
  private:
   int64_t n_;
+  bool secure_;
 };
 
 class NoisyGradientsOp : public OpKernel {
  public:
-  using OpKernel::OpKernel;
+  explicit NoisyGradientsOp(OpKernelConstruction* context)
+      : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("secure", &secure_));
+  }
 
   void Compute(OpKernelContext* context) override {
     uint32_t key0, key1;
@@ -194,11 +209,19 @@ class NoisyGradientsOp : public OpKernel {
     }
     const kdp_segments segments{num, offsets.data(), grads.data(), out.data(),
                                 stddev};
-    RunOnWorkers(context, kdp_num_pairs(offsets[num]),
-                 [&segments, key0, key1](int64_t lo, int64_t hi) {
-                   kdp_noisy_range(key0, key1, &segments, lo, hi);
+    const bool secure = secure_;
+    RunOnWorkers(context, kdp_num_units(offsets[num], secure),
+                 [&segments, key0, key1, secure](int64_t lo, int64_t hi) {
+                   if (secure) {
+                     kdp_secure_noisy_range(key0, key1, &segments, lo, hi);
+                   } else {
+                     kdp_noisy_range(key0, key1, &segments, lo, hi);
+                   }
                  });
   }
+
+ private:
+  bool secure_;
 };
 
 class SquaredNormsOp : public OpKernel {
