@@ -149,7 +149,7 @@ def _reference_kernel(key0, key1, n):
     x = -np.log((wr.astype(np.float64) + 0.5) * 2.0**-32)
     quadrant = (wa >> 30).astype(np.float64)
     low = (wa & 0x3FFFFFFF).astype(np.float64)
-    theta = quadrant * np.pi / 2 + ((low + 0.5) * 2.0**-30 - 0.5) * np.pi / 2
+    theta = quadrant * np.pi / 2 + (low * 2.0**-30 - 0.5) * np.pi / 2
     pair_sum = np.sqrt(2 * x) * (np.cos(theta) + np.sin(theta))
     return 0.5 * (pair_sum[0::2] + pair_sum[1::2])
 

@@ -313,15 +313,8 @@ def noisy_gradients(grads, stddev, seed):
     TensorFlow runs the split, the scaling and the add as separate passes
     over memory, which on a small model cost a visible part of the step.
     """
-    if any(g.dtype != tf.float32 or not g.shape.is_fully_defined() for g in grads):
-        return None
-    native_ops = _native_ops()
-    if native_ops is None:
-        return None
-    return native_ops.keras_dp_noisy_gradients(
-        key=tf.cast(seed.next(), tf.int32),
-        stddev=tf.cast(stddev, tf.float32),
-        grads=grads,
+    return _fused_noisy_gradients(
+        grads, stddev, lambda: tf.cast(seed.next(), tf.int32), secure=False
     )
 
 
@@ -343,16 +336,22 @@ def secure_standard_normal(shape, seed):
 def secure_noisy_gradients(grads, stddev, seed):
     """`noisy_gradients` with secure mode's sampler and key (see
     `secure_standard_normal`)."""
+    return _fused_noisy_gradients(grads, stddev, lambda: _os_key(seed), secure=True)
+
+
+def _fused_noisy_gradients(grads, stddev, key, secure):
+    """The compiled op `KerasDpNoisyGradients` under `key()` (called only
+    where the op runs, so that the seed advances only then)."""
     if any(g.dtype != tf.float32 or not g.shape.is_fully_defined() for g in grads):
         return None
     native_ops = _native_ops()
     if native_ops is None:
         return None
     return native_ops.keras_dp_noisy_gradients(
-        key=_os_key(seed),
+        key=key(),
         stddev=tf.cast(stddev, tf.float32),
         grads=grads,
-        secure=True,
+        secure=secure,
     )
 
 

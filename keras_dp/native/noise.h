@@ -62,6 +62,57 @@ static inline float kdp_log(float x) {
   return m + y + 0.693359375f * e;
 }
 
+/* Threefry-2x32, 20 rounds (JAX's `threefry_2x32`): the words of counter
+ * (c0, c1) under the key. */
+static inline void kdp_threefry(uint32_t key0, uint32_t key1, uint32_t c0,
+                                uint32_t c1, uint32_t *w0, uint32_t *w1) {
+  const uint32_t ks2 = key0 ^ key1 ^ 0x1BD11BDAu;
+  uint32_t x0 = c0 + key0, x1 = c1 + key1;
+#define KDP_ROUND(r) \
+  x0 += x1;          \
+  x1 = kdp_rotl(x1, r); \
+  x1 ^= x0;
+  KDP_ROUND(13) KDP_ROUND(15) KDP_ROUND(26) KDP_ROUND(6)
+  x0 += key1; x1 += ks2 + 1u;
+  KDP_ROUND(17) KDP_ROUND(29) KDP_ROUND(16) KDP_ROUND(24)
+  x0 += ks2; x1 += key0 + 2u;
+  KDP_ROUND(13) KDP_ROUND(15) KDP_ROUND(26) KDP_ROUND(6)
+  x0 += key0; x1 += key1 + 3u;
+  KDP_ROUND(17) KDP_ROUND(29) KDP_ROUND(16) KDP_ROUND(24)
+  x0 += key1; x1 += ks2 + 4u;
+  KDP_ROUND(13) KDP_ROUND(15) KDP_ROUND(26) KDP_ROUND(6)
+  x0 += ks2; x1 += key0 + 5u;
+#undef KDP_ROUND
+  *w0 = x0;
+  *w1 = x1;
+}
+
+/* r (cos theta, sin theta) for the angle word w: theta = q pi / 2 + phi,
+ * q the top 2 bits, phi uniform in [-pi / 4, pi / 4) from the other 30 bits;
+ * sin and cos by Cephes' single-precision polynomials on [-pi/4, pi/4],
+ * branch-free so that loops over it vectorise. */
+static inline void kdp_polar(float r, uint32_t w, float *a, float *b) {
+  const uint32_t q = w >> 30;
+  const float phi =
+      ((float)(w & 0x3FFFFFFFu) * 9.313225746154785e-10f - 0.5f) *
+      1.5707963267948966f;
+  const float p2 = phi * phi;
+  float s = -1.9515295891E-4f;
+  s = s * p2 + 8.3321608736E-3f;
+  s = s * p2 - 1.6666654611E-1f;
+  s = s * p2 * phi + phi;
+  float c = 2.443315711809948E-5f;
+  c = c * p2 - 1.388731625493765E-3f;
+  c = c * p2 + 4.166664568298827E-2f;
+  c = c * p2 * p2 - 0.5f * p2 + 1.0f;
+  /* (c, s) turned by q quarter turns: q = 1 gives (-s, c), q = 2 gives
+   * (-c, -s), q = 3 gives (s, -c). */
+  const float odd = (float)(q & 1u);
+  const float sign = 1.0f - 2.0f * (float)(q >> 1);
+  *a = r * sign * (c - odd * (s + c));
+  *b = r * sign * (s + odd * (c - s));
+}
+
 /* `count` (at most KDP_BLOCK) pairs from pair index `first`: the cosine
  * halves into `a`, the sine halves into `b`. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -70,50 +121,13 @@ __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 static void kdp_pairs(uint32_t key0, uint32_t key1, int64_t first,
                       int64_t count, float *__restrict a,
                       float *__restrict b) {
-  const uint32_t ks2 = key0 ^ key1 ^ 0x1BD11BDAu;
   uint32_t w0[KDP_BLOCK], w1[KDP_BLOCK];
   for (int64_t j = 0; j < count; j++) {
-    uint32_t x0 = (uint32_t)(first + j) + key0, x1 = key1;
-#define KDP_ROUND(r) \
-  x0 += x1;          \
-  x1 = kdp_rotl(x1, r); \
-  x1 ^= x0;
-    KDP_ROUND(13) KDP_ROUND(15) KDP_ROUND(26) KDP_ROUND(6)
-    x0 += key1; x1 += ks2 + 1u;
-    KDP_ROUND(17) KDP_ROUND(29) KDP_ROUND(16) KDP_ROUND(24)
-    x0 += ks2; x1 += key0 + 2u;
-    KDP_ROUND(13) KDP_ROUND(15) KDP_ROUND(26) KDP_ROUND(6)
-    x0 += key0; x1 += key1 + 3u;
-    KDP_ROUND(17) KDP_ROUND(29) KDP_ROUND(16) KDP_ROUND(24)
-    x0 += key1; x1 += ks2 + 4u;
-    KDP_ROUND(13) KDP_ROUND(15) KDP_ROUND(26) KDP_ROUND(6)
-    x0 += ks2; x1 += key0 + 5u;
-#undef KDP_ROUND
-    w0[j] = x0;
-    w1[j] = x1;
+    kdp_threefry(key0, key1, (uint32_t)(first + j), 0u, &w0[j], &w1[j]);
   }
   for (int64_t j = 0; j < count; j++) {
     const float u = (float)((w0[j] >> 8) + 1u) * 5.9604644775390625e-8f;
-    const float r = __builtin_sqrtf(-2.0f * kdp_log(u));
-    const uint32_t q = w1[j] >> 30;
-    const float phi =
-        ((float)(w1[j] & 0x3FFFFFFFu) * 9.313225746154785e-10f - 0.5f) *
-        1.5707963267948966f;
-    const float p2 = phi * phi;
-    float s = -1.9515295891E-4f;
-    s = s * p2 + 8.3321608736E-3f;
-    s = s * p2 - 1.6666654611E-1f;
-    s = s * p2 * phi + phi;
-    float c = 2.443315711809948E-5f;
-    c = c * p2 - 1.388731625493765E-3f;
-    c = c * p2 + 4.166664568298827E-2f;
-    c = c * p2 * p2 - 0.5f * p2 + 1.0f;
-    /* (c, s) turned by q quarter turns: q = 1 gives (-s, c), q = 2 gives
-     * (-c, -s), q = 3 gives (s, -c). */
-    const float odd = (float)(q & 1u);
-    const float sign = 1.0f - 2.0f * (float)(q >> 1);
-    a[j] = r * sign * (c - odd * (s + c));
-    b[j] = r * sign * (s + odd * (c - s));
+    kdp_polar(__builtin_sqrtf(-2.0f * kdp_log(u)), w1[j], &a[j], &b[j]);
   }
 }
 
@@ -190,35 +204,12 @@ static inline void kdp_noisy_range(uint32_t key0, uint32_t key1,
 /* Secure mode (keras_dp/secure_noise.py has the same formulas in framework
  * ops): number i is half the sum of the four normals of pairs 2i and
  * 2i + 1. Pair p hashes the counter (p, 1): word 0 gives the angle
- * theta = 2 pi (w + 1/2) / 2**32 (as above, quadrant from the top 2
- * bits), word 1 the radius sqrt(2 X) with X = -log((w + 1/2) / 2**32).
+ * (`kdp_polar`, as above), word 1 the radius sqrt(2 X) with
+ * X = -log((w + 1/2) / 2**32).
  * A zero radius word (probability 2**-32) continues the exponential by
  * memorylessness: X += 32 log 2 and the next word of the counter (p, 2)
  * decides, then the word after it; the chain stops after three words.
  * Units of work are numbers, not pairs. */
-static inline void kdp_threefry(uint32_t key0, uint32_t key1, uint32_t c0,
-                                uint32_t c1, uint32_t *w0, uint32_t *w1) {
-  const uint32_t ks2 = key0 ^ key1 ^ 0x1BD11BDAu;
-  uint32_t x0 = c0 + key0, x1 = c1 + key1;
-#define KDP_ROUND(r) \
-  x0 += x1;          \
-  x1 = kdp_rotl(x1, r); \
-  x1 ^= x0;
-  KDP_ROUND(13) KDP_ROUND(15) KDP_ROUND(26) KDP_ROUND(6)
-  x0 += key1; x1 += ks2 + 1u;
-  KDP_ROUND(17) KDP_ROUND(29) KDP_ROUND(16) KDP_ROUND(24)
-  x0 += ks2; x1 += key0 + 2u;
-  KDP_ROUND(13) KDP_ROUND(15) KDP_ROUND(26) KDP_ROUND(6)
-  x0 += key0; x1 += key1 + 3u;
-  KDP_ROUND(17) KDP_ROUND(29) KDP_ROUND(16) KDP_ROUND(24)
-  x0 += key1; x1 += ks2 + 4u;
-  KDP_ROUND(13) KDP_ROUND(15) KDP_ROUND(26) KDP_ROUND(6)
-  x0 += ks2; x1 += key0 + 5u;
-#undef KDP_ROUND
-  *w0 = x0;
-  *w1 = x1;
-}
-
 /* -log((w + 1/2) / 2**32), continued through the counter (p, 2) when w is
  * zero (rare: a scalar branch). */
 static inline float kdp_secure_exponential(uint32_t key0, uint32_t key1,
@@ -261,26 +252,9 @@ static void kdp_secure_numbers(uint32_t key0, uint32_t key1, int64_t first,
   }
   float pair_sum[2 * KDP_BLOCK];
   for (int64_t j = 0; j < pairs; j++) {
-    const float r = __builtin_sqrtf(2.0f * x[j]);
-    const uint32_t q = wa[j] >> 30;
-    const float phi =
-        (((float)(wa[j] & 0x3FFFFFFFu) + 0.5f) * 9.313225746154785e-10f -
-         0.5f) *
-        1.5707963267948966f;
-    const float p2 = phi * phi;
-    float s = -1.9515295891E-4f;
-    s = s * p2 + 8.3321608736E-3f;
-    s = s * p2 - 1.6666654611E-1f;
-    s = s * p2 * phi + phi;
-    float c = 2.443315711809948E-5f;
-    c = c * p2 - 1.388731625493765E-3f;
-    c = c * p2 + 4.166664568298827E-2f;
-    c = c * p2 * p2 - 0.5f * p2 + 1.0f;
-    const float odd = (float)(q & 1u);
-    const float sign = 1.0f - 2.0f * (float)(q >> 1);
-    const float cq = sign * (c - odd * (s + c));
-    const float sq = sign * (s + odd * (c - s));
-    pair_sum[j] = r * (cq + sq);
+    float c, s;
+    kdp_polar(__builtin_sqrtf(2.0f * x[j]), wa[j], &c, &s);
+    pair_sum[j] = c + s;
   }
   for (int64_t i = 0; i < count; i++) {
     z[i] = 0.5f * (pair_sum[2 * i] + pair_sum[2 * i + 1]);
