@@ -12,6 +12,8 @@ import importlib.metadata
 from keras_dp import accounting
 from keras_dp import audit
 from keras_dp import data
+from keras_dp import individual_accounting
+from keras_dp import plotting
 from keras_dp.accounting import calibrate_noise_multiplier
 from keras_dp.accounting import compute_epsilon
 from keras_dp.callbacks import EpsilonLogger
@@ -23,6 +25,7 @@ from keras_dp.clipping_policy import StepClipping
 from keras_dp.groups import clear_clip_group
 from keras_dp.groups import get_clip_group
 from keras_dp.groups import set_clip_group
+from keras_dp.individual_privacy import IndividualPrivacy
 from keras_dp.ledger import PrivacyLedger
 from keras_dp.low_rank import LowRankSparse
 from keras_dp.noise import GaussianNoise
@@ -64,10 +67,13 @@ __all__ = [
     "EpsilonLogger",
     "GaussianNoise",
     "get_clip_group",
+    "individual_accounting",
+    "IndividualPrivacy",
     "is_private",
     "LowRankSparse",
     "make_dp_optimizer",
     "make_private",
+    "plotting",
     "privacy_summary",
     "PrivacyBudget",
     "PrivacyLedger",

@@ -28,6 +28,7 @@ The rules:
   finite value is needed, which is everywhere here.
 """
 
+import inspect
 import math
 import numbers
 import operator
@@ -207,6 +208,29 @@ def instance_of(name, value, cls, what, *, allow_none=False, hint=None):
     raise ArgumentTypeError(
         _message(name, value, what, allow_none, hint)[:-1] + f" ({article} {kind})."
     )
+
+
+def function(name, value, num_args, signature, *, allow_none=False, hint=None):
+    """`value` if it is callable with `num_args` positional arguments
+    (`signature` shows how, e.g. "fn(x, seed)"), else `ArgumentTypeError`.
+    Callables whose signature cannot be read (builtins) are taken."""
+    if value is None and allow_none:
+        return None
+    allowed = f"a function {signature}"
+    if not callable(value):
+        raise ArgumentTypeError(_message(name, value, allowed, allow_none, hint))
+    try:
+        parameters = inspect.signature(value)
+    except (TypeError, ValueError):
+        return value
+    try:
+        parameters.bind(*([None] * num_args))
+    except TypeError:
+        raise ArgumentTypeError(
+            _message(name, value, allowed, allow_none, hint)[:-1]
+            + f", whose signature is {parameters}."
+        ) from None
+    return value
 
 
 def one_of(name, value, choices, *, allow_none=False, what=None):

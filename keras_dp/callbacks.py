@@ -102,9 +102,13 @@ class EpsilonLogger(keras.callbacks.Callback):
 class PrivacyBudget(keras.callbacks.Callback):
     """Stops training before the step that would exceed a privacy budget.
 
-    After every step it computes the epsilon that one more noisy update would
+    After every step it checks the epsilon that one more noisy update would
     reach; if that exceeds `target_epsilon`, training stops and says so. A
     `fit` that starts with the budget already spent trains no step at all.
+    Within one `fit` the noise and the sampling rate are fixed, so epsilon
+    only grows with the number of updates: the last update within budget is
+    found once when training begins (by bisection over this `fit`'s
+    updates), and each step compares a counter with it.
     Keras runs callbacks once per `steps_per_execution` steps, so with
     `compile(steps_per_execution=s)` it looks ahead by the updates of one
     execution (`ceil(s / gradient_accumulation_steps)`) and may stop up
@@ -131,11 +135,46 @@ class PrivacyBudget(keras.callbacks.Callback):
         self.delta = accounting.check_delta(delta)
         self.accountant = accounting.check_accountant(accountant)
         self.stopped_at_step = None
+        # The most updates within budget, as far as this `fit` can reach
+        # (None: not known, checked at every step).
+        self._last_allowed_step = None
 
     def on_train_begin(self, logs=None):
         # `fit` of a private model already checked; this catches the callback
         # on a plain model, which would otherwise train without a budget.
         _check_private(self.model, self)
+        self._last_allowed_step = self._last_step_within_budget(self.model)
+
+    def _last_step_within_budget(self, model):
+        """The largest update count whose epsilon is within budget, up to
+        the last update this `fit` can reach; None when the length of the
+        fit is unknown."""
+        params = getattr(self, "params", None) or {}
+        batches, epochs = params.get("steps"), params.get("epochs")
+        if not batches or not epochs:
+            return None
+        accumulation = model.optimizer.gradient_accumulation_steps or 1
+        ledger = model.optimizer.privacy_ledger
+        low = ledger_lib.optimizer_steps(model)
+        high = low + -(-batches * epochs // accumulation) + updates_per_execution(model)
+
+        def within(steps):
+            return ledger.epsilon(steps, self.delta, self.accountant) <= (
+                self.target_epsilon
+            )
+
+        if within(high):
+            return high
+        if not within(low):
+            return low - 1
+        # Invariant: within(low) and not within(high).
+        while high - low > 1:
+            middle = (low + high) // 2
+            if within(middle):
+                low = middle
+            else:
+                high = middle
+        return low
 
     def next_step_epsilon(self, model):
         """Epsilon after the updates of one more execution (one update
@@ -162,7 +201,12 @@ class PrivacyBudget(keras.callbacks.Callback):
         )
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.next_step_epsilon(self.model) > self.target_epsilon:
+        if self._last_allowed_step is None:
+            over = self.next_step_epsilon(self.model) > self.target_epsilon
+        else:
+            steps = ledger_lib.optimizer_steps(self.model)
+            over = steps + updates_per_execution(self.model) > self._last_allowed_step
+        if over:
             self.model.stop_training = True
             self._stop(self.model)
 

@@ -59,6 +59,63 @@ class SamplingPlan:
         self.updates_per_epoch = updates_per_epoch
 
 
+# tf.data steps that may stand between a sampler's `as_tf_dataset()` and
+# `fit`: they change neither which examples a batch holds nor the order of
+# the batches (another step could, and the accounting would be wrong).
+_BATCH_PRESERVING_STEPS = (
+    "_MapDataset",
+    "_ParallelMapDataset",
+    "_PrefetchDataset",
+    "_OptionsDataset",
+)
+
+
+def poisson_sampler_of(x):
+    """The `PoissonSampler` whose batches `x` is: the sampler itself, or
+    the one behind a `tf.data` pipeline built on `sampler.as_tf_dataset()`
+    (None for other data). Refuses a pipeline with a step that could
+    change the sampled batches."""
+    if isinstance(x, data_lib.PoissonSampler):
+        return x
+    if not keras_compat.is_tf_dataset(x):
+        return None
+    pending = [(x, [], [])]
+    while pending:
+        current, steps, nodes = pending.pop()
+        sampler = getattr(current, "_keras_dp_sampler", None)
+        if sampler is not None:
+            foreign = [s for s in steps if s not in _BATCH_PRESERVING_STEPS]
+            if foreign:
+                raise ValueError(
+                    "This tf.data pipeline is built on a PoissonSampler's "
+                    "as_tf_dataset(), but has steps that change which "
+                    f"examples a batch holds or the order of the batches "
+                    f"({', '.join(name.lstrip('_') for name in foreign)}): "
+                    "the batches would no longer be the Poisson samples that "
+                    "keras_dp accounts for. Use only map, prefetch and "
+                    "with_options after as_tf_dataset(); filter or shuffle "
+                    "the examples before sampling."
+                )
+            if getattr(x.options(), "deterministic", None) is False or any(
+                getattr(node, "_deterministic", None) == "false" for node in nodes
+            ):
+                raise ValueError(
+                    "This tf.data pipeline on a PoissonSampler's "
+                    "as_tf_dataset() may reorder the batches (a map with "
+                    "deterministic=False, or options.deterministic=False): "
+                    "the parts of one logical batch (gradient accumulation) "
+                    "could then be split across updates. Keep the order "
+                    "(deterministic=True, the default)."
+                )
+            return sampler
+        inputs = getattr(current, "_inputs", None)
+        for parent in inputs() if inputs is not None else ():
+            pending.append(
+                (parent, steps + [type(current).__name__], nodes + [current])
+            )
+    return None
+
+
 def poisson_plan(sampler, accumulation):
     """The plan of a `PoissonSampler`; refuses one whose logical batches
     do not match the optimizer's gradient accumulation."""
@@ -82,9 +139,10 @@ def check_secure_sampling(optimizer, x):
     operating system's entropy."""
     if not optimizer.secure_mode:
         return
-    if isinstance(x, data_lib.PoissonSampler) and x.secure_mode:
+    sampler = poisson_sampler_of(x)
+    if sampler is not None and sampler.secure_mode:
         return
-    if isinstance(x, data_lib.PoissonSampler):
+    if sampler is not None:
         why = "this PoissonSampler draws from a reproducible NumPy stream"
         fix = "Build it with keras_dp.data.PoissonSampler(..., secure_mode=True)"
     else:
@@ -228,7 +286,7 @@ def first_examples(x, y=None, sample_weight=None):
     a generator is chained back together). Examples are None when they
     cannot be read (the checks then run on the first batch `fit` draws)."""
     if isinstance(x, data_lib.PoissonSampler):
-        return _rows(x.x), _rows(x.y), None, x
+        return (*x.first_examples(CHECK_ROWS), x)
     if keras_compat.can_convert_arrays((x, y, sample_weight)):
         return _rows(x), _rows(y), _rows(sample_weight), x
     batch = None

@@ -19,6 +19,14 @@ class PrivacySettings:
             or `("vmap", reason the fast path was not used)`.
         examples_checked: whether the checks on real examples
             (`keras_dp.example_independence`) have passed.
+        augment: the `augment(x, seed)` function of augmentation
+            multiplicity, or None.
+        augmentations: augmented copies per example (K, 1 without).
+        augment_seed: the `keras.random.SeedGenerator` that seeds the
+            copies (None without `augment`).
+        saved_augmentations: the `augmentations` a loaded model was saved
+            with (its `augment` function is not saved), until `make_private`
+            is called again; None otherwise.
     """
 
     def __init__(
@@ -28,6 +36,10 @@ class PrivacySettings:
         sample_rate=None,
         per_example="auto",
     ):
+        self.augment = None
+        self.augmentations = 1
+        self.augment_seed = None
+        self.saved_augmentations = None
         self.microbatch_size = microbatch_size
         self.per_example = per_example
         self.per_example_path = None

@@ -28,6 +28,8 @@ def make_private(
     poisson_sampling=True,
     sample_rate=None,
     per_example="auto",
+    augment=None,
+    augmentations=1,
 ):
     """Installs a differentially private train step on `model`.
 
@@ -80,6 +82,51 @@ def make_private(
             the general path (per-example gradients of the whole model).
             `"fast"`: the fast path or an error when the step is first
             traced. Both give the same clipped sums.
+        augment: optional function `augment(x, seed) -> x` that returns
+            one randomly augmented copy of the batch inputs `x` (same
+            structure, shapes and dtypes), written with `keras.ops` and
+            `keras.random`; it runs inside the compiled train step.
+            `seed` is a `keras.random.SeedGenerator` for that copy and
+            step: pass it as `seed=` to every `keras.random` call (each
+            call draws new numbers; it is seeded differently for every
+            copy and every step). Keras preprocessing layers keep their
+            own seed state and would repeat one augmentation on JAX: use
+            `keras.random` with `seed`. Evaluation and prediction are not
+            augmented.
+        augmentations: augmented copies per example, K (default 1).
+            Augmentation multiplicity (De et al. 2022): each example's
+            gradient is the mean of its K copies' gradients, then clipped,
+            summed and noised as usual, so the sensitivity, the noise and
+            the privacy accounting are those of one example, while the
+            clipped gradient is less noisy. A step computes K times the
+            rows; `microbatch_size` counts examples (K rows each). The
+            logged loss and metrics are over the copies. K > 1 needs
+            `augment`.
+
+    Augmentation multiplicity, with a random flip and a random crop:
+
+    ```python
+    def augment(x, seed):
+        # x: (n, 32, 32, 3) images.
+        n = keras.ops.shape(x)[0]
+        flip = keras.random.uniform((n, 1, 1, 1), seed=seed) < 0.5
+        x = keras.ops.where(flip, keras.ops.flip(x, axis=2), x)
+        # Random 32x32 crops of the images padded by 4 pixels.
+        padded = keras.ops.pad(x, [(0, 0), (4, 4), (4, 4), (0, 0)])
+        shift = keras.random.randint((n, 2), 0, 9, seed=seed)
+        rows = shift[:, :1] + keras.ops.arange(32)[None, :]
+        cols = shift[:, 1:] + keras.ops.arange(32)[None, :]
+        padded = keras.ops.take_along_axis(padded, rows[:, :, None, None], axis=1)
+        return keras.ops.take_along_axis(padded, cols[:, None, :, None], axis=2)
+
+
+    model = keras_dp.make_private(model, augment=augment, augmentations=8)
+    ```
+
+    `augment` is a function, so it is not saved with the model: a loaded
+    model that was saved with augmentation refuses to train until
+    `make_private(model, augment=..., augmentations=...)` is called again
+    (`make_private(model)` trains it without augmentation).
 
     `fit` also records each step's noise multiplier and sampling rate in the
     optimizer's privacy ledger (saved with the model), and calibrates the
@@ -94,6 +141,7 @@ def make_private(
     microbatch_size = arguments.positive_int(
         "microbatch_size", microbatch_size, allow_none=True
     )
+    augment, augmentations = _augmentation_arguments(augment, augmentations)
     poisson_sampling = arguments.boolean("poisson_sampling", poisson_sampling)
     sample_rate = arguments.probability(
         "sample_rate",
@@ -126,11 +174,15 @@ def make_private(
         )
         model.compile = types.MethodType(_private_compile(type(model).compile), model)
         model.summary = types.MethodType(_private_summary(type(model).summary), model)
+        model.get_compile_config = types.MethodType(
+            _private_get_compile_config(type(model).get_compile_config), model
+        )
     else:
         settings.microbatch_size = microbatch_size
         settings.poisson_sampling = poisson_sampling
         settings.sample_rate = sample_rate
         settings.per_example = per_example
+    _set_augmentation(model._keras_dp, augment, augmentations)
     model.train_step = types.MethodType(train_step, model)
     if is_dp_optimizer(getattr(model, "optimizer", None)):
         # Compiled before it was made private: attach its optimizer now.
@@ -140,6 +192,73 @@ def make_private(
     return model
 
 
+def _augmentation_arguments(augment, augmentations):
+    augmentations = arguments.positive_int(
+        "augmentations",
+        augmentations,
+        hint="augmented copies per example (augmentation multiplicity)",
+    )
+    augment = arguments.function(
+        "augment", augment, 2, "augment(x, seed) -> x", allow_none=True
+    )
+    if augment is None and augmentations > 1:
+        raise ValueError(
+            f"make_private(augmentations={augmentations}) needs `augment`, "
+            "the function that makes each copy of an example different "
+            "(`augment(x, seed) -> x`): identical copies give the same "
+            "clipped gradient as one, at K times the cost. Pass augment=... "
+            "or leave augmentations=1."
+        )
+    return augment, augmentations
+
+
+def _set_augmentation(settings, augment, augmentations):
+    """Augmentation multiplicity's settings; a call of `make_private`
+    after loading a model decides on it (see `saved_augmentations`)."""
+    settings.augment = augment
+    settings.augmentations = augmentations
+    settings.saved_augmentations = None
+    if augment is not None and settings.augment_seed is None:
+        # Its state is only read (the copies' seeds are derived from it):
+        # it need not be a variable of the model.
+        settings.augment_seed = keras.random.SeedGenerator(
+            name="keras_dp_augmentation_seed"
+        )
+
+
+def _check_augmentation_restored(model):
+    saved = model._keras_dp.saved_augmentations
+    if saved is not None:
+        raise ValueError(
+            f"This model was saved after make_private(augment=..., "
+            f"augmentations={saved}); the `augment` function is not saved "
+            "with it. Call keras_dp.make_private(model, augment=..., "
+            f"augmentations={saved}) after loading to train with "
+            "augmentation multiplicity again, or keras_dp.make_private(model) "
+            "to train without it."
+        )
+
+
+# The key of a private model's compile config that records its
+# augmentation multiplicity (the function itself cannot be saved).
+_AUGMENTATION_KEY = "keras_dp_augmentations"
+
+
+def _private_get_compile_config(get_compile_config):
+    def private_get_compile_config(model):
+        config = get_compile_config(model)
+        augmentations = model._keras_dp.saved_augmentations
+        if model._keras_dp.augment is not None:
+            augmentations = model._keras_dp.augmentations
+        if config is not None and augmentations is not None:
+            config = dict(config)
+            config[_AUGMENTATION_KEY] = augmentations
+        return config
+
+    private_get_compile_config.__doc__ = get_compile_config.__doc__
+    return private_get_compile_config
+
+
 def _checked_make_train_function(make_train_function):
     # Keras builds the train function before the first step (and, on JAX,
     # before detaching the variables), so errors raised here leave the model
@@ -147,6 +266,7 @@ def _checked_make_train_function(make_train_function):
     def checked(model, force=False):
         checks.check_dp_optimizer(model)
         checks.check_no_example_mixing_layers(model)
+        _check_augmentation_restored(model)
         settings = model._keras_dp
         # The traced step bakes in the divisor B and the noise multiplier:
         # retrace when either changed (a Poisson `fit` followed by
@@ -248,6 +368,7 @@ def _private_fit(fit):
     ):
         settings = model._keras_dp
         checks.check_dp_optimizer(model)
+        _check_augmentation_restored(model)
         optimizer = model.optimizer
         fit_data.check_whole_windows_done(optimizer)
         x, y, sample_weight, validation_data = _preprocessed(
@@ -280,9 +401,10 @@ def _private_fit(fit):
             )
             y = sample_weight = batch_size = steps_per_epoch = None
         fit_data.check_secure_sampling(optimizer, x)
-        if isinstance(x, data_lib.PoissonSampler):
-            plan = fit_data.poisson_plan(x, accumulation)
-            expected_batch_size = x.expected_batch_size
+        sampler = fit_data.poisson_sampler_of(x)
+        if sampler is not None:
+            plan = fit_data.poisson_plan(sampler, accumulation)
+            expected_batch_size = sampler.expected_batch_size
         else:
             plan = fit_data.fixed_batch_plan(
                 model,
@@ -302,7 +424,9 @@ def _private_fit(fit):
                     "reports assumes Poisson sampling at rate "
                     f"q={plan.sample_rate:.4g}; for fixed-size batches the "
                     "real guarantee can be weaker. Pass in-memory arrays or a "
-                    "keras_dp.data.PoissonSampler for the analysed mechanism.",
+                    "keras_dp.data.PoissonSampler for the analysed mechanism "
+                    "(for a tf.data pipeline over batches, build it on the "
+                    "sampler's as_tf_dataset()).",
                     stacklevel=2,
                 )
         if not settings.examples_checked:
@@ -407,6 +531,7 @@ def _private_train_on_batch(train_on_batch):
     ):
         settings = model._keras_dp
         checks.check_dp_optimizer(model)
+        _check_augmentation_restored(model)
         optimizer = model.optimizer
         if optimizer.noise_multiplier is None:
             raise ValueError(
@@ -510,8 +635,9 @@ def _check_no_history_of_its_own(optimizer, steps):
 
 def _rows_per_batch(x, batch_size):
     """Rows of the batches `fit` will draw from `x`, or None if unknown."""
-    if isinstance(x, data_lib.PoissonSampler):
-        return x.padded_size
+    sampler = fit_data.poisson_sampler_of(x)
+    if sampler is not None:
+        return sampler.padded_size
     if keras_compat.can_convert_arrays((x,)):
         return batch_size or 32
     if keras_compat.is_tf_dataset(x):
@@ -559,8 +685,14 @@ def _restore_private_models_on_load():
         return
 
     def compile_from_config(self, config):
+        augmentations = None
+        if isinstance(config, dict) and _AUGMENTATION_KEY in config:
+            config = dict(config)
+            augmentations = config.pop(_AUGMENTATION_KEY)
         if not is_private(self) and _names_dp_optimizer(config):
             make_private(self)
+        if augmentations is not None and is_private(self):
+            self._keras_dp.saved_augmentations = augmentations
         return original(self, config)
 
     compile_from_config._keras_dp_hook = True

@@ -325,6 +325,26 @@ def test_privacy_budget_stops_at_the_last_step_within_budget(capsys):
     assert f"stopping after {k} steps" in capsys.readouterr().out
 
 
+def test_privacy_budget_computes_epsilon_a_logarithmic_number_of_times(monkeypatch):
+    # The bound is found once per fit, by bisection: a few dozen
+    # evaluations for 250 possible steps, not one per step.
+    k = _last_step_within(BUDGET_TARGET)
+    calls = []
+    original = keras_dp.PrivacyLedger.epsilon
+
+    def counting(self, *args, **kwargs):
+        calls.append(args)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(keras_dp.PrivacyLedger, "epsilon", counting)
+    x, y = make_regression()
+    model = private_model()
+    budget = keras_dp.PrivacyBudget(target_epsilon=BUDGET_TARGET, delta=DELTA)
+    model.fit(x, y, batch_size=BUDGET_BATCH, epochs=50, verbose=0, callbacks=[budget])
+    assert steps_taken(model) == k
+    assert len(calls) <= 2 + math.ceil(math.log2(50 * BUDGET_STEPS_PER_EPOCH + 1)) + 1
+
+
 def test_privacy_budget_counts_updates_under_accumulation():
     k = _last_step_within(BUDGET_TARGET)
     x, y = make_regression()

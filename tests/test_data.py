@@ -310,6 +310,237 @@ def test_fit_accumulates_the_parts_of_one_logical_batch_per_update():
     assert all(a == b for a, b in updates), order
 
 
+def test_pairs_of_examples_are_included_independently():
+    # Under Poisson sampling two examples share a batch with probability
+    # q^2; a fixed-size batch would give q * (B - 1) / (n - 1), and sampling
+    # with a dependence between examples something else again.
+    n, batch_size, draws = 40, 8, 20000
+    q = batch_size / n
+    x, y = make_arrays(n)
+    sampler = data_lib.PoissonSampler(x, y, batch_size=batch_size, seed=11)
+    together = np.zeros((n, n))
+    for update in range(draws):
+        member = np.zeros(n)
+        member[sampler.sample_indices(update)] = 1.0
+        together += np.outer(member, member)
+    pairs = together[np.triu_indices(n, k=1)] / draws
+    # 780 pairs, each frequency ~ Binomial(20000, 0.04) / 20000 with sd
+    # 0.0014: their mean has SE below 0.0014 / sqrt(780) (pairs sharing an
+    # example are slightly correlated, so allow 8 such SE, 0.0004; the
+    # fixed-size rate 0.0359 is 10 SE away).
+    assert abs(pairs.mean() - q * q) < 8 * math.sqrt(q * q / draws / len(pairs))
+
+
+def test_a_draw_costs_the_batch_not_the_dataset():
+    # A 10^7-example dataset (broadcast: no memory) and a 256-example
+    # batch. Drawing n uniforms would allocate 80 MB per step; the O(B)
+    # draw allocates a few KB.
+    import tracemalloc
+
+    n = 10**7
+    x = np.broadcast_to(np.zeros((1, 2), "float32"), (n, 2))
+    y = np.broadcast_to(np.zeros((1, 1), "float32"), (n, 1))
+    sampler = data_lib.PoissonSampler(x, y, batch_size=256, seed=0)
+    sampler.sample_indices(0)
+    tracemalloc.start()
+    try:
+        sizes = [len(sampler.sample_indices(update)) for update in range(1, 20)]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak
+    # Binomial(10^7, 2.56e-5): mean 256, sd 16.
+    assert 256 - 5 * 16 < np.mean(sizes) < 256 + 5 * 16
+
+
+class ListSource:
+    """An example source over arrays that counts its reads."""
+
+    def __init__(self, x, y, weights=None):
+        self.x, self.y, self.weights = x, y, weights
+        self.reads = []
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, index):
+        self.reads.append(index)
+        if self.weights is None:
+            return self.x[index], self.y[index]
+        return self.x[index], self.y[index], self.weights[index]
+
+
+def test_source_sampler_gives_the_batches_of_the_array_sampler():
+    x, y = make_arrays(300)
+    weights = np.random.default_rng(0).random(300).astype("float32")
+    source = ListSource(x, y, weights)
+    from_source = data_lib.PoissonSampler(
+        source=source, batch_size=30, seed=4, accumulation_steps=2
+    )
+    from_arrays = data_lib.PoissonSampler(
+        x, y, weights, batch_size=30, seed=4, accumulation_steps=2
+    )
+    assert from_source.n == 300
+    assert from_source.sample_rate == from_arrays.sample_rate
+    source.reads.clear()
+    for _ in range(2):
+        for index in range(len(from_arrays)):
+            for a, b in zip(from_source[index], from_arrays[index]):
+                np.testing.assert_array_equal(a, b)
+            # Only the sampled examples are read.
+            real = int(np.count_nonzero(from_arrays[index][2]))
+            assert len(source.reads) == real
+            source.reads.clear()
+        from_source.on_epoch_end()
+        from_arrays.on_epoch_end()
+
+
+def test_source_and_memmap_samplers_train_like_arrays(tmp_path):
+    x, y = make_regression(200)
+    path = str(tmp_path / "x.npy")
+    np.save(path, x)
+    memmap = np.load(path, mmap_mode="r")
+    trained = []
+    for data in (
+        dict(x=x, y=y),
+        dict(x=memmap, y=y),
+        dict(source=ListSource(x, y)),
+    ):
+        model = private_model()
+        sampler = data_lib.PoissonSampler(**data, batch_size=20, seed=3)
+        model.fit(sampler, epochs=2, verbose=0)
+        trained.append(model)
+        (entry,) = model.optimizer.privacy_ledger.entries
+        assert entry["poisson"] is True and entry["n"] == 200
+        assert entry["sample_rate"] == pytest.approx(0.1)
+    assert_weights_close(trained[0], trained[1])
+    assert_weights_close(trained[0], trained[2])
+
+
+def test_secure_source_sampler_with_threads_keeps_parts_of_one_draw():
+    x, y = make_arrays(400)
+    sampler = data_lib.PoissonSampler(
+        source=ListSource(x, y),
+        batch_size=20,
+        accumulation_steps=2,
+        secure_mode=True,
+        workers=4,
+    )
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        for update in range(10):
+            parts = list(pool.map(sampler.__getitem__, [2 * update, 2 * update + 1]))
+            ids = [p[0][: int(np.count_nonzero(p[2])), 0].astype(int) for p in parts]
+            union = np.concatenate(ids)
+            assert len(set(union.tolist())) == len(union)
+            assert sorted(union.tolist()) == sorted(sampler._secure_batch[1].tolist())
+
+
+def test_source_errors_say_what_to_do():
+    x, y = make_arrays(50)
+    with pytest.raises(ValueError, match="either arrays .* or an example `source`"):
+        data_lib.PoissonSampler(x, source=ListSource(x, y), batch_size=10)
+    with pytest.raises(TypeError, match=r"len\(source\)"):
+        data_lib.PoissonSampler(source=object(), batch_size=10)
+    with pytest.raises(ValueError, match="len\\(source\\) is 0"):
+        data_lib.PoissonSampler(source=[], batch_size=10)
+    with pytest.raises(ValueError, match=r"tuple `\(x, y\)`"):
+        data_lib.PoissonSampler(source=[x[0]] * 50, batch_size=10)
+    ragged = [(np.zeros(3 + (i == 7)), 0.0) for i in range(50)]
+    sampler = data_lib.PoissonSampler(source=ragged, batch_size=49, seed=0)
+    with pytest.raises(ValueError, match="same shapes.*source\\[7\\]"):
+        for index in range(len(sampler)):
+            sampler[index]
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        data_lib.PoissonSampler(source=[(x[0], y[0], -1.0)] * 50, batch_size=10)
+    with pytest.raises(ValueError, match="worker processes cannot share"):
+        data_lib.PoissonSampler(
+            x, y, batch_size=10, secure_mode=True, use_multiprocessing=True
+        )
+
+
+def test_tf_data_pipeline_on_a_sampler_trains_as_the_sampler():
+    pytest.importorskip("tensorflow")
+    import tensorflow as tf
+
+    x, y = make_regression(200)
+    # Text in, features out: the pipeline's map turns each row's string
+    # back into its numbers (what a tokenizer or preprocessor would do).
+    texts = np.array([" ".join(f"{v:.9g}" for v in row) for row in x], dtype=object)
+
+    def parse(text, target, weight):
+        # Padding rows are empty strings: parsed as zeros, weight 0.
+        parts = tf.strings.split(text).to_tensor("0", shape=(None, FEATURES))
+        numbers = tf.strings.to_number(parts, tf.float32)
+        return numbers, target, weight
+
+    numbers = data_lib.PoissonSampler(x, y, batch_size=20, seed=5)
+    # The dataset's batches are the sampler's items, a fresh draw each pass.
+    passes = [list(numbers.as_tf_dataset().as_numpy_iterator()) for _ in range(2)]
+    for epoch, batches in enumerate(passes):
+        numbers.epoch = epoch
+        assert len(batches) == len(numbers)
+        for index, batch in enumerate(batches):
+            for a, b in zip(batch, numbers[index]):
+                np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(passes[0][0][0], passes[1][0][0])
+    direct = private_model()
+    direct.fit(
+        data_lib.PoissonSampler(x, y, batch_size=20, seed=5).as_tf_dataset(),
+        epochs=2,
+        verbose=0,
+    )
+    piped = private_model()
+    sampler = data_lib.PoissonSampler(texts, y, batch_size=20, seed=5)
+    batches = sampler.as_tf_dataset().map(parse, num_parallel_calls=2).prefetch(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        piped.fit(batches, epochs=2, verbose=0)
+    (entry,) = piped.optimizer.privacy_ledger.entries
+    assert entry["poisson"] is True and entry["n"] == 200
+    assert entry["sample_rate"] == pytest.approx(0.1)
+    assert steps_taken(piped) == steps_taken(direct) == 2 * 10
+    assert_weights_close(direct, piped, rtol=1e-4, atol=1e-5)
+    # Padding rows of text are empty strings.
+    _, _, weights = sampler[0]
+    assert (sampler[0][0][weights == 0] == "").all()
+
+
+@pytest.mark.parametrize(
+    "step", ["filter", "shuffle", "unbatch", "cache", "deterministic"]
+)
+def test_tf_data_steps_that_change_batches_are_refused(step):
+    pytest.importorskip("tensorflow")
+    import tensorflow as tf
+
+    x, y = make_regression(100)
+    dataset = data_lib.PoissonSampler(x, y, batch_size=10, seed=0).as_tf_dataset()
+    if step == "deterministic":
+        dataset = dataset.map(
+            tf.autograph.experimental.do_not_convert(lambda *batch: batch),
+            num_parallel_calls=2,
+            deterministic=False,
+        )
+        model = private_model()
+        with pytest.raises(ValueError, match="may reorder the batches"):
+            model.fit(dataset, epochs=1, verbose=0)
+        assert steps_taken(model) == 0
+        return
+    if step == "filter":
+        dataset = dataset.filter(lambda *batch: True)
+    elif step == "shuffle":
+        dataset = dataset.shuffle(4)
+    elif step == "unbatch":
+        dataset = dataset.unbatch().batch(10)
+    else:
+        dataset = dataset.cache()
+    model = private_model()
+    with pytest.raises(ValueError, match=f"(?i){step}.*only map, prefetch"):
+        model.fit(dataset.prefetch(1), epochs=1, verbose=0)
+    assert steps_taken(model) == 0
+
+
 def test_invalid_sampler_arguments():
     x, y = make_arrays(50)
     with pytest.raises(ValueError, match="sample rate"):

@@ -26,7 +26,7 @@ venv's Python. It
    at versions that satisfy them (`pip check` would also report the dev
    venv's own unrelated gaps, such as keras-hub's dependencies, which
    `make venv` installs with `--no-deps` on purpose);
-4. for each backend (TensorFlow and JAX, at once), from a temporary
+4. for each backend (TensorFlow, JAX and PyTorch, at once), from a temporary
    working directory outside the repository and with `python -I` (no
    PYTHONPATH, no user site, no script folder on `sys.path`), makes a
    small Dense model private, trains one DP-SGD step with `model.fit`,

@@ -10,14 +10,20 @@ gradients `g_i`:
 - the vmap path: each example's gradient of the whole model under
   `vectorized_map`, for every model.
 
+Both clip privacy units of several rows where the batch's rows come in
+units (`units`: augmentation multiplicity's copies of an example, made by
+`augmentation`).
+
 Modules, lowest first (each imports only modules of lower layers):
 
 - `registry` (rules and their registration), `rows` (row-wise helpers),
   `clip_factors`, `gradient_space`;
+- `units` (units of several rows: their folds);
 - `linear`, `patches` (shared by rules);
 - rules: `dense`, `conv`, `embedding`, `normalization`, `generic`;
 - `plan` (which layer gets which rule), `recording`, `losses`,
-  `microbatches`, `metrics`;
+  `microbatches`, `metrics`, `augmentation` (the copies of augmentation
+  multiplicity);
 - `batched_pass`;
 - `fast_path`, `vmap_path`;
 - `engine` (`clipped_gradient_sum`, `private_gradients`).
@@ -49,6 +55,9 @@ from keras_dp.per_example.rows import rows_dot
 from keras_dp.per_example.rows import scaled_rows
 from keras_dp.per_example.rows import seed_state_ids
 from keras_dp.per_example.rows import squared_norms
+from keras_dp.per_example.units import unit_positions
+from keras_dp.per_example.units import unit_rows
+from keras_dp.per_example.units import unit_sums
 from keras_dp.per_example.vmap_path import vmap_clipped_gradient_sum
 
 __all__ = [
@@ -77,6 +86,9 @@ __all__ = [
     "seed_state_ids",
     "squared_norms",
     "step_metrics",
+    "unit_positions",
+    "unit_rows",
+    "unit_sums",
     "Unsupported",
     "vmap_clipped_gradient_sum",
 ]

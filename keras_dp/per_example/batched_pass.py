@@ -38,9 +38,11 @@ from keras_dp.per_example.registry import Unsupported
 from keras_dp.per_example.rows import f32
 from keras_dp.per_example.rows import replace_tensor_leaves
 from keras_dp.per_example.rows import tensor_leaves
+from keras_dp.per_example.units import unit_losses
+from keras_dp.per_example.units import unit_rows
 
 
-def _make_run(model, trainable, non_trainable, x, y, sw):
+def _make_run(model, trainable, non_trainable, x, y, sw, rows_per_unit=1):
     num_regularized = num_regularized_weights(model)
     call_kwargs = (
         {"training": True} if keras_compat.call_has_training_arg(model) else {}
@@ -54,6 +56,8 @@ def _make_run(model, trainable, non_trainable, x, y, sw):
             raise Unsupported("the model adds losses in call (activity regularization)")
         new_nt = list(new_nt)
         losses = per_example_losses(model, trainable, new_nt, x, y, y_pred, sw)
+        # The taps' gradients are those of the units' losses.
+        losses = unit_losses(losses, sw, rows_per_unit)
         return losses, y_pred, new_nt
 
     return run
@@ -96,14 +100,32 @@ def _run_rule(entry, record, own_grads, make_context, backend_ops, previous=()):
     own_grads = backend_ops.after(list(previous), own_grads)
     tensors = backend_ops.after(list(own_grads.values()), tensor_leaves(record.args))
     record.args = replace_tensor_leaves(record.args, tensors)
-    args, kwargs = record.args
-    terms = entry.rule.fn(
-        entry.layer,
-        RecordedCall(args, kwargs),
-        rule_grads(entry, record, own_grads),
-        make_context(entry, record),
-    )
+    context = make_context(entry, record)
+    call_and_grads = (record.args, rule_grads(entry, record, own_grads))
+    if context.rows_per_unit > 1:
+        call_and_grads = _units_for_rule(entry, call_and_grads, context.rows_per_unit)
+    (args, kwargs), grads = call_and_grads
+    terms = entry.rule.fn(entry.layer, RecordedCall(args, kwargs), grads, context)
     return _ordered_terms(entry, terms)
+
+
+def _units_for_rule(entry, call_and_grads, rows_per_unit):
+    """The rule's call and gradients for units of `rows_per_unit` rows
+    (see `register_per_example_rule(units=...)`)."""
+    units = entry.rule.units
+    if units == "context":
+        return call_and_grads
+    if units == "positions":
+        return keras.tree.map_structure(
+            lambda t: unit_rows(t, rows_per_unit) if ops.is_tensor(t) else t,
+            call_and_grads,
+        )
+    raise Unsupported(
+        f"the per-example rule {entry.kind!r} of layer {entry.layer.name!r} "
+        f"does not handle privacy units of {rows_per_unit} rows "
+        "(augmentation multiplicity); register it with `units=` (see "
+        "keras_dp.register_per_example_rule)"
+    )
 
 
 def _squared_norms_of(terms):
@@ -306,11 +328,14 @@ def per_example_norms_and_sums(
     sample_weight=None,
     entries=None,
     rows_hint=None,
+    rows_per_unit=1,
 ):
     """Per-variable per-example squared norms from one batched pass.
 
     `rows_hint`: the batch size expected when `x`'s is not static (only
-    used to bound memory).
+    used to bound memory). `rows_per_unit`: with R > 1, the rows come in
+    privacy units of R rows (`keras_dp.per_example.units`) and everything
+    per example below is per unit (`U` units), `y_pred` per row.
 
     Returns `(squared_norms, clipped_fn, losses, y_pred, new_non_trainable)`
     where `squared_norms` has one `(n,)` tensor per trainable variable and
@@ -319,7 +344,9 @@ def per_example_norms_and_sums(
     """
     if entries is None:
         entries = build_plan(model)
-    run = _make_run(model, trainable, non_trainable, x, y, sample_weight)
+    run = _make_run(model, trainable, non_trainable, x, y, sample_weight, rows_per_unit)
+    if rows_hint is not None:
+        rows_hint = rows_hint * rows_per_unit
     values = {id(v): t for v, t in zip(model.trainable_variables, trainable)}
     values.update(
         (id(v), t) for v, t in zip(model.non_trainable_variables, non_trainable)
@@ -333,6 +360,7 @@ def per_example_norms_and_sums(
             rows_hint,
             record.saved,
             values,
+            rows_per_unit,
         )
 
     losses, y_pred, new_nt, records, terms = batched_pass(

@@ -46,6 +46,9 @@ from keras_dp.per_example.rows import rows_dot
 from keras_dp.per_example.rows import scaled_rows
 from keras_dp.per_example.rows import squared_norms
 from keras_dp.per_example.rows import static_prod
+from keras_dp.per_example.units import unit_positions
+from keras_dp.per_example.units import unit_rows
+from keras_dp.per_example.units import unit_sums
 
 # Patches held at once while instantiating per-example conv kernel
 # gradients (the gradients themselves are small): larger batches are
@@ -145,13 +148,26 @@ def _compiled_conv_parts(squared_norms, grads, x, dy, kernel_grad):
     return squared_norms, clipped
 
 
+def _unit_parts(grads, rows_per_unit):
+    """(squared norms, clipped_fn) of units of rows from the rows'
+    instantiated kernel gradients `(U * R, F, D)`: a unit's gradient is
+    the sum of its rows'. Clipped sums come out as (D, F)."""
+    G = unit_sums(grads, rows_per_unit)
+    return squared_norms(G), (lambda c, safe: ops.transpose(rows_dot(c, G, safe)))
+
+
 def conv_rule(layer, call, grads, context):
     """Conv1D/2D/3D as a linear layer of patches (any stride, dilation,
     padding, groups). Per-example kernel gradients are instantiated, or
     ghost norms are taken from patches (see `choose_method`): either is
     preferred over a vectorized per-example convolution gradient, which is
-    slower on both backends."""
+    slower on both backends.
+
+    Units of R rows (`keras_dp.per_example.units`): ghost norms take a
+    unit's patches and output gradients as `R * T` positions; instantiated
+    gradients are summed over the unit's rows."""
     backend_ops = context.backend_ops
+    R = context.rows_per_unit
     x = f32(call.inputs)
     B = f32(grads)
     rank = layer.rank
@@ -235,7 +251,7 @@ def conv_rule(layer, call, grads, context):
     parts = []
     for g in range(groups):
         Bg = B[:, :, g * Fg : (g + 1) * Fg] if groups > 1 else B
-        if choose_method(T, K * Cg, Fg) == "instantiate":
+        if choose_method(T * R, K * Cg, Fg) == "instantiate":
             xg, spatial_Bg = (
                 group_input(x, g),
                 ops.reshape(Bg, (-1,) + out_spatial + (Fg,)),
@@ -247,8 +263,11 @@ def conv_rule(layer, call, grads, context):
             # output gradients: a little more compute for much less memory.
             x2, dy2, conv2 = as_2d_conv(xg, spatial_Bg, conv_args)
             compiled = backend_ops.per_example_conv_kernel_norms(
-                x2, dy2, *conv2, keep_grads=T > Fg
+                x2, dy2, *conv2, keep_grads=T > Fg or R > 1
             )
+            if compiled is not None and R > 1:
+                parts.append(_unit_parts(compiled[1], R))
+                continue
             if compiled is not None:
                 parts.append(
                     _compiled_conv_parts(
@@ -262,7 +281,9 @@ def conv_rule(layer, call, grads, context):
             G = _kernel_grads_in_chunks(
                 x, Bg, kernel_grads_of(g), chunk, context.rows_hint, backend_ops
             )
-            if backend_ops.CONV_CLIPPED_SUM_FROM_PATCHES and T <= Fg:
+            if R > 1:
+                parts.append(_unit_parts(ops.concatenate([t for _, t in G], 0), R))
+            elif backend_ops.CONV_CLIPPED_SUM_FROM_PATCHES and T <= Fg:
                 parts.append(
                     _norms_then_patches(
                         G, x, Bg, functools.partial(patches, g=g), backend_ops
@@ -271,7 +292,11 @@ def conv_rule(layer, call, grads, context):
             else:
                 parts.append(_chunked_instantiated(G))
         else:
-            parts.append(linear.linear_terms(patches(x, g), Bg, "ghost"))
+            parts.append(
+                linear.linear_terms(
+                    unit_positions(patches(x, g), R), unit_positions(Bg, R), "ghost"
+                )
+            )
     sq = parts[0][0]
     for part in parts[1:]:
         sq = sq + part[0]
@@ -282,7 +307,7 @@ def conv_rule(layer, call, grads, context):
 
     terms = [(layer.kernel, sq, kernel_clipped)]
     if layer.use_bias:
-        terms.append(bias_terms(layer.bias, B))
+        terms.append(bias_terms(layer.bias, unit_rows(B, R) if R > 1 else B))
     return terms
 
 
@@ -294,4 +319,5 @@ with builtin_registrations():
             name="conv",
             taps="pre_activation",
             applies=uses_plain_weights,
+            units="context",
         )

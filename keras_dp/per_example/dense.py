@@ -32,6 +32,8 @@ from keras_dp.per_example.rows import f32
 from keras_dp.per_example.rows import rows_dot
 from keras_dp.per_example.rows import squared_norms
 from keras_dp.per_example.rows import static_prod
+from keras_dp.per_example.units import unit_positions
+from keras_dp.per_example.units import unit_rows
 
 
 def _with_lora(layer):
@@ -178,8 +180,11 @@ def einsum_rule(layer, call, grads, context):
     A2 = ops.einsum(f"{s['inp']}->{b}{s['T']}{s['D']}", A)
     B2 = ops.einsum(f"{s['out']}->{b}{s['T']}{s['P']}", B)
     Tr = T if T is not None else -1
-    A2 = ops.reshape(A2, (-1, Tr, d))
-    B2 = ops.reshape(B2, (-1, Tr, p))
+    # A unit's rows are more positions (keras_dp.per_example.units).
+    R = context.rows_per_unit
+    A2 = unit_positions(ops.reshape(A2, (-1, Tr, d)), R)
+    B2 = unit_positions(ops.reshape(B2, (-1, Tr, p)), R)
+    T = None if T is None else R * T
     sq, fn = linear_terms(A2, B2, choose_method(T, d, p))
     dp_shape = tuple(sizes[c] for c in s["D"] + s["P"])
     eq = f"{s['D']}{s['P']}->{s['ker']}"
@@ -189,7 +194,7 @@ def einsum_rule(layer, call, grads, context):
 
     terms = [(layer.kernel, sq, kernel_clipped)]
     if layer.bias is not None:
-        terms.append(bias_terms(layer.bias, B))
+        terms.append(bias_terms(layer.bias, unit_rows(B, R) if R > 1 else B))
     return terms
 
 
@@ -200,6 +205,7 @@ with builtin_registrations():
         name="dense_lora",
         taps="pre_activation",
         applies=_with_lora,
+        units="positions",
     )
     register_per_example_rule(
         keras.layers.Dense,
@@ -207,6 +213,7 @@ with builtin_registrations():
         name="dense",
         taps="pre_activation",
         applies=uses_plain_weights,
+        units="positions",
     )
     register_per_example_rule(
         keras.layers.EinsumDense,
@@ -214,4 +221,5 @@ with builtin_registrations():
         name="einsum",
         taps="pre_activation",
         applies=_einsum_applies,
+        units="context",
     )

@@ -104,6 +104,7 @@ def _register_keras_hub_rules():
             name="position_embedding",
             applies=uses_plain_weights,
             check_call=refuse_offset_positions,
+            units="positions",
         )
 
 
@@ -113,6 +114,7 @@ with builtin_registrations():
         embedding_rule,
         name="embedding",
         applies=uses_plain_weights,
+        units="positions",
     )
     _reversible = getattr(keras.layers, "ReversibleEmbedding", None)
     if _reversible is not None:
@@ -123,5 +125,6 @@ with builtin_registrations():
             name="embedding",
             applies=uses_plain_weights,
             check_call=refuse_reverse_call,
+            units="positions",
         )
     register_when_imported("keras_hub", _register_keras_hub_rules)

@@ -20,6 +20,8 @@ import warnings
 from keras import ops
 from keras import tree
 
+from keras_dp import keras_compat
+from keras_dp.per_example.augmentation import augmented_rows
 from keras_dp.per_example.fast_path import fast_clipped_gradient_sum
 from keras_dp.per_example.losses import num_regularized_weights
 from keras_dp.per_example.losses import regularization_loss
@@ -61,6 +63,7 @@ def clipped_gradient_sum(
     sample_weight=None,
     microbatch_size=None,
     scale=None,
+    rows_per_unit=1,
 ):
     """Clipped per-example gradient sum of one batch.
 
@@ -76,6 +79,12 @@ def clipped_gradient_sum(
         scale: if given, a scalar that multiplies every clipped gradient
             (the private step's `1 / B`), applied to the per-example clip
             factors rather than to the summed gradients.
+        rows_per_unit: the rows of one privacy unit (see
+            `keras_dp.per_example.units`): with R > 1 the batch's rows come
+            in units of R consecutive rows, each unit's gradient (the mean
+            over its real rows) is what is clipped, `microbatch_size`
+            counts units, and `losses` and `nonfinite` are per unit
+            (`y_pred` stays per row).
 
     Returns:
         Dict with `clipped_sum` (list, one tensor per trainable variable),
@@ -118,6 +127,7 @@ def clipped_gradient_sum(
                 sample_weight,
                 microbatch_size=microbatch_size,
                 scale=scale,
+                rows_per_unit=rows_per_unit,
             )
         except Unsupported as error:
             reason = error.reason
@@ -146,6 +156,7 @@ def clipped_gradient_sum(
         sample_weight,
         microbatch_size,
         scale,
+        rows_per_unit,
     )
 
 
@@ -159,12 +170,20 @@ def private_gradients(
     sample_weight=None,
     *,
     clipping,
+    step_number=None,
 ):
     """Everything a DP train step needs except the noise.
 
     `clipping`: the step's clipping (a `keras_dp.StepClipping`, from
     `optimizer.step_clipping(...)`), which turns squared norms into clip
     factors.
+
+    With augmentation multiplicity (`make_private(augment=...,
+    augmentations=K)`) each example's K augmented copies are made here and
+    clipped as one unit (`keras_dp.per_example.augmentation`);
+    `step_number`, an integer scalar that differs from step to step, seeds
+    them: by default the optimizer's iteration count read from its
+    variable, which a JAX step must pass instead (its value in the step).
 
     Returns a dict with:
         `grads`: clipped sum divided by the expected batch size `B` (through
@@ -180,6 +199,10 @@ def private_gradients(
             sample weight) had a non-finite gradient norm or loss and were
             left out of the update (float32 scalar).
         `y_pred`, `non_trainable`: as in a normal step.
+        `metric_data`: `(x, y, sample_weight)` that go with `y_pred` for
+            the metrics (with augmentation: the copies, `y` and
+            `sample_weight` repeated).
+        `rows_per_unit`: rows of `y_pred` per example.
     """
     settings = model._keras_dp
     if settings.expected_batch_size is not None:
@@ -188,17 +211,23 @@ def private_gradients(
     else:
         static_expected = tree.flatten(x)[0].shape[0]
         expected = ops.cast(ops.shape(tree.flatten(x)[0])[0], "float32")
+    rows = (x, y, sample_weight)
+    rows_per_unit = 1
+    if settings.augment is not None:
+        if step_number is None:
+            step_number = keras_compat.optimizer_iterations(model.optimizer).value
+        rows = augmented_rows(settings, x, y, sample_weight, step_number)
+        rows_per_unit = settings.augmentations
     result = clipped_gradient_sum(
         model,
         clipping,
         backend_ops,
         trainable,
         non_trainable,
-        x,
-        y,
-        sample_weight,
+        *rows,
         microbatch_size=settings.microbatch_size,
         scale=1.0 / expected,
+        rows_per_unit=rows_per_unit,
     )
     grads = [
         ops.cast(s, v.dtype)
@@ -223,8 +252,13 @@ def private_gradients(
     if row_mask is not None:
         dropped = dropped * row_mask
     padded = settings.expected_batch_size is not None and sample_weight is not None
+    if padded and rows_per_unit > 1:
+        # The metrics' rows are the copies.
+        row_mask = _row_mask(rows[2])
     return {
         "row_mask": row_mask if padded else None,
+        "metric_data": rows,
+        "rows_per_unit": rows_per_unit,
         "grads": grads,
         "noise_spaces": result.get("noise_spaces"),
         "expected_batch_size": expected,

@@ -20,8 +20,8 @@ from keras_dp.per_example.microbatches import unchunked
 from keras_dp.per_example.plan import build_plan
 from keras_dp.per_example.rows import offset_seed_states
 from keras_dp.per_example.rows import restore_seed_states
-from keras_dp.per_example.rows import row_mask
 from keras_dp.per_example.rows import seed_state_positions
+from keras_dp.per_example.units import unit_mask
 
 
 def fast_clipped_gradient_sum(
@@ -35,9 +35,11 @@ def fast_clipped_gradient_sum(
     sample_weight=None,
     microbatch_size=None,
     scale=None,
+    rows_per_unit=1,
 ):
     """The fast path of `clipped_gradient_sum` (same arguments and result,
-    without `noise_spaces`).
+    without `noise_spaces`). With `rows_per_unit = R > 1` the rules fold
+    each unit's rows into their position axes (`keras_dp.per_example.units`).
 
     Raises `Unsupported` (at trace time) when the model needs the general
     vmap path. Examples whose gradient norm or loss is not finite get
@@ -61,6 +63,7 @@ def fast_clipped_gradient_sum(
             csw,
             entries=entries,
             rows_hint=rows_hint,
+            rows_per_unit=rows_per_unit,
         )
         factors = scaled_factors(clipping.variable_clip_factors(squared), scale)
         clipped, nonfinite = sums_leaving_out_nonfinite(
@@ -68,7 +71,7 @@ def fast_clipped_gradient_sum(
         )
         if count_groups:
             # Adaptive clipping's centred counts; padding rows count 0.
-            mask = None if csw is None else row_mask(csw)
+            mask = None if csw is None else unit_mask(csw, rows_per_unit)
             clipped.append(clipping.clip_counts(squared, mask))
         return clipped, losses, y_pred, new_nt, nonfinite
 
@@ -87,7 +90,10 @@ def fast_clipped_gradient_sum(
     if microbatch_size is None:
         return result(*chunk_fn(non_trainable, x, y, sample_weight))
 
-    examples = microbatch_examples(x, y, sample_weight, rows, microbatch_size)
+    # Chunks of whole units.
+    examples = microbatch_examples(
+        x, y, sample_weight, rows, microbatch_size * rows_per_unit
+    )
     seed_positions = seed_state_positions(model)
 
     def step(number, chunk):
@@ -106,7 +112,8 @@ def fast_clipped_gradient_sum(
     clipped, (losses, y_pred, new_nt, nonfinite) = scan_microbatches(
         step, init, examples, microbatch_size, backend_ops
     )
-    losses, y_pred, nonfinite = unchunked((losses, y_pred, nonfinite), rows)
+    losses, nonfinite = unchunked((losses, nonfinite), rows // rows_per_unit)
+    y_pred = unchunked(y_pred, rows)
     # With the seed offsets undone, every chunk leaves the state alike.
     new_nt = [t[0] for t in new_nt]
     return result(clipped, losses, y_pred, new_nt, nonfinite)

@@ -27,6 +27,7 @@ from keras_dp.per_example.registry import builtin_registrations
 from keras_dp.per_example.registry import register_per_example_rule
 from keras_dp.per_example.rows import f32
 from keras_dp.per_example.rows import instantiated_terms
+from keras_dp.per_example.units import unit_sums
 
 
 def _uses_randomness(layer):
@@ -98,7 +99,11 @@ def generic_rule(layer, call, grads, context):
     # torch.vmap cannot do (the layer draws no random numbers: checked).
     with keras_compat.without_channels_last_copies():
         per_example = ops.vectorized_map(one_example, (tensors, cotangents))
-    return [instantiated_terms(v, g) for v, g in zip(variables, per_example)]
+    # A unit's gradient is the sum of its rows' (keras_dp.per_example.units).
+    R = context.rows_per_unit
+    return [
+        instantiated_terms(v, unit_sums(g, R)) for v, g in zip(variables, per_example)
+    ]
 
 
 with builtin_registrations():
@@ -108,6 +113,7 @@ with builtin_registrations():
         name="generic",
         match="subclasses",
         check_layer=check_no_random_state,
+        units="context",
     )
     for _whole_class in (keras.layers.RNN, keras.layers.TimeDistributed):
         register_per_example_rule(
@@ -117,4 +123,5 @@ with builtin_registrations():
             match="subclasses",
             whole=True,
             check_layer=check_no_random_state,
+            units="context",
         )

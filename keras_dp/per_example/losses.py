@@ -28,6 +28,7 @@ from keras_dp.per_example.rows import restore_seed_states
 from keras_dp.per_example.rows import row_mask
 from keras_dp.per_example.rows import seed_state_positions
 from keras_dp.per_example.rows import squeeze
+from keras_dp.per_example.units import unit_losses
 
 
 def num_regularized_weights(model):
@@ -222,7 +223,7 @@ def per_example_losses(model, trainable, new_non_trainable, x, y, y_pred, sw):
     return ops.vectorized_map(one, mappable(rows))
 
 
-def example_loss_fn(model):
+def example_loss_fn(model, rows_per_unit=1):
     """Returns `loss_fn(trainable, non_trainable, example) -> (loss, aux)`.
 
     `example` is a dict with `x`, `y`, `sample_weight` (any may be absent)
@@ -232,6 +233,13 @@ def example_loss_fn(model):
     zero-weight padding rows contribute nothing. Every `SeedGenerator` in
     the model gets a different state per example (by `index`), so dropout
     and other random layers draw an independent mask per example.
+
+    With `rows_per_unit = R > 1` (`keras_dp.per_example.units`) `example`
+    is one unit: `x`, `y`, `sample_weight` have a leading axis of its R
+    rows, the model runs on them as a batch, and the loss is the mean of
+    the real rows' losses (`unit_losses`) plus the activity losses of
+    that call (Keras averages those over the R rows); `y_pred` keeps the
+    R rows.
 
     Non-trainable variables that the call leaves untouched (frozen weights,
     e.g. a LoRA backbone) come back as a 0-d placeholder instead of a copy,
@@ -244,11 +252,14 @@ def example_loss_fn(model):
         {"training": True} if keras_compat.call_has_training_arg(model) else {}
     )
 
+    # A unit's rows are a batch already.
+    batch = expand if rows_per_unit == 1 else (lambda t: t)
+
     def loss_fn(trainable, non_trainable, example):
-        x = expand(example["x"])
-        y = expand(example["y"]) if "y" in example else None
+        x = batch(example["x"])
+        y = batch(example["y"]) if "y" in example else None
         sample_weight = (
-            expand(example["sample_weight"]) if "sample_weight" in example else None
+            batch(example["sample_weight"]) if "sample_weight" in example else None
         )
         non_trainable, offsets = offset_seed_states(
             non_trainable, seed_positions, example["index"]
@@ -266,9 +277,19 @@ def example_loss_fn(model):
         mapping = list(zip(model.trainable_variables, trainable)) + list(
             zip(model.non_trainable_variables, new_non_trainable)
         )
-        loss = example_loss(
-            model, mapping, x, y, y_pred, sample_weight, activity_losses
-        )
+        if rows_per_unit == 1:
+            loss = example_loss(
+                model, mapping, x, y, y_pred, sample_weight, activity_losses
+            )
+        else:
+            loss = _unit_loss(
+                model,
+                trainable,
+                new_non_trainable,
+                (x, y, y_pred, sample_weight),
+                activity_losses,
+                rows_per_unit,
+            )
         new_non_trainable = list(new_non_trainable)
         for k, before in enumerate(non_trainable):
             # Identity holds while tracing for state the call did not assign.
@@ -277,7 +298,29 @@ def example_loss_fn(model):
             else:
                 loss_fn.updated_positions.add(k)
         restore_seed_states(new_non_trainable, offsets, loss_fn.updated_positions)
+        if rows_per_unit > 1:
+            return loss, (y_pred, new_non_trainable)
         return loss, (squeeze(y_pred), new_non_trainable)
 
     loss_fn.updated_positions = set()
     return loss_fn
+
+
+def _unit_loss(model, trainable, new_non_trainable, batch, activity_losses, rows):
+    """One unit's float32 loss from its rows' batch `(x, y, y_pred,
+    sample_weight)`: the mean of its real rows' losses, plus the call's
+    activity losses where the unit has a real row."""
+    x, y, y_pred, sample_weight = batch
+    row_losses = per_example_losses(
+        model, trainable, list(new_non_trainable), x, y, y_pred, sample_weight
+    )
+    loss = unit_losses(row_losses, sample_weight, rows)[0]
+    if activity_losses:
+        activity = ops.sum(
+            ops.stack([ops.cast(ops.sum(a), "float32") for a in activity_losses])
+        )
+        if sample_weight is not None:
+            real = ops.sum(row_mask(sample_weight)) > 0
+            activity = ops.where(real, activity, ops.zeros_like(activity))
+        loss = loss + activity
+    return loss

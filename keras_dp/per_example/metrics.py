@@ -14,18 +14,21 @@ from keras import tree
 from keras_dp import keras_compat
 
 
-def _update_loss_trackers(model, y, y_pred, sample_weight, expected_batch_size):
+def _update_loss_trackers(
+    model, y, y_pred, sample_weight, expected_batch_size, rows_per_unit
+):
     """Per-output losses of the batch, on the scale of the logged `loss`.
 
     The logged loss is the per-example sum over the expected batch size
     `B`; Keras's default reduction divides by the row count, so the values
-    are rescaled by `rows / B` (1 for fixed-size batches).
+    are rescaled by `rows / (B * rows_per_unit)` (1 for fixed-size batches;
+    an example's copies count as one example).
     """
     compiled_loss = keras_compat.loss_with_output_trackers(model)
     if compiled_loss is None:
         return
     rows = ops.cast(ops.shape(tree.flatten(y_pred)[0])[0], "float32")
-    scale = rows / ops.cast(expected_batch_size, "float32")
+    scale = rows / (ops.cast(expected_batch_size, "float32") * rows_per_unit)
     trackers = keras_compat.loss_trackers(compiled_loss)
     keras_compat.set_loss_trackers(
         compiled_loss, [_ScaledTracker(t, scale) for t in trackers]
@@ -62,7 +65,12 @@ def step_metrics(model, step):
 
     def compute_metrics_with_loss_trackers(x, y_true, y_pred, sample_weight=None):
         _update_loss_trackers(
-            model, y_true, y_pred, sample_weight, step["expected_batch_size"]
+            model,
+            y_true,
+            y_pred,
+            sample_weight,
+            step["expected_batch_size"],
+            step.get("rows_per_unit", 1),
         )
         return compute_metrics(x, y_true, y_pred, sample_weight=sample_weight)
 

@@ -23,6 +23,7 @@ from keras_dp.per_example.registry import register_per_example_rule
 from keras_dp.per_example.registry import uses_plain_weights
 from keras_dp.per_example.rows import f32
 from keras_dp.per_example.rows import instantiated_terms
+from keras_dp.per_example.units import unit_sums
 
 
 def normalization_weights(layer):
@@ -142,8 +143,9 @@ def normalization_rule(layer, call, grads, context):
         per_scale, per_center = _group_normalization_sums(
             layer, call.inputs, context.saved, dy
         )
+    # A unit's gradient is the sum of its rows' (keras_dp.per_example.units).
     return [
-        instantiated_terms(w, g)
+        instantiated_terms(w, unit_sums(g, context.rows_per_unit))
         for w, g in ((scale, per_scale), (center, per_center))
         if w is not None
     ]
@@ -162,4 +164,5 @@ with builtin_registrations():
                 name="normalization",
                 applies=uses_plain_weights,
                 forward=normalization_forward,
+                units="context",
             )

@@ -78,6 +78,16 @@ the layer's `call` in the batched pass and stores tensors in
 for a call form it does not model): the step then takes the general vmap
 path, with a warning that gives the message.
 
+Where a batch's rows come in privacy units of several rows (augmentation
+multiplicity: `make_private(augment=..., augmentations=K)`), a rule must
+give each unit's squared norms and take each unit's factors. A rule
+registered with `units="positions"` gets each unit's rows as one more
+position axis, which suits rules that sum their per-example products
+over every axis between the first and the last (keras_dp's Dense and
+Embedding rules; `scale_rule` above would need that sum); see
+`register_per_example_rule(units=...)` and `keras_dp.per_example.units`.
+Without `units`, such steps take the vmap path.
+
 Which rule a layer gets: the classes of `type(layer).__mro__` are tried in
 order, most specific first, and for each class its rules (a user's before
 keras_dp's; among a user's, the latest first); the first whose `match` and
@@ -98,6 +108,7 @@ import keras
 
 MATCHES = ("same_call", "subclasses", "exact")
 TAPS = ("output", "pre_activation")
+UNITS = (None, "positions", "context")
 
 
 class Unsupported(Exception):
@@ -133,6 +144,7 @@ class PerExampleRule:
         check_call,
         forward,
         builtin,
+        units=None,
     ):
         self.layer_class = layer_class
         self.fn = fn
@@ -145,6 +157,7 @@ class PerExampleRule:
         self.check_call = check_call
         self.forward = forward
         self.builtin = builtin
+        self.units = units
 
     def accepts(self, layer):
         """Whether this rule handles `layer` (an instance of its class)."""
@@ -158,7 +171,8 @@ class PerExampleRule:
     def __repr__(self):
         return (
             f"PerExampleRule({self.name!r} for {self.layer_class.__name__}, "
-            f"match={self.match!r}, taps={self.taps!r}, whole={self.whole})"
+            f"match={self.match!r}, taps={self.taps!r}, whole={self.whole}, "
+            f"units={self.units!r})"
         )
 
 
@@ -191,14 +205,22 @@ class RuleContext:
             only to bound the memory of work done in chunks of examples.
         saved: the tensors the rule's `forward` stored in the pass ({}
             without one).
+        rows_per_unit: rows of the batch per privacy unit (1 unless the
+            rows come in units, `keras_dp.per_example.units`). A rule
+            registered with `units="context"` returns each unit's squared
+            norms `(U,)` and clipped sums for factors `(U,)` from the rows'
+            tensors `(U * R, ...)` (`unit_positions`, `unit_sums`).
     """
 
-    def __init__(self, layer, variables, backend_ops, rows_hint, saved, values):
+    def __init__(
+        self, layer, variables, backend_ops, rows_hint, saved, values, rows_per_unit=1
+    ):
         self.layer = layer
         self.variables = list(variables)
         self.backend_ops = backend_ops
         self.rows_hint = rows_hint
         self.saved = saved
+        self.rows_per_unit = rows_per_unit
         self._values = values
 
     def value_of(self, variable, *default):
@@ -270,6 +292,7 @@ def register_per_example_rule(
     check_call=None,
     whole=False,
     check_layer=None,
+    units=None,
 ):
     """Registers how the fast per-example path handles a layer class.
 
@@ -310,6 +333,16 @@ def register_per_example_rule(
         check_layer: optional `check_layer(layer)`, run once a layer is
             known to get this rule; raises `Unsupported` for layers the
             rule cannot handle at all (the step then takes the vmap path).
+        units: how the rule handles privacy units of several rows
+            (`rows_per_unit > 1`, e.g. augmentation multiplicity; see
+            `keras_dp.per_example.units`). None (default): it does not, and
+            such steps take the vmap path. "positions": the pass hands the
+            rule each unit's rows on a new axis after the units' axis,
+            `(U, R, ...)`, in the call's tensors and in `grads`; for rules
+            that treat every axis between the first and the last as
+            positions (Dense, Embedding). "context": the rule gets the
+            rows' tensors and folds them itself by
+            `context.rows_per_unit`.
 
     Returns:
         `rule`, unchanged.
@@ -346,6 +379,11 @@ def register_per_example_rule(
             f"register_per_example_rule: `taps` must be one of {TAPS}. "
             f"Received: {taps!r}."
         )
+    if units not in UNITS:
+        raise ValueError(
+            f"register_per_example_rule: `units` must be one of {UNITS}. "
+            f"Received: {units!r}."
+        )
     if whole and taps != "output":
         raise ValueError(
             "register_per_example_rule: a rule with `whole=True` gets the "
@@ -376,6 +414,7 @@ def register_per_example_rule(
         check_call,
         forward,
         builtin=_BUILTIN[0],
+        units=units,
     )
     rules = _RULES.setdefault(layer_class, [])
     if entry.builtin:

@@ -15,7 +15,9 @@ The general path, for every model (the fast path falls back to it):
   clipped per shard (`clip_groups='per_device'`): only this path does
   either;
 - with `microbatch_size`, the batch is processed in chunks under a scan
-  (`keras_dp.per_example.microbatches`).
+  (`keras_dp.per_example.microbatches`);
+- with `rows_per_unit > 1`, it maps over units of rows, each unit's rows
+  run through the model as one batch (`keras_dp.per_example.units`).
 """
 
 import keras
@@ -33,6 +35,8 @@ from keras_dp.per_example.microbatches import unchunked
 from keras_dp.per_example.rows import mappable
 from keras_dp.per_example.rows import row_mask
 from keras_dp.per_example.rows import seed_state_ids
+from keras_dp.per_example.units import grouped
+from keras_dp.per_example.units import rows_of_units
 
 
 def vmap_clipped_gradient_sum(
@@ -46,9 +50,12 @@ def vmap_clipped_gradient_sum(
     sample_weight=None,
     microbatch_size=None,
     scale=None,
+    rows_per_unit=1,
 ):
     """The vmap path of `clipped_gradient_sum` (same arguments and
-    result)."""
+    result). With `rows_per_unit = R > 1` it maps over units of R rows
+    (`keras_dp.per_example.units`), the model running on each unit's rows
+    as a batch."""
     # The backend's changes that let its vectorized map run the model (on
     # TensorFlow, recurrent layers unrolled while tracing).
     with backend_ops.vectorizable_layers(model):
@@ -63,6 +70,7 @@ def vmap_clipped_gradient_sum(
             sample_weight,
             microbatch_size,
             scale,
+            rows_per_unit,
         )
 
 
@@ -77,10 +85,20 @@ def _vectorized_clipped_sum(
     sample_weight,
     microbatch_size,
     scale,
+    rows_per_unit,
 ):
     x, y, sample_weight = mappable((x, y, sample_weight))
+    if rows_per_unit > 1:
+        if sample_weight is None:
+            # Microbatch padding units need weights for each of their rows.
+            sample_weight = ops.ones(
+                (ops.shape(tree.flatten(x)[0])[0],), dtype="float32"
+            )
+        # From here on a "row" is a unit: (U, R, ...).
+        x, sample_weight = grouped((x, sample_weight), rows_per_unit)
+        y = None if y is None else grouped(y, rows_per_unit)
     rows = ops.shape(tree.flatten(x)[0])[0]
-    loss_fn = example_loss_fn(model)
+    loss_fn = example_loss_fn(model, rows_per_unit)
     grad_fn = backend_ops.value_and_grad(loss_fn)
     space = gradient_space(model, non_trainable)
     part_shapes = space.part_shapes()
@@ -162,6 +180,8 @@ def _vectorized_clipped_sum(
     clip_counts = None
     if count_groups:
         clipped, clip_counts = list(clipped[:-1]), clipped[-1]
+    if rows_per_unit > 1:
+        y_pred = tree.map_structure(rows_of_units, y_pred)
     return {
         "clip_counts": clip_counts,
         "clipped_sum": space.reconstruct(_unflatten_parts(clipped, part_shapes)),

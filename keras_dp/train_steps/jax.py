@@ -24,6 +24,7 @@ def train_step(model, state, data):
         y,
         sample_weight,
         clipping=optimizer.step_clipping(optimizer_variables),
+        step_number=_iterations_in_step(optimizer, optimizer_variables),
     )
     noisy, optimizer_variables = optimizer.stateless_privatize(
         optimizer_variables, ClippedBatch.from_step(step)
@@ -37,6 +38,8 @@ def train_step(model, state, data):
         non_trainable = after_update(
             trainable, non_trainable, optimizer.took_update(optimizer_variables)
         )
+    # With augmentation multiplicity the metrics see every copy.
+    x, y, sample_weight = step["metric_data"]
     with per_example.step_metrics(model, step):
         logs, metrics_variables = keras_compat.update_metrics_variables(
             model, metrics_variables, step["loss"], x, y, step["y_pred"], sample_weight
@@ -47,3 +50,13 @@ def train_step(model, state, data):
     logs[per_example.NONFINITE_LOG] = step["nonfinite_examples"]
     state = (trainable, non_trainable, optimizer_variables, metrics_variables)
     return logs, state
+
+
+def _iterations_in_step(optimizer, optimizer_variables):
+    """The optimizer's iteration count in this step (it seeds the
+    augmentation copies: the variable itself reads as a constant here)."""
+    iterations = keras_compat.optimizer_iterations(optimizer)
+    for variable, value in zip(optimizer.variables, optimizer_variables):
+        if variable is iterations:
+            return value
+    return iterations.value

@@ -45,6 +45,8 @@ def train_step(model, data):
     keras_compat.loss_tracker(model).update_state(
         step["loss"], sample_weight=tf.shape(tf.nest.flatten(x)[0])[0]
     )
+    # With augmentation multiplicity the metrics see every copy.
+    x, y, sample_weight = step["metric_data"]
     with per_example.step_metrics(model, step):
         logs = model.compute_metrics(x, y, step["y_pred"], sample_weight=sample_weight)
     logs.update(optimizer.clip_threshold_logs())

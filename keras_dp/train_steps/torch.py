@@ -43,7 +43,7 @@ def train_step(model, data):
             )
         for variable, value in zip(model.non_trainable_variables, non_trainable):
             variable.assign(value)
-        logs = _update_metrics(model, step, x, y, sample_weight)
+        logs = _update_metrics(model, step, x)
     logs.update(optimizer.clip_threshold_logs())
     # Real examples of this step left out of the update for a non-finite
     # gradient norm or loss (see `keras_dp.per_example`).
@@ -55,10 +55,12 @@ def train_step(model, data):
 # deletes an attribute of the model (an nn.Module), which Dynamo replays
 # wrongly (the set is only recorded, the delete is run).
 @torch.compiler.disable
-def _update_metrics(model, step, x, y, sample_weight):
+def _update_metrics(model, step, x):
     batch_size = keras.ops.shape(keras.tree.flatten(x)[0])[0]
     keras_compat.loss_tracker(model).update_state(
         step["loss"], sample_weight=batch_size
     )
+    # With augmentation multiplicity the metrics see every copy.
+    x, y, sample_weight = step["metric_data"]
     with per_example.step_metrics(model, step):
         return model.compute_metrics(x, y, step["y_pred"], sample_weight=sample_weight)
