@@ -64,8 +64,10 @@ class UserSampler(PoissonBatches):
         seed: seed of the sampling. None draws one from the OS entropy pool.
         secure_mode: as for `PoissonSampler`: every batch drawn with 128
             fresh bits of the OS's cryptographic entropy (then no seed).
-        workers, use_multiprocessing, max_queue_size: as for
-            `keras.utils.PyDataset`.
+        workers: as for `keras.utils.PyDataset`.
+        use_multiprocessing: as for `keras.utils.PyDataset` (not with
+            `secure_mode`).
+        max_queue_size: as for `keras.utils.PyDataset`.
 
     Each item is `(x, y, sample_weight)`: user j of the batch has rows
     `j * M` to `j * M + M - 1`, their real examples first, then padding;

@@ -214,6 +214,23 @@ def test_microbatches_keep_each_user_s_rows_together():
     assert_updates_close(fit_update(model, sampler), expected, rtol=RTOL)
 
 
+def test_a_tf_data_pipeline_on_the_sampler_is_user_level_too():
+    pytest.importorskip("tensorflow")
+    x, y, ids, w = user_data()
+    sampler = one_step_sampler(x, y, ids, w)
+    model = compile_dp(build(), l2_norm_clip=0.05)
+    expected = flat_update(user_gradients(model, sampler[0]), "flat", 0.05)
+    batches = sampler.as_tf_dataset().map(lambda bx, by, bw: (bx * 1.0, by, bw))
+    before = [np.array(v.numpy(), dtype="float64") for v in model.trainable_variables]
+    model.fit(batches, epochs=1, verbose=0)
+    actual = [
+        np.array(v.numpy(), dtype="float64") - b
+        for v, b in zip(model.trainable_variables, before)
+    ]
+    assert_updates_close(actual, expected, rtol=RTOL)
+    assert model.optimizer.privacy_ledger.entries[0]["unit"] == "user"
+
+
 @pytest.mark.parametrize("path", ["auto", "vmap"])
 def test_adaptive_clipping_counts_users(path):
     """One update with sigma = 0 and count noise 0: the threshold moves by
@@ -513,6 +530,17 @@ def test_augmentation_with_a_user_sampler_is_refused():
     )
     with pytest.raises(ValueError, match="cannot be combined yet"):
         model.fit(one_step_sampler(x, y, ids, w), epochs=1, verbose=0)
+
+
+def test_individual_privacy_refuses_user_level_training():
+    x, y, ids, w = user_data()
+    sampler = one_step_sampler(x, y, ids, w)
+    with pytest.raises(ValueError, match="Per-user individual accounting"):
+        keras_dp.IndividualPrivacy(sampler)
+    callback = keras_dp.IndividualPrivacy(x, y, w, delta=1e-4)
+    model = compile_dp(build(), noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="Per-user individual accounting"):
+        model.fit(sampler, epochs=1, verbose=0, callbacks=[callback])
 
 
 def test_activity_regularizers_are_refused_at_the_user_level():
