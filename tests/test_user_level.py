@@ -232,6 +232,39 @@ def test_a_tf_data_pipeline_on_the_sampler_is_user_level_too():
 
 
 @pytest.mark.parametrize("path", ["auto", "vmap"])
+def test_a_user_with_a_non_finite_example_is_left_out_whole(path):
+    x, y, ids, w = user_data()
+    batch = one_step_sampler(x, y, ids, w)[0]
+    # A sampled user of two or more real rows (rows of index >= 8: the
+    # checks before training read the first examples).
+    rows = batch[2].reshape(-1, M) != 0
+    j = next(j for j in range(len(rows)) if rows[j].sum() >= 2)
+    example = next(
+        int(np.flatnonzero(np.all(x == row, axis=1))[0])
+        for row in batch[0][j * M : j * M + M]
+        if np.flatnonzero(np.all(x == row, axis=1))[0] >= 8
+    )
+    x = x.copy()
+    x[example] = np.inf
+    sampler = one_step_sampler(x, y, ids, w)
+    batch = sampler[0]
+    model = compile_dp(build(per_example=path), l2_norm_clip=0.05)
+    per_user = user_gradients(model, batch)
+    for k in range(len(per_user[j])):
+        per_user[j][k] = np.zeros_like(per_user[j][k])
+    expected = flat_update(per_user, "flat", 0.05)
+    before = [np.array(v.numpy(), dtype="float64") for v in model.trainable_variables]
+    history = model.fit(sampler, epochs=1, verbose=0)
+    actual = [
+        np.array(v.numpy(), dtype="float64") - b
+        for v, b in zip(model.trainable_variables, before)
+    ]
+    assert_updates_close(actual, expected, rtol=RTOL)
+    # One user left out, counted once (not once per row).
+    assert history.history["nonfinite_examples"] == [1.0]
+
+
+@pytest.mark.parametrize("path", ["auto", "vmap"])
 def test_adaptive_clipping_counts_users(path):
     """One update with sigma = 0 and count noise 0: the threshold moves by
     the fraction of real *users* whose clipped gradient is below it."""
