@@ -128,7 +128,7 @@ def poisson_plan(sampler, accumulation):
     do not match the optimizer's gradient accumulation."""
     if sampler.accumulation_steps != accumulation:
         raise ValueError(
-            f"The {type(sampler).__name__} draws one logical batch per "
+            f"The {_sampler_name(sampler)} draws one logical batch per "
             f"{sampler.accumulation_steps} batches (accumulation_steps="
             f"{sampler.accumulation_steps}), but the optimizer applies an "
             f"update every {accumulation} batches "
@@ -146,6 +146,13 @@ def poisson_plan(sampler, accumulation):
     )
 
 
+def _sampler_name(sampler):
+    """The keras_dp class a sampler is (also for a subclass of it)."""
+    if isinstance(sampler, data_lib.UserSampler):
+        return "UserSampler"
+    return "PoissonSampler"
+
+
 def check_secure_sampling(optimizer, x):
     """Refuses data that secure mode cannot sample: its guarantee covers
     the batches too, so they must be Poisson samples drawn from the
@@ -156,7 +163,7 @@ def check_secure_sampling(optimizer, x):
     if sampler is not None and sampler.secure_mode:
         return
     if sampler is not None:
-        name = type(sampler).__name__
+        name = _sampler_name(sampler)
         why = f"this {name} draws from a reproducible NumPy stream"
         fix = f"Build it with keras_dp.data.{name}(..., secure_mode=True)"
     else:

@@ -522,6 +522,18 @@ def test_the_unit_is_saved_and_old_ledgers_read_as_examples():
         old.record(7, 1.0, 0.1, True, 10, unit="person")
 
 
+def test_a_saved_model_keeps_its_user_level_ledger(tmp_path):
+    model, _, _ = _fit_user_level(epochs=1)
+    entries = model.optimizer.privacy_ledger.entries
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.optimizer.privacy_ledger.entries == entries
+    steps = keras_dp.ledger.optimizer_steps(loaded)
+    assert loaded.optimizer.privacy_ledger.privacy_unit(steps) == "user"
+    assert "epsilon (user-level)" in keras_dp.privacy_summary(loaded, delta=1e-4)
+
+
 def test_example_level_fit_logs_no_user_level():
     x, y, _, _ = user_data()
     logger = keras_dp.EpsilonLogger(delta=1e-4)
@@ -554,6 +566,13 @@ def test_bad_arguments_are_refused_with_what_to_do():
         UserSampler(
             x, y, np.full(len(x), np.nan), users_per_batch=1, max_examples_per_user=M
         )
+
+
+def test_secure_mode_needs_a_secure_user_sampler():
+    x, y, ids, w = user_data()
+    model = compile_dp(build(), noise_multiplier=1.0, secure_mode=True)
+    with pytest.raises(ValueError, match="this UserSampler draws from a reproducible"):
+        model.fit(one_step_sampler(x, y, ids, w), epochs=1, verbose=0)
 
 
 def test_augmentation_with_a_user_sampler_is_refused():
