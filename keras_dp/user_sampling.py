@@ -136,6 +136,7 @@ class UserSampler(PoissonBatches):
 
     @property
     def users_per_batch(self):
+        """The expected number of users per batch (`expected_batch_size`)."""
         return self.batch_size
 
     @property
