@@ -33,7 +33,10 @@ class EpsilonLogger(keras.callbacks.Callback):
     step), so it stays right across repeated `fit` calls and save/load.
     When batches were not Poisson sampled, the logs also carry
     `epsilon_assumes_poisson = 1`: the value is what Poisson sampling at the
-    same rate would give.
+    same rate would give. After user-level training (`fit` on a
+    `keras_dp.data.UserSampler`) the epsilon covers all the examples of one
+    user: the logs carry `epsilon_user_level = 1`, the logger's
+    `privacy_unit` is `"user"`, and it prints a line saying so once.
 
     Example:
 
@@ -58,6 +61,9 @@ class EpsilonLogger(keras.callbacks.Callback):
         self.every_n_batches = arguments.positive_int(
             "every_n_batches", every_n_batches, allow_none=True
         )
+        # What the logged epsilon protects ("example", "user" or "mixed",
+        # see `PrivacyLedger.privacy_unit`); set when it is first logged.
+        self.privacy_unit = None
 
     def on_train_begin(self, logs=None):
         _check_private(self.model, self)
@@ -86,10 +92,17 @@ class EpsilonLogger(keras.callbacks.Callback):
         if logs is None:
             return
         ledger = self.model.optimizer.privacy_ledger
+        steps = ledger_lib.optimizer_steps(self.model)
         logs["epsilon"] = self.epsilon()
         logs["delta"] = self.delta
-        if ledger.assumes_poisson(ledger_lib.optimizer_steps(self.model)):
+        if ledger.assumes_poisson(steps):
             logs["epsilon_assumes_poisson"] = 1.0
+        unit = ledger.privacy_unit(steps)
+        if unit == "user":
+            logs["epsilon_user_level"] = 1.0
+        if unit != self.privacy_unit and unit != "example":
+            keras_compat.print_msg(_UNIT_NOTES[unit])
+        self.privacy_unit = unit
 
     def on_train_batch_end(self, batch, logs=None):
         if self.every_n_batches and (batch + 1) % self.every_n_batches == 0:
@@ -97,6 +110,19 @@ class EpsilonLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._write(logs)
+
+
+_UNIT_NOTES = {
+    "user": (
+        "keras_dp.EpsilonLogger: epsilon is user-level: it covers all the "
+        "examples of one user together (UserSampler)."
+    ),
+    "mixed": (
+        "keras_dp.EpsilonLogger: this model trained both at the example and "
+        "at the user level; its epsilon holds for one example, not for all "
+        "of one user's examples."
+    ),
+}
 
 
 class PrivacyBudget(keras.callbacks.Callback):

@@ -28,54 +28,47 @@ examples are read, and a step costs O(batch), whatever `n`:
 sampler = keras_dp.data.PoissonSampler(source=ImageFiles(paths), batch_size=256)
 model.fit(sampler, epochs=3)
 ```
+
+For user-level privacy (one person's many examples protected together),
+`UserSampler` samples users instead of examples
+(`keras_dp.user_sampling`, docs/user-level-dp.md):
+
+```python
+sampler = keras_dp.data.UserSampler(
+    x, y, user_ids, users_per_batch=64, max_examples_per_user=8
+)
+model.fit(sampler, epochs=3)
+```
 """
 
-import math
-import secrets
-import threading
-
-import keras
 import numpy as np
 from keras import tree
 
 from keras_dp import arguments
+from keras_dp.poisson_batches import PADDING_STDDEVS  # noqa: F401 (public)
+from keras_dp.poisson_batches import PoissonBatches
+from keras_dp.poisson_batches import lists_as_tuples
+from keras_dp.poisson_batches import num_examples  # noqa: F401 (public)
+from keras_dp.poisson_batches import padded_batch_size
+from keras_dp.poisson_batches import padding
+from keras_dp.poisson_batches import poisson_sample  # noqa: F401 (public)
+from keras_dp.poisson_batches import round_up
+from keras_dp.poisson_batches import sample_weights
+from keras_dp.poisson_batches import take_padded
+from keras_dp.user_sampling import UserSampler  # noqa: F401 (public)
 
-# Padded rows = expected batch + this many standard deviations of the
-# Binomial batch size. A larger batch (probability ~1e-3 per step) is padded
-# to the next multiple of 8 instead, costing one retrace, never truncated.
-PADDING_STDDEVS = 3.0
-
-
-def padded_batch_size(batch_size, sample_rate):
-    """Rows of a padded Poisson batch of expected size `batch_size`."""
-    stddev = math.sqrt(batch_size * (1.0 - sample_rate))
-    return _round_up(int(math.ceil(batch_size + PADDING_STDDEVS * stddev)), 8)
-
-
-def poisson_sample(rng, n, sample_rate):
-    """Indices of a Poisson sample of `range(n)` at rate `sample_rate`, in
-    random order, drawn by the NumPy generator `rng`.
-
-    Every index is in the sample independently with probability
-    `sample_rate`. The draw costs O(batch) rather than O(n): the sample's
-    size is Binomial(n, q), and given its size a Poisson sample is a
-    uniformly random subset of that size, which `Generator.choice` draws
-    without replacement (Floyd's algorithm when the subset is small next
-    to `n`), so no `n` uniforms are drawn or stored.
-    """
-    size = int(rng.binomial(n, sample_rate))
-    return rng.choice(n, size=size, replace=False, shuffle=True)
+__all__ = [
+    "ArrayExamples",
+    "PoissonSampler",
+    "SourceExamples",
+    "UserSampler",
+    "num_examples",
+    "padded_batch_size",
+    "poisson_sample",
+]
 
 
-def _round_up(value, multiple):
-    return max(multiple, -(-value // multiple) * multiple)
-
-
-def num_examples(x):
-    return int(tree.flatten(x)[0].shape[0])
-
-
-class PoissonSampler(keras.utils.PyDataset):
+class PoissonSampler(PoissonBatches):
     """Batches in which every example appears independently with rate `q`.
 
     Args:
@@ -136,31 +129,12 @@ class PoissonSampler(keras.utils.PyDataset):
         max_queue_size=10,
     ):
         super().__init__(
+            seed=seed,
+            secure_mode=secure_mode,
             workers=workers,
             use_multiprocessing=use_multiprocessing,
             max_queue_size=max_queue_size,
         )
-        secure_mode = arguments.boolean("secure_mode", secure_mode)
-        seed = arguments.seed("seed", seed)
-        if secure_mode and seed is not None:
-            raise ValueError(
-                "`secure_mode=True` draws every batch from fresh operating-"
-                f"system entropy, so it takes no seed. Received seed={seed!r}: "
-                "pass seed=None, or secure_mode=False for reproducible batches."
-            )
-        self.secure_mode = secure_mode
-        if secure_mode and use_multiprocessing:
-            raise ValueError(
-                "`secure_mode=True` draws each logical batch once and keeps "
-                "it until all its accumulation parts are read, which worker "
-                "processes cannot share. Use threads (`workers` with "
-                "use_multiprocessing=False), or secure_mode=False."
-            )
-        # Secure mode: the current logical batch, kept until all its
-        # accumulation parts are read (each part must come from one draw,
-        # also when worker threads read parts at once).
-        self._secure_batch = None
-        self._secure_lock = threading.Lock()
         if source is not None:
             if x is not None or y is not None or sample_weight is not None:
                 raise ValueError(
@@ -179,54 +153,15 @@ class PoissonSampler(keras.utils.PyDataset):
                     "`y`." + ("" if x is not None else " Or pass an example `source`.")
                 )
             self.examples = ArrayExamples(x, y, sample_weight)
-        self.n = self.examples.n
-        batch_size = arguments.positive_int(
-            "batch_size", batch_size, hint="the expected batch size"
+        self._set_rate(
+            self.examples.n,
+            batch_size,
+            steps_per_epoch,
+            accumulation_steps,
+            "batch_size",
+            "n",
         )
-        steps_per_epoch = arguments.positive_int(
-            "steps_per_epoch", steps_per_epoch, allow_none=True
-        )
-        self.batch_size = batch_size
-        self.accumulation_steps = (
-            arguments.positive_int(
-                "accumulation_steps", accumulation_steps, allow_none=True
-            )
-            or 1
-        )
-        logical = batch_size * self.accumulation_steps
-        if logical > self.n:
-            raise ValueError(
-                f"The sample rate q = batch_size * accumulation_steps / n = "
-                f"{logical} / {self.n} is above 1: the expected batch cannot "
-                "be larger than the dataset. Use a smaller batch_size. "
-                f"Received: batch_size={batch_size}, accumulation_steps="
-                f"{self.accumulation_steps}, n={self.n}."
-            )
-        self.sample_rate = logical / self.n
-        self.updates_per_epoch = steps_per_epoch or math.ceil(self.n / logical)
-        self.seed = (
-            None
-            if secure_mode
-            else (secrets.randbits(63) if seed is None else int(seed))
-        )
-        self.padded_size = padded_batch_size(batch_size, batch_size / self.n)
-        self.epoch = 0
-
-    @property
-    def expected_batch_size(self):
-        return self.batch_size
-
-    def __len__(self):
-        return self.updates_per_epoch * self.accumulation_steps
-
-    def sample_indices(self, update):
-        """Indices of the logical batch of optimizer update `update` (in
-        secure mode a fresh draw at each call)."""
-        if self.secure_mode:
-            rng = np.random.Generator(np.random.Philox(key=secrets.randbits(128)))
-        else:
-            rng = np.random.default_rng([self.seed, self.epoch, update])
-        return poisson_sample(rng, self.n, self.sample_rate)
+        self.padded_size = padded_batch_size(self.batch_size, self.batch_size / self.n)
 
     # The arrays of an array-backed sampler (None for a source).
     x = property(lambda self: getattr(self.examples, "x", None))
@@ -234,76 +169,15 @@ class PoissonSampler(keras.utils.PyDataset):
     sample_weight = property(lambda self: getattr(self.examples, "sample_weight", None))
 
     def __getitem__(self, index):
-        update, part = divmod(index, self.accumulation_steps)
-        chosen = np.array_split(self._logical_batch(update), self.accumulation_steps)[
-            part
-        ]
-        rows = max(self.padded_size, _round_up(len(chosen), 8))
+        chosen = self.part_units(index)
+        rows = max(self.padded_size, round_up(len(chosen), 8))
         bx, by, bw = self.examples.padded(chosen, rows)
-        return _lists_as_tuples(bx), _lists_as_tuples(by), bw
-
-    def as_tf_dataset(self):
-        """This sampler's batches as a `tf.data.Dataset`, one pass per
-        epoch, for a `tf.data` pipeline that works on batches (a keras-hub
-        preprocessor, tokenization, augmentation):
-
-        ```python
-        sampler = keras_dp.data.PoissonSampler(texts, labels, batch_size=64)
-        batches = sampler.as_tf_dataset().map(
-            lambda x, y, w: (preprocessor(x), y, w), num_parallel_calls=4
-        )
-        model.fit(batches.prefetch(2), epochs=3)
-        ```
-
-        `fit` recognises the pipeline and accounts for it as Poisson
-        sampling at the sampler's rate. Between the sampler and `fit` only
-        maps, prefetching and options may stand: any other step (filter,
-        unbatch, rebatch, shuffle, cache, repeat, take) would change which
-        examples a step sees, and is refused by `fit`. Padding rows hold
-        zeros (empty strings in string arrays) and keep weight 0 through
-        the map. Needs TensorFlow installed (any Keras backend).
-        """
-        import tensorflow as tf
-
-        def spec(array):
-            dtype = tf.string if array.dtype.kind in "OSU" else array.dtype
-            return tf.TensorSpec((None,) + array.shape[1:], dtype)
-
-        def batches():
-            for index in range(len(self)):
-                yield self[index]
-            self.on_epoch_end()
-
-        first = self.first_examples(1)
-        signature = (
-            _lists_as_tuples(tree.map_structure(spec, first[0])),
-            _lists_as_tuples(tree.map_structure(spec, first[1])),
-            spec(first[2]),
-        )
-        dataset = tf.data.Dataset.from_generator(
-            batches, output_signature=signature
-        ).apply(tf.data.experimental.assert_cardinality(len(self)))
-        # `fit` finds the sampler here (keras_dp.fit_data.poisson_sampler_of).
-        dataset._keras_dp_sampler = self
-        return dataset
+        return lists_as_tuples(bx), lists_as_tuples(by), bw
 
     def first_examples(self, count):
         """`(x, y, sample_weight)` of the first `count` examples (fewer
         when there are fewer), for checks before training."""
         return self.examples.padded(np.arange(min(count, self.n)), None)
-
-    def _logical_batch(self, update):
-        if not self.secure_mode:
-            return self.sample_indices(update)
-        key = (self.epoch, update)
-        with self._secure_lock:
-            if self._secure_batch is None or self._secure_batch[0] != key:
-                self._secure_batch = (key, self.sample_indices(update))
-            return self._secure_batch[1]
-
-    def on_epoch_end(self):
-        self.epoch += 1
-        self._secure_batch = None
 
 
 class ArrayExamples:
@@ -314,15 +188,15 @@ class ArrayExamples:
         self.x = x
         self.y = y
         self.n = num_examples(x)
-        self.sample_weight = _sample_weights(sample_weight, self.n)
+        self.sample_weight = sample_weights(sample_weight, self.n)
 
     def padded(self, indices, rows):
         """The examples `indices`, then zero rows up to `rows` rows (None:
         no padding)."""
         return (
-            _take_padded(self.x, indices, rows),
-            _take_padded(self.y, indices, rows),
-            _take_padded(self.sample_weight, indices, rows),
+            take_padded(self.x, indices, rows),
+            take_padded(self.y, indices, rows),
+            take_padded(self.sample_weight, indices, rows),
         )
 
 
@@ -373,7 +247,7 @@ class SourceExamples:
         rows = count if rows is None else rows
 
         def stack(template, *values):
-            out = _padding((rows,) + template.shape, template.dtype)
+            out = padding((rows,) + template.shape, template.dtype)
             for row, value in enumerate(values):
                 if value.shape != template.shape:
                     raise ValueError(
@@ -389,69 +263,3 @@ class SourceExamples:
         if not examples:
             return tree.map_structure(stack, self._template)
         return tree.map_structure(stack, self._template, *examples)
-
-
-def _sample_weights(sample_weight, n):
-    """Per-example weights as float32 with `n` rows (ones by default).
-
-    A negative weight would turn the example's loss around and a
-    non-finite one its whole gradient (the train step would drop that
-    example from every batch it is in): both are refused."""
-    if sample_weight is None:
-        return np.ones((n,), dtype="float32")
-    try:
-        # A weight beyond float32's range becomes inf, refused below.
-        with np.errstate(over="ignore"):
-            weights = np.asarray(sample_weight, dtype="float32")
-    except (TypeError, ValueError):
-        weights = None
-    if weights is None or weights.ndim == 0 or weights.shape[0] != n:
-        raise arguments.ArgumentTypeError(
-            f"`sample_weight` must be an array of numbers with one row per "
-            f"example ({n} rows), or None. Received: sample_weight of type "
-            f"{type(sample_weight).__name__}"
-            + ("" if weights is None else f" and shape {weights.shape}")
-            + "."
-        )
-    bad = np.argwhere(~(np.isfinite(weights) & (weights >= 0)))
-    if len(bad):
-        index = ", ".join(str(int(i)) for i in bad[0])
-        raise ValueError(
-            "`sample_weight` must hold finite numbers >= 0 (as float32). "
-            f"Received: sample_weight[{index}]={float(weights[tuple(bad[0])])!r} "
-            f"({len(bad)} such entries)."
-        )
-    return weights
-
-
-def _take_padded(structure, indices, rows):
-    """The rows `indices` of each array, then zeros up to `rows` rows
-    (None: `len(indices)` rows)."""
-
-    def take(array):
-        array = np.asarray(array)
-        count = len(indices) if rows is None else rows
-        out = _padding((count,) + array.shape[1:], array.dtype)
-        out[: len(indices)] = array[indices]
-        return out
-
-    return tree.map_structure(take, structure)
-
-
-def _padding(shape, dtype):
-    """Padding rows: zeros, or empty strings in arrays of text (a text
-    preprocessor tokenizes them like any other string)."""
-    if dtype.kind in "OSU":
-        return np.full(shape, "", dtype=dtype if dtype.kind != "O" else object)
-    return np.zeros(shape, dtype=dtype)
-
-
-def _lists_as_tuples(structure):
-    """Lists of arrays as tuples: Keras turns a `PyDataset`'s items into a
-    `tf.data` signature on TensorFlow, which takes tuples, not lists (a
-    model with several inputs or outputs takes either)."""
-    if isinstance(structure, (list, tuple)):
-        return tuple(_lists_as_tuples(item) for item in structure)
-    if isinstance(structure, dict):
-        return {key: _lists_as_tuples(value) for key, value in structure.items()}
-    return structure

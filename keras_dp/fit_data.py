@@ -38,6 +38,7 @@ from keras import tree
 from keras_dp import data as data_lib
 from keras_dp import keras_compat
 from keras_dp.example_independence import CHECK_ROWS
+from keras_dp.poisson_batches import PoissonBatches
 
 
 class SamplingPlan:
@@ -50,9 +51,14 @@ class SamplingPlan:
         n: the training-set size, or None when unknown.
         updates_per_epoch: optimizer updates per epoch, or None when
             unknown.
+        unit: the privacy unit that is sampled and clipped: "example",
+            or "user" (a `keras_dp.data.UserSampler`; `n` counts users).
     """
 
-    def __init__(self, sample_rate, poisson, n=None, updates_per_epoch=None):
+    def __init__(
+        self, sample_rate, poisson, n=None, updates_per_epoch=None, unit="example"
+    ):
+        self.unit = unit
         self.sample_rate = sample_rate
         self.poisson = poisson
         self.n = n
@@ -71,11 +77,12 @@ _BATCH_PRESERVING_STEPS = (
 
 
 def poisson_sampler_of(x):
-    """The `PoissonSampler` whose batches `x` is: the sampler itself, or
-    the one behind a `tf.data` pipeline built on `sampler.as_tf_dataset()`
-    (None for other data). Refuses a pipeline with a step that could
-    change the sampled batches."""
-    if isinstance(x, data_lib.PoissonSampler):
+    """The Poisson sampler (`PoissonSampler` or `UserSampler`) whose
+    batches `x` is: the sampler itself, or the one behind a `tf.data`
+    pipeline built on `sampler.as_tf_dataset()` (None for other data).
+    Refuses a pipeline with a step that could change the sampled
+    batches."""
+    if isinstance(x, PoissonBatches):
         return x
     if not keras_compat.is_tf_dataset(x):
         return None
@@ -121,7 +128,7 @@ def poisson_plan(sampler, accumulation):
     do not match the optimizer's gradient accumulation."""
     if sampler.accumulation_steps != accumulation:
         raise ValueError(
-            f"The PoissonSampler draws one logical batch per "
+            f"The {_sampler_name(sampler)} draws one logical batch per "
             f"{sampler.accumulation_steps} batches (accumulation_steps="
             f"{sampler.accumulation_steps}), but the optimizer applies an "
             f"update every {accumulation} batches "
@@ -130,7 +137,20 @@ def poisson_plan(sampler, accumulation):
             "the accountant assumes at most once. Build the sampler with "
             f"accumulation_steps={accumulation}."
         )
-    return SamplingPlan(sampler.sample_rate, True, sampler.n, sampler.updates_per_epoch)
+    return SamplingPlan(
+        sampler.sample_rate,
+        True,
+        sampler.n,
+        sampler.updates_per_epoch,
+        unit="user" if isinstance(sampler, data_lib.UserSampler) else "example",
+    )
+
+
+def _sampler_name(sampler):
+    """The keras_dp class a sampler is (also for a subclass of it)."""
+    if isinstance(sampler, data_lib.UserSampler):
+        return "UserSampler"
+    return "PoissonSampler"
 
 
 def check_secure_sampling(optimizer, x):
@@ -143,8 +163,9 @@ def check_secure_sampling(optimizer, x):
     if sampler is not None and sampler.secure_mode:
         return
     if sampler is not None:
-        why = "this PoissonSampler draws from a reproducible NumPy stream"
-        fix = "Build it with keras_dp.data.PoissonSampler(..., secure_mode=True)"
+        name = _sampler_name(sampler)
+        why = f"this {name} draws from a reproducible NumPy stream"
+        fix = f"Build it with keras_dp.data.{name}(..., secure_mode=True)"
     else:
         why = (
             "this data is batched by Keras or by its own pipeline (fixed-size "
@@ -285,7 +306,7 @@ def first_examples(x, y=None, sample_weight=None):
     `fit` will train on, without consuming it (`x_for_fit` replaces `x`:
     a generator is chained back together). Examples are None when they
     cannot be read (the checks then run on the first batch `fit` draws)."""
-    if isinstance(x, data_lib.PoissonSampler):
+    if isinstance(x, PoissonBatches):
         return (*x.first_examples(CHECK_ROWS), x)
     if keras_compat.can_convert_arrays((x, y, sample_weight)):
         return _rows(x), _rows(y), _rows(sample_weight), x

@@ -52,6 +52,15 @@ DEFAULT_PASS_ROWS = 256
 DEFAULT_EVERY_EPOCHS = 5
 
 
+_NO_USER_LEVEL = (
+    "IndividualPrivacy accounts for each example's own privacy, but this "
+    "training samples and clips users (keras_dp.data.UserSampler), where "
+    "the unit is a user's examples together. Per-user individual "
+    "accounting is not supported yet: use keras_dp.EpsilonLogger for the "
+    "user-level epsilon, or train at the example level."
+)
+
+
 class IndividualPrivacy(keras.callbacks.Callback):
     """Tracks each training example's own epsilon during `fit`.
 
@@ -140,6 +149,8 @@ class IndividualPrivacy(keras.callbacks.Callback):
         rdp_orders=None,
     ):
         super().__init__()
+        if isinstance(x, data_lib.UserSampler):
+            raise ValueError(_NO_USER_LEVEL)
         if isinstance(x, data_lib.PoissonSampler):
             if y is not None or sample_weight is not None:
                 raise ValueError(
@@ -247,6 +258,8 @@ class IndividualPrivacy(keras.callbacks.Callback):
     def _check_data(self, model):
         entries = model.optimizer.privacy_ledger.entries
         entry = entries[-1] if entries else {}
+        if entry.get("unit") == "user":
+            raise ValueError(_NO_USER_LEVEL)
         if not entry.get("poisson", False):
             raise ValueError(
                 "IndividualPrivacy accounts for Poisson-sampled batches, but "

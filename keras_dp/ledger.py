@@ -30,10 +30,14 @@ class PrivacyLedger:
 
     Each entry is a dict with `start_step`, `noise_multiplier`,
     `sample_rate`, `poisson` (whether batches really were Poisson sampled;
-    if not, the epsilon computed from the ledger assumes it) and `n`, the
-    training-set size when known. `step_offset` counts the updates taken by
-    earlier optimizers of the same model; steps are numbered from the
-    model's first private update.
+    if not, the epsilon computed from the ledger assumes it), `n`, the
+    training-set size when known, and `unit`, the privacy unit that was
+    sampled and clipped: `"example"`, or `"user"` for user-level training
+    (`keras_dp.data.UserSampler`: `sample_rate` is the users' rate and `n`
+    counts users). Entries saved before `unit` existed read as
+    `"example"`. `step_offset` counts the updates taken by earlier
+    optimizers of the same model; steps are numbered from the model's
+    first private update.
     """
 
     def __init__(self, entries=None, step_offset=0):
@@ -41,10 +45,12 @@ class PrivacyLedger:
             # The saved form of `get_config`.
             step_offset = entries.get("step_offset", 0)
             entries = entries.get("entries")
-        self.entries = [dict(entry) for entry in (entries or [])]
+        self.entries = [{"unit": "example", **dict(entry)} for entry in (entries or [])]
         self.step_offset = int(step_offset)
 
-    def record(self, step, noise_multiplier, sample_rate, poisson, n=None):
+    def record(
+        self, step, noise_multiplier, sample_rate, poisson, n=None, unit="example"
+    ):
         """Notes that steps from `step` on use this setting.
 
         `sample_rate=None` records updates whose sampling rate is unknown
@@ -63,6 +69,7 @@ class PrivacyLedger:
             "sample_rate": None if sample_rate is None else float(sample_rate),
             "poisson": bool(poisson),
             "n": None if n is None else int(n),
+            "unit": _unit(unit),
         }
         if self.entries:
             last = self.entries[-1]
@@ -130,6 +137,16 @@ class PrivacyLedger:
             if entry["start_step"] < steps
         )
 
+    def privacy_unit(self, steps):
+        """What the epsilon after `steps` updates protects: `"user"` when
+        every counted update was user-level (all of one user's examples),
+        `"example"` when none was, `"mixed"` otherwise (the epsilon then
+        holds for one example, not for a user's examples together)."""
+        units = {entry["unit"] for entry in self.entries if entry["start_step"] < steps}
+        if units == {"user"}:
+            return "user"
+        return "mixed" if "user" in units else "example"
+
     def epsilon(self, steps, delta, accountant="rdp"):
         """Epsilon after `steps` noisy updates."""
         return accounting.compute_epsilon_for_segments(
@@ -141,6 +158,18 @@ class PrivacyLedger:
             "entries": [dict(entry) for entry in self.entries],
             "step_offset": self.step_offset,
         }
+
+
+PRIVACY_UNITS = ("example", "user")
+
+
+def _unit(unit):
+    if unit not in PRIVACY_UNITS:
+        raise ValueError(
+            f"The privacy unit of a ledger entry must be one of "
+            f"{PRIVACY_UNITS}. Received: unit={unit!r}."
+        )
+    return unit
 
 
 def optimizer_steps(model):

@@ -24,6 +24,9 @@ class PrivacySettings:
         augmentations: augmented copies per example (K, 1 without).
         augment_seed: the `keras.random.SeedGenerator` that seeds the
             copies (None without `augment`).
+        rows_per_user: during a `fit` on a `keras_dp.data.UserSampler`,
+            its `max_examples_per_user` M: each user's M rows are one
+            privacy unit; None otherwise.
         saved_augmentations: the `augmentations` a loaded model was saved
             with (its `augment` function is not saved), until `make_private`
             is called again; None otherwise.
@@ -40,6 +43,7 @@ class PrivacySettings:
         self.augmentations = 1
         self.augment_seed = None
         self.saved_augmentations = None
+        self.rows_per_user = None
         self.microbatch_size = microbatch_size
         self.per_example = per_example
         self.per_example_path = None

@@ -274,6 +274,7 @@ def _checked_make_train_function(make_train_function):
         trace_key = (
             settings.expected_batch_size,
             model.optimizer.noise_multiplier,
+            settings.rows_per_user,
         )
         if settings.traced_with != trace_key:
             force = force or model.train_function is not None
@@ -402,6 +403,10 @@ def _private_fit(fit):
             y = sample_weight = batch_size = steps_per_epoch = None
         fit_data.check_secure_sampling(optimizer, x)
         sampler = fit_data.poisson_sampler_of(x)
+        rows_per_user = None
+        if isinstance(sampler, data_lib.UserSampler):
+            _check_user_level(model)
+            rows_per_user = sampler.max_examples_per_user
         if sampler is not None:
             plan = fit_data.poisson_plan(sampler, accumulation)
             expected_batch_size = sampler.expected_batch_size
@@ -441,6 +446,7 @@ def _private_fit(fit):
             plan.sample_rate,
             plan.poisson,
             plan.n,
+            unit=getattr(plan, "unit", "example"),
         )
         callbacks = _private_callbacks(optimizer, callbacks)
         for callback in _as_list(callbacks):
@@ -454,6 +460,7 @@ def _private_fit(fit):
             # accumulation) across updates.
             shuffle = False
         settings.expected_batch_size = expected_batch_size
+        settings.rows_per_user = rows_per_user
         settings.batch_size_hint = _rows_per_batch(x, batch_size)
         try:
             return fit(
@@ -474,12 +481,29 @@ def _private_fit(fit):
                 **kwargs,
             )
         finally:
-            # `train_on_batch` divides by each batch's own size.
+            # `train_on_batch` divides by each batch's own size, and its
+            # rows are examples.
             settings.expected_batch_size = None
+            settings.rows_per_user = None
             settings.batch_size_hint = None
 
     private_fit.__doc__ = fit.__doc__
     return private_fit
+
+
+def _check_user_level(model):
+    """Refuses what user-level training (a `UserSampler`) cannot do yet."""
+    settings = model._keras_dp
+    if settings.augment is not None:
+        raise ValueError(
+            "fit was given a keras_dp.data.UserSampler (user-level privacy: "
+            "each user's rows are one privacy unit), but the model was made "
+            f"private with augment=... (augmentations={settings.augmentations}"
+            "), which makes each example's copies a unit; the two cannot be "
+            "combined yet. Call keras_dp.make_private(model) without "
+            "`augment` for user-level training, or train on examples "
+            "(arrays or a PoissonSampler) with augmentation."
+        )
 
 
 def _private_callbacks(optimizer, callbacks):

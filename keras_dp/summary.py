@@ -74,6 +74,18 @@ def privacy_summary(model, delta=None, accountant="rdp"):
     lines.append(f"  optimizer: {optimizer!r}")
     steps = ledger_lib.optimizer_steps(model)
     lines.append(f"  noisy updates taken: {steps}")
+    unit = ledger.privacy_unit(steps)
+    if unit == "user":
+        lines.append(
+            "  privacy unit: user (user-level DP, keras_dp.data.UserSampler: "
+            "epsilon covers all the examples of one user; sample_rate is the "
+            "users' rate)"
+        )
+    elif unit == "mixed":
+        lines.append(
+            "  privacy unit: mixed (example- and user-level updates: epsilon "
+            "covers one example)"
+        )
     for sigma, q, count in ledger.recorded_segments(steps):
         lines.append(
             f"    {count} at noise_multiplier={sigma:.4g}, sample_rate="
@@ -92,8 +104,10 @@ def privacy_summary(model, delta=None, accountant="rdp"):
             note = (
                 " (assumes Poisson sampling)" if ledger.assumes_poisson(steps) else ""
             )
+            level = " (user-level)" if unit == "user" else ""
             lines.append(
-                f"  epsilon: {epsilon:.4g} at delta={delta:.3g} ({accountant}){note}"
+                f"  epsilon{level}: {epsilon:.4g} at delta={delta:.3g} "
+                f"({accountant}){note}"
             )
     target = getattr(optimizer, "target_epsilon", None)
     if target is not None:

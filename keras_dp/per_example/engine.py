@@ -27,6 +27,7 @@ from keras_dp.per_example.losses import num_regularized_weights
 from keras_dp.per_example.losses import regularization_loss
 from keras_dp.per_example.registry import Unsupported
 from keras_dp.per_example.rows import row_mask as _row_mask
+from keras_dp.per_example.units import unit_mask
 from keras_dp.per_example.vmap_path import vmap_clipped_gradient_sum
 
 # The train step's log of the real examples left out of the update because
@@ -212,7 +213,16 @@ def private_gradients(
         static_expected = tree.flatten(x)[0].shape[0]
         expected = ops.cast(ops.shape(tree.flatten(x)[0])[0], "float32")
     rows = (x, y, sample_weight)
-    rows_per_unit = 1
+    # User-level training (`fit` on a keras_dp.data.UserSampler): each
+    # user's M consecutive rows are one unit; `fit` refuses augmentation
+    # with it.
+    rows_per_unit = getattr(settings, "rows_per_user", None) or 1
+    if settings.augment is not None and rows_per_unit > 1:
+        raise ValueError(
+            "User-level training (keras_dp.data.UserSampler) cannot be "
+            "combined with augmentation multiplicity (make_private(augment="
+            "...)) yet. Call keras_dp.make_private(model) without `augment`."
+        )
     if settings.augment is not None:
         if step_number is None:
             step_number = keras_compat.optimizer_iterations(model.optimizer).value
@@ -246,11 +256,11 @@ def private_gradients(
         ops.sum(ops.where(nonfinite, ops.zeros_like(losses), losses)) / expected
         + reg_loss
     )
-    # Rows of weight 0 (padding) are not counted.
+    # Units of weight-0 rows (padding) are not counted.
     row_mask = None if sample_weight is None else _row_mask(sample_weight)
     dropped = ops.cast(nonfinite, "float32")
-    if row_mask is not None:
-        dropped = dropped * row_mask
+    if sample_weight is not None:
+        dropped = dropped * unit_mask(rows[2], rows_per_unit)
     padded = settings.expected_batch_size is not None and sample_weight is not None
     if padded and rows_per_unit > 1:
         # The metrics' rows are the copies.

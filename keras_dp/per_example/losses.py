@@ -315,6 +315,17 @@ def _unit_loss(model, trainable, new_non_trainable, batch, activity_losses, rows
         model, trainable, list(new_non_trainable), x, y, y_pred, sample_weight
     )
     loss = unit_losses(row_losses, sample_weight, rows)[0]
+    if activity_losses and getattr(model._keras_dp, "rows_per_user", None):
+        # Keras averages a call's activity losses over all its rows, a
+        # user's padding rows included, so the user's loss would depend on
+        # how many examples they have.
+        raise ValueError(
+            "User-level training (keras_dp.data.UserSampler) does not "
+            "support activity regularizers or `add_loss` in `call` yet: "
+            "Keras averages those over all of a user's rows, padding rows "
+            "included. Remove the activity regularizer (or move the "
+            "penalty into the loss), or train at the example level."
+        )
     if activity_losses:
         activity = ops.sum(
             ops.stack([ops.cast(ops.sum(a), "float32") for a in activity_losses])

@@ -10,7 +10,8 @@ example's, so the sensitivity is that of one unit.
 
 Augmentation multiplicity (`make_private(augment=..., augmentations=K)`)
 makes each example's K augmented copies one unit (R = K); user-level
-privacy can make a user's examples one unit the same way.
+privacy (`fit` on a `keras_dp.data.UserSampler`) makes the up to M rows
+of one user one unit (R = M).
 
 The vmap path maps over units and runs the model on each unit's R rows as
 a batch. The fast path runs the batched pass on all rows and folds each

@@ -1,0 +1,304 @@
+"""Poisson-sampled batches: what every keras_dp sampler shares.
+
+A sampler draws, for each optimizer update, a Poisson sample of its
+*privacy units* (the examples of `keras_dp.data.PoissonSampler`, the users
+of `keras_dp.data.UserSampler`): every unit joins independently with rate
+`q`, as the accountant assumes. `PoissonBatches` holds the parts that do
+not depend on what a unit is: the seed or secure mode, the logical batch
+of an update and its split into gradient-accumulation parts, the number
+of batches per epoch and the `tf.data` form (`as_tf_dataset`). A subclass
+sets the rate with `_set_rate`, and turns a part's unit indices into
+padded rows in `__getitem__`.
+
+```python
+class Sampler(PoissonBatches):
+    def __init__(self, n, batch_size):
+        super().__init__(seed=0)
+        self._set_rate(n, batch_size, None, 1, "batch_size", "n")
+
+    def __getitem__(self, index):
+        units = self.part_units(index)  # this batch's sampled unit indices
+        ...
+```
+"""
+
+import math
+import secrets
+import threading
+
+import keras
+import numpy as np
+from keras import tree
+
+from keras_dp import arguments
+
+# Padded rows = expected batch + this many standard deviations of the
+# Binomial batch size. A larger batch (probability ~1e-3 per step) is padded
+# to the next multiple of 8 instead, costing one retrace, never truncated.
+PADDING_STDDEVS = 3.0
+
+
+def padded_batch_size(batch_size, sample_rate):
+    """Rows of a padded Poisson batch of expected size `batch_size`."""
+    stddev = math.sqrt(batch_size * (1.0 - sample_rate))
+    return round_up(int(math.ceil(batch_size + PADDING_STDDEVS * stddev)), 8)
+
+
+def poisson_sample(rng, n, sample_rate):
+    """Indices of a Poisson sample of `range(n)` at rate `sample_rate`, in
+    random order, drawn by the NumPy generator `rng`.
+
+    Every index is in the sample independently with probability
+    `sample_rate`. The draw costs O(batch) rather than O(n): the sample's
+    size is Binomial(n, q), and given its size a Poisson sample is a
+    uniformly random subset of that size, which `Generator.choice` draws
+    without replacement (Floyd's algorithm when the subset is small next
+    to `n`), so no `n` uniforms are drawn or stored.
+    """
+    size = int(rng.binomial(n, sample_rate))
+    return rng.choice(n, size=size, replace=False, shuffle=True)
+
+
+def round_up(value, multiple):
+    return max(multiple, -(-value // multiple) * multiple)
+
+
+def num_examples(x):
+    return int(tree.flatten(x)[0].shape[0])
+
+
+class PoissonBatches(keras.utils.PyDataset):
+    """Base of the Poisson samplers (see the module docstring).
+
+    Attributes set by `_set_rate`: `n` (units), `batch_size` (expected
+    units per batch), `accumulation_steps`, `sample_rate` (`q`, per
+    logical batch), `updates_per_epoch`, `seed` (None in secure mode).
+    """
+
+    def __init__(
+        self,
+        seed=None,
+        secure_mode=False,
+        workers=1,
+        use_multiprocessing=False,
+        max_queue_size=10,
+    ):
+        super().__init__(
+            workers=workers,
+            use_multiprocessing=use_multiprocessing,
+            max_queue_size=max_queue_size,
+        )
+        secure_mode = arguments.boolean("secure_mode", secure_mode)
+        seed = arguments.seed("seed", seed)
+        if secure_mode and seed is not None:
+            raise ValueError(
+                "`secure_mode=True` draws every batch from fresh operating-"
+                f"system entropy, so it takes no seed. Received seed={seed!r}: "
+                "pass seed=None, or secure_mode=False for reproducible batches."
+            )
+        self.secure_mode = secure_mode
+        if secure_mode and use_multiprocessing:
+            raise ValueError(
+                "`secure_mode=True` draws each logical batch once and keeps "
+                "it until all its accumulation parts are read, which worker "
+                "processes cannot share. Use threads (`workers` with "
+                "use_multiprocessing=False), or secure_mode=False."
+            )
+        self.seed = (
+            None
+            if secure_mode
+            else (secrets.randbits(63) if seed is None else int(seed))
+        )
+        # Secure mode: the current logical batch, kept until all its
+        # accumulation parts are read (each part must come from one draw,
+        # also when worker threads read parts at once).
+        self._secure_batch = None
+        self._secure_lock = threading.Lock()
+        self.epoch = 0
+
+    def _set_rate(
+        self, n, batch_size, steps_per_epoch, accumulation_steps, size_name, n_name
+    ):
+        """Checks and sets the sampling of `n` units, `batch_size`
+        expected per batch (`size_name` and `n_name` name them in errors)."""
+        self.n = n
+        self.batch_size = arguments.positive_int(
+            size_name, batch_size, hint="the expected batch size"
+        )
+        steps_per_epoch = arguments.positive_int(
+            "steps_per_epoch", steps_per_epoch, allow_none=True
+        )
+        self.accumulation_steps = (
+            arguments.positive_int(
+                "accumulation_steps", accumulation_steps, allow_none=True
+            )
+            or 1
+        )
+        logical = self.batch_size * self.accumulation_steps
+        if logical > n:
+            raise ValueError(
+                f"The sample rate q = {size_name} * accumulation_steps / "
+                f"{n_name} = {logical} / {n} is above 1: the expected batch "
+                f"cannot be larger than the dataset. Use a smaller "
+                f"{size_name}. Received: {size_name}={self.batch_size}, "
+                f"accumulation_steps={self.accumulation_steps}, {n_name}={n}."
+            )
+        self.sample_rate = logical / n
+        self.updates_per_epoch = steps_per_epoch or math.ceil(n / logical)
+
+    @property
+    def expected_batch_size(self):
+        """Expected units per batch: what the clipped sum is divided by."""
+        return self.batch_size
+
+    def __len__(self):
+        return self.updates_per_epoch * self.accumulation_steps
+
+    def sample_indices(self, update):
+        """Indices of the logical batch of optimizer update `update` (in
+        secure mode a fresh draw at each call)."""
+        if self.secure_mode:
+            rng = np.random.Generator(np.random.Philox(key=secrets.randbits(128)))
+        else:
+            rng = np.random.default_rng([self.seed, self.epoch, update])
+        return poisson_sample(rng, self.n, self.sample_rate)
+
+    def part_units(self, index):
+        """The sampled unit indices of batch `index` (one accumulation part
+        of its update's logical batch)."""
+        update, part = divmod(index, self.accumulation_steps)
+        logical = self._logical_batch(update)
+        return np.array_split(logical, self.accumulation_steps)[part]
+
+    def _logical_batch(self, update):
+        if not self.secure_mode:
+            return self.sample_indices(update)
+        key = (self.epoch, update)
+        with self._secure_lock:
+            if self._secure_batch is None or self._secure_batch[0] != key:
+                self._secure_batch = (key, self.sample_indices(update))
+            return self._secure_batch[1]
+
+    def on_epoch_end(self):
+        self.epoch += 1
+        self._secure_batch = None
+
+    def first_examples(self, count):
+        """`(x, y, sample_weight)` of the first `count` examples, for checks
+        before training."""
+        raise NotImplementedError
+
+    def as_tf_dataset(self):
+        """This sampler's batches as a `tf.data.Dataset`, one pass per
+        epoch, for a `tf.data` pipeline that works on batches (a keras-hub
+        preprocessor, tokenization, augmentation):
+
+        ```python
+        sampler = keras_dp.data.PoissonSampler(texts, labels, batch_size=64)
+        batches = sampler.as_tf_dataset().map(
+            lambda x, y, w: (preprocessor(x), y, w), num_parallel_calls=4
+        )
+        model.fit(batches.prefetch(2), epochs=3)
+        ```
+
+        `fit` recognises the pipeline and accounts for it as Poisson
+        sampling at the sampler's rate. Between the sampler and `fit` only
+        maps, prefetching and options may stand: any other step (filter,
+        unbatch, rebatch, shuffle, cache, repeat, take) would change which
+        examples a step sees, and is refused by `fit`. Padding rows hold
+        zeros (empty strings in string arrays) and keep weight 0 through
+        the map. Needs TensorFlow installed (any Keras backend).
+        """
+        import tensorflow as tf
+
+        def spec(array):
+            dtype = tf.string if array.dtype.kind in "OSU" else array.dtype
+            return tf.TensorSpec((None,) + array.shape[1:], dtype)
+
+        def batches():
+            for index in range(len(self)):
+                yield self[index]
+            self.on_epoch_end()
+
+        first = self.first_examples(1)
+        signature = (
+            lists_as_tuples(tree.map_structure(spec, first[0])),
+            lists_as_tuples(tree.map_structure(spec, first[1])),
+            spec(first[2]),
+        )
+        dataset = tf.data.Dataset.from_generator(
+            batches, output_signature=signature
+        ).apply(tf.data.experimental.assert_cardinality(len(self)))
+        # `fit` finds the sampler here (keras_dp.fit_data.poisson_sampler_of).
+        dataset._keras_dp_sampler = self
+        return dataset
+
+
+def sample_weights(sample_weight, n):
+    """Per-example weights as float32 with `n` rows (ones by default).
+
+    A negative weight would turn the example's loss around and a
+    non-finite one its whole gradient (the train step would drop that
+    example from every batch it is in): both are refused."""
+    if sample_weight is None:
+        return np.ones((n,), dtype="float32")
+    try:
+        # A weight beyond float32's range becomes inf, refused below.
+        with np.errstate(over="ignore"):
+            weights = np.asarray(sample_weight, dtype="float32")
+    except (TypeError, ValueError):
+        weights = None
+    if weights is None or weights.ndim == 0 or weights.shape[0] != n:
+        raise arguments.ArgumentTypeError(
+            f"`sample_weight` must be an array of numbers with one row per "
+            f"example ({n} rows), or None. Received: sample_weight of type "
+            f"{type(sample_weight).__name__}"
+            + ("" if weights is None else f" and shape {weights.shape}")
+            + "."
+        )
+    bad = np.argwhere(~(np.isfinite(weights) & (weights >= 0)))
+    if len(bad):
+        index = ", ".join(str(int(i)) for i in bad[0])
+        raise ValueError(
+            "`sample_weight` must hold finite numbers >= 0 (as float32). "
+            f"Received: sample_weight[{index}]={float(weights[tuple(bad[0])])!r} "
+            f"({len(bad)} such entries)."
+        )
+    return weights
+
+
+def take_padded(structure, indices, rows, positions=None):
+    """The rows `indices` of each array, then zeros up to `rows` rows
+    (None: `len(indices)` rows). `positions`: the output rows that receive
+    them (default: the first `len(indices)`)."""
+
+    def take(array):
+        array = np.asarray(array)
+        count = len(indices) if rows is None else rows
+        out = padding((count,) + array.shape[1:], array.dtype)
+        if positions is None:
+            out[: len(indices)] = array[indices]
+        else:
+            out[positions] = array[indices]
+        return out
+
+    return tree.map_structure(take, structure)
+
+
+def padding(shape, dtype):
+    """Padding rows: zeros, or empty strings in arrays of text (a text
+    preprocessor tokenizes them like any other string)."""
+    if dtype.kind in "OSU":
+        return np.full(shape, "", dtype=dtype if dtype.kind != "O" else object)
+    return np.zeros(shape, dtype=dtype)
+
+
+def lists_as_tuples(structure):
+    """Lists of arrays as tuples: Keras turns a `PyDataset`'s items into a
+    `tf.data` signature on TensorFlow, which takes tuples, not lists (a
+    model with several inputs or outputs takes either)."""
+    if isinstance(structure, (list, tuple)):
+        return tuple(lists_as_tuples(item) for item in structure)
+    if isinstance(structure, dict):
+        return {key: lists_as_tuples(value) for key, value in structure.items()}
+    return structure
