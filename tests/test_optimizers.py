@@ -235,8 +235,10 @@ def test_config_round_trip_preserves_dp_and_keras_settings():
             "seed": 11,
         },
     )
-    assert restored.get_config()["privacy_ledger"]["entries"] == ledger
-    assert restored.privacy_ledger.entries == ledger
+    # Entries saved before the privacy unit existed read as example-level.
+    expected = [{"unit": "example", **entry} for entry in ledger]
+    assert restored.get_config()["privacy_ledger"]["entries"] == expected
+    assert restored.privacy_ledger.entries == expected
 
     opt = keras_dp.DPSGD(
         learning_rate=0.2,
