@@ -45,11 +45,12 @@ from keras_dp.privacy_settings import is_private
 # Rows per chunk of the norm pass when neither the callback nor `fit` say.
 DEFAULT_PASS_ROWS = 256
 
-# Epochs between two norm passes. A pass costs about a third of an epoch
-# of training on the benchmark MLP (one forward and backward per example,
-# no update): every 5 epochs keeps it under a tenth of the training time
-# (docs/individual-privacy.md, "Cost").
-DEFAULT_EVERY_EPOCHS = 5
+# Epochs between two norm passes. A pass is one forward and backward per
+# example with the norms but no clipped sum, noise or update: 0.4 of an
+# epoch of training on the benchmark MLP, 0.84 on the CNN, whose per-example
+# conv norms are most of a step. Every 10 epochs keeps the passes under a
+# tenth of the training time on both (docs/individual-privacy.md, "Cost").
+DEFAULT_EVERY_EPOCHS = 10
 
 
 _NO_USER_LEVEL = (
@@ -113,9 +114,9 @@ class IndividualPrivacy(keras.callbacks.Callback):
             must be given here as per-example weights).
         delta: the delta of the guarantee. Defaults to the optimizer's
             `target_delta`, else `1 / n**1.1`.
-        every_epochs: epochs between two norm passes (default 5: a pass
-            costs about 0.3 of an epoch on the benchmark MLP; 1 gives the
-            closest estimate).
+        every_epochs: epochs between two norm passes (default 10: a pass
+            costs 0.4 of a training epoch on the benchmark MLP and 0.84 on
+            the CNN; 1 gives the closest estimate).
         accountant: `"rdp"` (default) or `"pld"` (tighter; one PLD per
             distinct sequence of rounded ratios, so only with few of them:
             a coarse `resolution` and few passes).
