@@ -111,11 +111,9 @@ def calibrated_noise_multiplier(data, epsilon):
     The optimizer's own calibration (`calibrate_noise`, which `fit` calls
     with `target_epsilon`), for the sampling rate and updates per epoch of
     the Poisson sampler that `fit` builds from these arrays. The optimizers
-    then get this `noise_multiplier` instead of `target_epsilon`: with
-    `target_epsilon`, `fit` also adds a `PrivacyBudget` callback that
-    recomputes epsilon from the ledger after every update, which would
-    never stop these runs (they train exactly the calibrated updates;
-    `run` checks the ledger's epsilon) but would dominate their cost.
+    then get this `noise_multiplier` instead of `target_epsilon`, so that
+    the calibration runs once per epsilon rather than once per run (`run`
+    checks the ledger's epsilon).
     """
     x_train, _, y_train, _ = data
     sampler = keras_dp.data.PoissonSampler(x_train, y_train, batch_size=BATCH)

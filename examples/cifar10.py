@@ -318,11 +318,11 @@ def noise_for(epsilon, n, epochs, batch_size):
     """The noise multiplier that spends `epsilon` (at DELTA) over the
     updates `fit` runs: `ceil(n / batch_size)` Poisson batches per epoch.
 
-    Calibrated here, once, rather than with the optimizer's
-    `target_epsilon=`: a target also makes `fit` stop through a
-    `keras_dp.PrivacyBudget`, which recomputes epsilon after every batch
-    and would count in the steps per second. The epsilon printed at the
-    end is the privacy ledger's, whatever this function computed.
+    Calibrated here, once, so that the noise multiplier is printed next
+    to the published one before training (the optimizer's
+    `target_epsilon=` would calibrate the same value when `fit` starts).
+    The epsilon printed at the end is the privacy ledger's, whatever this
+    function computed.
     """
     return keras_dp.calibrate_noise_multiplier(
         epsilon,

@@ -269,11 +269,10 @@ def train(method, epsilon, data, args):
                     args.lora_learning_rate if method == "lora" else args.learning_rate
                 ),
                 auto_clip=True,
-                # Calibrated once for the updates `fit` will run, not with
-                # `target_epsilon=`, which also makes `fit` recompute
-                # epsilon after every batch (its PrivacyBudget) and would
-                # count in the steps per second. The epsilon printed is the
-                # privacy ledger's.
+                # Calibrated once for the updates `fit` will run (what
+                # `target_epsilon=` would do when `fit` starts), so each
+                # method's noise is fixed before training. The epsilon
+                # printed is the privacy ledger's.
                 noise_multiplier=keras_dp.calibrate_noise_multiplier(
                     epsilon,
                     DELTA,
