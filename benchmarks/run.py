@@ -128,6 +128,25 @@ def benchmark(backend, model, modes, batch, timeout):
     return rows
 
 
+def low_rank_lines(rows):
+    """LowRankSparse step time over the full DP step's, from one timing
+    run (the modes alternate in one process)."""
+    lines = []
+    for row in rows:
+        if row["mode"] != "dp" or "error" in row:
+            continue
+        steps = row["timing"]["step_s"]
+        lines.append(
+            f"| {row['backend']} | {row['model']} | "
+            + " | ".join(
+                fmt(ratio(steps.get(mode), steps["dp"]), bold=True)
+                for mode in ("dp-rgp", "dp-lsg")
+            )
+            + " |"
+        )
+    return lines
+
+
 def table_line(row):
     if "error" in row:
         return (
@@ -150,6 +169,11 @@ def main():
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--vmap", action="store_true")
     parser.add_argument("--poisson", action="store_true")
+    parser.add_argument(
+        "--low-rank",
+        action="store_true",
+        help="also time LowRankSparse (RGP and LSG, rank 8) against full DP",
+    )
     parser.add_argument(
         "--peers",
         default=None,
@@ -177,6 +201,7 @@ def main():
         ["plain", "dp"]
         + (["dp-vmap"] if args.vmap else [])
         + (["dp-poisson"] if args.poisson else [])
+        + (["dp-rgp", "dp-lsg"] if args.low_rank else [])
     )
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     print(HEADER)
@@ -187,6 +212,11 @@ def main():
             for row in benchmark(backend, model, modes, args.batch, args.timeout):
                 print(table_line(row), flush=True)
                 rows.append(row)
+    if args.low_rank:
+        print("\n| backend | model | RGP step / DP step | LSG step / DP step |")
+        print("|---|---|---|---|")
+        for line in low_rank_lines(rows):
+            print(line, flush=True)
     peer_lines = []
     if args.peers:
         for model in args.models.split(","):

@@ -9,7 +9,10 @@ dp-secure (as dp-poisson, with `secure_mode=True`: noise keyed by OS
 entropy at every step and drawn by `keras_dp.secure_noise`, batches drawn
 from OS entropy) |
 dp-framework-noise (as dp, but the noise from the framework's own random
-ops instead of keras_dp's compiled kernel, as with KERAS_DP_NATIVE=0).
+ops instead of keras_dp's compiled kernel, as with KERAS_DP_NATIVE=0) |
+dp-rgp, dp-lsg (as dp, the model wrapped in `keras_dp.LowRankSparse` with
+rank 8, sparsity 0 (RGP) or 0.5 (LSG), carriers refreshed every 100
+updates; on the fast path).
 
 `time`: builds one model per mode in this process, compiles and warms each
 up with one epoch, then times rounds in which every mode runs one epoch of
@@ -137,6 +140,9 @@ def batches(x, y, batch):
     return {"x": dataset.with_options(options)}
 
 
+LOW_RANK_SPARSITY = {"dp-rgp": 0.0, "dp-lsg": 0.5}
+
+
 def build(name, mode):
     """The suite's model `name`, compiled for `mode`."""
     import keras_dp
@@ -147,6 +153,10 @@ def build(name, mode):
     if mode == "plain":
         model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
         return model
+    if mode in LOW_RANK_SPARSITY:
+        model = keras_dp.LowRankSparse(
+            model, rank=8, sparsity=LOW_RANK_SPARSITY[mode], refresh_every=100
+        )
     model = keras_dp.make_private(
         model,
         poisson_sampling=mode in ("dp-poisson", "dp-secure"),

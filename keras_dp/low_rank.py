@@ -36,14 +36,24 @@ print(model.noise_dimension, "noised coordinates")
 
 Decisions the papers leave open (LSG has no public code; see
 docs/algorithms.md, "Low-rank and sparse gradients"):
-- Carriers come from one power iteration on the current kernel `W` (the
-  weights released so far) with fresh public Gaussian randomness, refreshed
-  every `refresh_every` train steps.
+- Carriers (`carriers=`), refreshed every `refresh_every` updates, come
+  from one power iteration with fresh public Gaussian randomness on a
+  public matrix `M`: the current kernel (`"weights"`, the default), or the
+  kernel's released change since the previous refresh (`"history"`, RGP's
+  historical update; the weights until there is one), or are random
+  orthonormal matrices (`"random"`).
 - The support keeps, in each carrier matrix, the `ceil((1 - sparsity) * size)`
-  coordinates where the projection of the released kernel (`W R^T` for
-  `dL`, `L^T W` for `dR`) is largest in magnitude, chosen when the carriers
-  are refreshed. Coordinates outside the support are exactly zero and get no
-  noise.
+  coordinates where the projection of `M` (`M R^T` for `dL`, `L^T M` for
+  `dR`; the kernel for random carriers) is largest in magnitude, chosen
+  when the carriers are refreshed. Coordinates outside the support are
+  exactly zero and get no noise.
+- The matrix view of a kernel is the one its layer computes with: `(inputs,
+  units)` for Dense, `(taps * channels, filters)` for a convolution (RGP's
+  view), the contracted letters against the output letters for an
+  EinsumDense kernel that lists them in that order, else the most square
+  split (`matrix_split`). The fast per-example path computes carrier
+  gradients from the layer's activations in that view
+  (`keras_dp.per_example.carriers`).
 """
 
 import math
@@ -53,6 +63,8 @@ from keras import ops
 
 from keras_dp import arguments
 from keras_dp import keras_compat
+
+CARRIERS = ("weights", "history", "random")
 
 _MATRIX_LAYERS = (
     keras.layers.Dense,
@@ -80,6 +92,39 @@ def matrix_split(shape):
         if min(p, d) > best_side:
             best, best_side = k, min(p, d)
     return best
+
+
+def kernel_split(layer, kernel_shape):
+    """Axis before which `layer`'s kernel is flattened into the matrix view
+    its layer computes with (see the module docstring): the fast path's
+    carrier gradients need it."""
+    if isinstance(layer, keras.layers.Dense):
+        return 1
+    if isinstance(
+        layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+    ):
+        return len(kernel_shape) - 1
+    if isinstance(layer, keras.layers.EinsumDense):
+        split = _einsum_contracted_letters(layer.equation)
+        if split is not None:
+            return split
+    return matrix_split(kernel_shape)
+
+
+def _einsum_contracted_letters(equation):
+    """How many kernel letters come first and are contracted with the
+    input, if the kernel's letters are those, then the output's; else
+    None."""
+    try:
+        lhs, out = equation.replace(" ", "").split("->")
+        inp, ker = lhs.split(",")
+    except ValueError:
+        return None
+    contracted = "".join(c for c in ker if c in inp and c not in out)
+    produced = "".join(c for c in ker if c in out and c not in inp)
+    if ker != contracted + produced or not contracted or not produced:
+        return None
+    return len(contracted)
 
 
 class _FixedSeed(keras.random.SeedGenerator):
@@ -127,7 +172,62 @@ class _Carrier:
         self.p = math.prod(self.shape[:split])
         self.d = math.prod(self.shape[split:])
         self.rank = rank
-        self.variables = variables  # L, R, mask_L, mask_R
+        # L, R, mask_L, mask_R, and with carriers="history" the kernel at
+        # the last refresh.
+        self.variables = variables
+
+
+class KernelCarrier:
+    """One kernel's carriers in one step: the projection of its gradients.
+
+    `left` (p, r), `right` (r, d); `mask_left`, `mask_right` the supports,
+    None where they are dense (RGP). `project` maps per-example kernel
+    gradients to carrier gradients (the vmap path), `reconstruct` maps
+    summed carrier gradients back to the `(p, d)` kernel matrix, and the
+    fast path gets the carrier gradients from activations
+    (`keras_dp.per_example.carriers`).
+    """
+
+    def __init__(self, shape, left, right, mask_left=None, mask_right=None):
+        self.shape = tuple(shape)
+        self.p, self.rank = left.shape
+        self.d = right.shape[1]
+        self.left, self.right = left, right
+        self.mask_left, self.mask_right = mask_left, mask_right
+
+    def _masked(self, d_left, d_right):
+        if self.mask_left is None:
+            return d_left, d_right
+        return d_left * self.mask_left, d_right * self.mask_right
+
+    def project(self, per_example_grads):
+        """Carrier gradients `(n, p, r)`, `(n, r, d)` of kernel gradients
+        `(n,) + shape`."""
+        g = ops.reshape(per_example_grads, (-1, self.p, self.d))
+        return self._masked(
+            ops.einsum("bpd,rd->bpr", g, self.right),
+            ops.einsum("pr,bpd->brd", self.left, g),
+        )
+
+    def reconstruct(self, d_left, d_right):
+        """The `(p, d)` update `dL R + L dR - L L^T dL R` (the projection
+        `P_L G + G P_R - P_L G P_R` of a gradient `G`)."""
+        left, right = self.left, self.right
+        return (
+            ops.matmul(d_left, right)
+            + ops.matmul(left, d_right)
+            - ops.matmul(
+                left, ops.matmul(ops.matmul(ops.transpose(left), d_left), right)
+            )
+        )
+
+    def noise(self, standard_normal):
+        """Standard normal noise on the support, mapped to the kernel."""
+        d_left, d_right = self._masked(
+            standard_normal((self.p, self.rank), "float32"),
+            standard_normal((self.rank, self.d), "float32"),
+        )
+        return ops.reshape(self.reconstruct(d_left, d_right), self.shape)
 
 
 @keras.saving.register_keras_serializable(package="keras_dp")
@@ -142,6 +242,11 @@ class LowRankSparse(keras.Model):
         exclude: names of layers whose kernels are privatised in full
             (e.g. a classification head).
         seed: seed of the public randomness of the power iteration.
+        carriers: where the carriers come from: "weights" (a power
+            iteration on each released kernel), "history" (on the kernel's
+            released change since the previous refresh; keeps a copy of
+            each covered kernel) or "random" (random orthonormal carriers).
+            All use public information only.
 
     The wrapper calls `model` unchanged; only `make_private`'s train step
     sees the difference. `noise_dimension` is the number of noised
@@ -156,6 +261,7 @@ class LowRankSparse(keras.Model):
         refresh_every=100,
         exclude=(),
         seed=0,
+        carriers="weights",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -170,6 +276,7 @@ class LowRankSparse(keras.Model):
         refresh_every = arguments.positive_int("refresh_every", refresh_every)
         exclude = _layer_names("exclude", exclude)
         seed = arguments.seed("seed", seed, allow_none=False)
+        carriers = arguments.one_of("carriers", carriers, CARRIERS)
         if not model.built:
             raise ValueError(
                 "LowRankSparse needs a built model (its kernels must exist). "
@@ -181,6 +288,7 @@ class LowRankSparse(keras.Model):
         self.refresh_every = refresh_every
         self.exclude = exclude
         self.seed = seed
+        self.carriers = carriers
         self._carriers = self._create_carriers()
         self._refresh_count = self.add_weight(
             shape=(),
@@ -207,7 +315,7 @@ class LowRankSparse(keras.Model):
             for kernel in layer.trainable_weights:
                 if not kernel.path.endswith("kernel") or len(kernel.shape) < 2:
                     continue
-                split = matrix_split(tuple(kernel.shape))
+                split = kernel_split(layer, tuple(kernel.shape))
                 p = math.prod(kernel.shape[:split])
                 d = math.prod(kernel.shape[split:])
                 r = min(self.rank, p, d)
@@ -226,6 +334,15 @@ class LowRankSparse(keras.Model):
                         ((r, d), "support_r"),
                     )
                 ]
+                if self.carriers == "history":
+                    variables.append(
+                        self.add_weight(
+                            shape=(p, d),
+                            initializer="zeros",
+                            trainable=False,
+                            name=f"{name}_last_refresh",
+                        )
+                    )
                 carriers.append(_Carrier(kernel, split, r, variables))
         if known:
             raise ValueError(
@@ -235,14 +352,19 @@ class LowRankSparse(keras.Model):
 
     def _initialize_carriers(self):
         values = self._carrier_values(
-            [v.value for v in self.trainable_variables], ops.convert_to_tensor(0)
+            [v.value for v in self.trainable_variables],
+            ops.convert_to_tensor(0),
+            initial=True,
         )
         for carrier, new in zip(self._carriers, values):
             for variable, value in zip(carrier.variables, new):
                 variable.assign(value)
 
-    def _carrier_values(self, trainable_values, refresh_index):
-        """New `(L, R, mask_L, mask_R)` of each kernel, from public state."""
+    def _carrier_values(self, trainable_values, refresh_index, old=None, initial=False):
+        """New values of each kernel's carrier variables (`L`, `R`,
+        `mask_L`, `mask_R`, and the kernel at this refresh with
+        carriers="history"), from public state: the released weights,
+        `old` (the current carrier variables' values) and the seed."""
         position = {id(v): k for k, v in enumerate(self.trainable_variables)}
         seed_dtype = keras_compat.random_seed_dtype()
         values = []
@@ -251,6 +373,9 @@ class LowRankSparse(keras.Model):
                 ops.cast(trainable_values[position[id(carrier.kernel)]], "float32"),
                 (carrier.p, carrier.d),
             )
+            source = w
+            if self.carriers == "history" and not initial:
+                source = w - old[k][4]
             seed = ops.cast(
                 ops.stack(
                     [
@@ -260,18 +385,35 @@ class LowRankSparse(keras.Model):
                 ),
                 seed_dtype,
             )
-            r0 = keras.random.normal((carrier.d, carrier.rank), seed=_FixedSeed(seed))
-            left, _ = ops.linalg.qr(ops.matmul(w, r0))
-            q, _ = ops.linalg.qr(ops.matmul(ops.transpose(w), left))
+            if self.carriers == "random":
+                left, _ = ops.linalg.qr(
+                    keras.random.normal(
+                        (carrier.p, carrier.rank), seed=_FixedSeed(seed)
+                    )
+                )
+                q, _ = ops.linalg.qr(
+                    keras.random.normal(
+                        (carrier.d, carrier.rank), seed=_FixedSeed(seed + 1)
+                    )
+                )
+            else:
+                r0 = keras.random.normal(
+                    (carrier.d, carrier.rank), seed=_FixedSeed(seed)
+                )
+                left, _ = ops.linalg.qr(ops.matmul(source, r0))
+                q, _ = ops.linalg.qr(ops.matmul(ops.transpose(source), left))
             right = ops.transpose(q)
             masks = [
                 _support_mask(scores, self._support_size(scores.shape))
                 for scores in (
-                    ops.matmul(w, ops.transpose(right)),
-                    ops.matmul(ops.transpose(left), w),
+                    ops.matmul(source, ops.transpose(right)),
+                    ops.matmul(ops.transpose(left), source),
                 )
             ]
-            values.append([left, right] + masks)
+            # A copy: the variable must not share the kernel's buffer (JAX
+            # donates both to the train step).
+            history = [ops.copy(w)] if self.carriers == "history" else []
+            values.append([left, right] + masks + history)
         return values
 
     def _support_size(self, shape):
@@ -297,7 +439,12 @@ class LowRankSparse(keras.Model):
             [non_trainable[position[id(v)]] for v in c.variables]
             for c in self._carriers
         ]
-        return _LowRankSpace(self.trainable_variables, self._carriers, carrier_values)
+        return _LowRankSpace(
+            self.trainable_variables,
+            self._carriers,
+            carrier_values,
+            sparse=self.sparsity > 0,
+        )
 
     def after_private_update(self, trainable_values, non_trainable, took_update):
         """Counts updates and refreshes the carriers every `refresh_every`.
@@ -323,7 +470,7 @@ class LowRankSparse(keras.Model):
         ]
         new = ops.cond(
             ops.logical_and(took_update, ops.equal(count % self.refresh_every, 0)),
-            lambda: self._carrier_values(trainable_values, refresh_index),
+            lambda: self._carrier_values(trainable_values, refresh_index, old),
             lambda: old,
         )
         for c, values in zip(self._carriers, new):
@@ -340,6 +487,7 @@ class LowRankSparse(keras.Model):
             refresh_every=self.refresh_every,
             exclude=list(self.exclude),
             seed=self.seed,
+            carriers=self.carriers,
         )
         return config
 
@@ -353,65 +501,43 @@ class LowRankSparse(keras.Model):
 class _LowRankSpace:
     """Gradient space of `LowRankSparse` (see `per_example.GradientSpace`)."""
 
-    def __init__(self, trainable_variables, carriers, carrier_values):
-        by_kernel = {id(c.kernel): (c, v) for c, v in zip(carriers, carrier_values)}
+    def __init__(self, trainable_variables, carriers, carrier_values, sparse):
+        by_kernel = {
+            id(c.kernel): KernelCarrier(c.shape, *(v[:4] if sparse else v[:2]))
+            for c, v in zip(carriers, carrier_values)
+        }
         self.entries = [
             (tuple(var.shape), by_kernel.get(id(var))) for var in trainable_variables
         ]
+        self._by_kernel = by_kernel
+
+    def kernel_carriers(self):
+        return dict(self._by_kernel)
 
     def part_shapes(self):
         return [
             [shape]
-            if entry is None
-            else [(entry[0].p, entry[0].rank), (entry[0].rank, entry[0].d)]
-            for shape, entry in self.entries
+            if carrier is None
+            else [(carrier.p, carrier.rank), (carrier.rank, carrier.d)]
+            for shape, carrier in self.entries
         ]
 
     def project(self, per_example_grads):
-        parts = []
-        for g, (shape, entry) in zip(per_example_grads, self.entries):
-            if entry is None:
-                parts.append([g])
-                continue
-            carrier, (left, right, mask_l, mask_r) = entry
-            g = ops.reshape(g, (-1, carrier.p, carrier.d))
-            d_left = ops.einsum("bpd,rd->bpr", g, right) * mask_l
-            d_right = ops.einsum("pr,bpd->brd", left, g) * mask_r
-            parts.append([d_left, d_right])
-        return parts
+        return [
+            [g] if carrier is None else list(carrier.project(g))
+            for g, (shape, carrier) in zip(per_example_grads, self.entries)
+        ]
 
     def reconstruct(self, summed_parts):
         return [
-            parts[0] if entry is None else self._reconstruct(entry, *parts)
-            for parts, (shape, entry) in zip(summed_parts, self.entries)
+            parts[0]
+            if carrier is None
+            else ops.reshape(carrier.reconstruct(*parts), shape)
+            for parts, (shape, carrier) in zip(summed_parts, self.entries)
         ]
 
-    @staticmethod
-    def _reconstruct(entry, d_left, d_right):
-        carrier, (left, right, _, _) = entry
-        d_w = (
-            ops.matmul(d_left, right)
-            + ops.matmul(left, d_right)
-            - ops.matmul(
-                left, ops.matmul(ops.matmul(ops.transpose(left), d_left), right)
-            )
-        )
-        return ops.reshape(d_w, carrier.shape)
-
     def noise_spaces(self):
-        spaces = []
-        for shape, entry in self.entries:
-            if entry is None:
-                spaces.append(None)
-                continue
-
-            def draw(standard_normal, entry=entry):
-                carrier, (_, _, mask_l, mask_r) = entry
-                return self._reconstruct(
-                    entry,
-                    standard_normal((carrier.p, carrier.rank), "float32") * mask_l,
-                    standard_normal((carrier.rank, carrier.d), "float32") * mask_r,
-                )
-
-            spaces.append(draw)
-        return spaces
+        return [
+            None if carrier is None else carrier.noise
+            for shape, carrier in self.entries
+        ]

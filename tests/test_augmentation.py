@@ -267,11 +267,13 @@ def test_sample_weights_and_padding_rows(path):
     assert_updates_close(actual, expected, rtol=RTOL)
 
 
+@pytest.mark.parametrize("microbatch_size", [3, 2])
 @pytest.mark.parametrize("path", ["auto", "vmap"])
-def test_microbatches_keep_each_example_s_copies_together(path):
+def test_microbatches_keep_each_example_s_copies_together(path, microbatch_size):
+    # `microbatch_size` counts examples: chunks of 3 * K or 2 * K rows.
     x, y = make_data("conv", rows=7)
     model = compile_dp(
-        build("conv", noise, per_example=path, microbatch_size=3),
+        build("conv", noise, per_example=path, microbatch_size=microbatch_size),
         l2_norm_clip=0.05,
     )
     copies = reference_copies(model, noise, x, step=0)

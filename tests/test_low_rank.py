@@ -9,7 +9,6 @@ clip factors of flat clipping, and the support sizes
 
 import math
 import os
-import warnings
 
 import keras
 import numpy as np
@@ -41,13 +40,14 @@ def _mlp(in_dim=6, hidden=5, out=3, seed=0):
 
 
 def _mixed_model(seed=0):
-    """EinsumDense (3-d kernel), Conv2D and Dense kernels, plus biases.
+    """EinsumDense (3-d kernel, matrix view (4, 6)), Conv2D (view (54, 4))
+    and Dense kernels, plus biases.
 
     (Conv2D before Reshape + EinsumDense is avoided: TensorFlow's
     `tf.vectorized_map` aborts on that graph, with or without keras_dp.)
     """
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input((6, 6, 2))
+    inputs = keras.Input((6, 6, 4))
     h = keras.layers.EinsumDense(
         "bxyc,cnh->bxynh", output_shape=(6, 6, 2, 3), bias_axes="nh", name="ein"
     )(inputs)
@@ -152,7 +152,7 @@ def _weights(model):
 # ---------------------------------------------- projection / reconstruction
 
 
-@pytest.mark.parametrize("builder,in_shape", [(_mlp, (6,)), (_mixed_model, (6, 6, 2))])
+@pytest.mark.parametrize("builder,in_shape", [(_mlp, (6,)), (_mixed_model, (6, 6, 4))])
 def test_reconstruction_is_the_idempotent_projection(builder, in_shape):
     inner = builder()
     model = keras_dp.LowRankSparse(inner, rank=2, sparsity=0.0, seed=3)
@@ -322,7 +322,7 @@ def test_refreshed_carriers_through_fit_equal_carrier_values_of_released_weights
         optimizer=keras_dp.DPSGD(learning_rate=0.05, noise_multiplier=0.5, seed=0),
         loss=_loss(),
     )
-    x, y = _data(32, (6, 6, 2))
+    x, y = _data(32, (6, 6, 4))
     with pytest.warns(UserWarning):
         model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
     count = int(_np(model._refresh_count))
@@ -422,8 +422,9 @@ def test_coordinates_outside_the_support_are_zero():
 # ------------------------------------------ exact private step, sigma = 0
 
 
+@pytest.mark.parametrize("path", ["fast", "vmap"])
 @pytest.mark.parametrize("microbatch_size", [None, 3])
-def test_private_step_matches_brute_force(microbatch_size):
+def test_private_step_matches_brute_force(microbatch_size, path):
     inner = _mlp(in_dim=7, hidden=6, out=4, seed=1)
     model = keras_dp.LowRankSparse(
         inner, rank=2, sparsity=0.4, exclude=("head",), refresh_every=100, seed=5
@@ -472,7 +473,9 @@ def test_private_step_matches_brute_force(microbatch_size):
         else:
             expected.append(-summed[0] / batch)
 
-    model = keras_dp.make_private(model, microbatch_size=microbatch_size)
+    model = keras_dp.make_private(
+        model, microbatch_size=microbatch_size, per_example=path
+    )
     model.compile(
         optimizer=keras_dp.DPSGD(
             learning_rate=1.0, noise_multiplier=0.0, l2_norm_clip=clip
@@ -481,6 +484,7 @@ def test_private_step_matches_brute_force(microbatch_size):
     )
     before = _weights(model)
     model.train_on_batch(x, y)
+    assert model._keras_dp.per_example_path[0] == path
     after = _weights(model)
     for var, b, a, e in zip(variables, before, after, expected):
         np.testing.assert_allclose(a - b, e, rtol=1e-4, atol=1e-6, err_msg=var.path)
@@ -607,7 +611,7 @@ def test_save_load_round_trip(tmp_path):
     )
     initial = _carrier_arrays(model)
     model = _private(model, sigma=0.8, lr=0.05)
-    x, y = _data(32, (6, 6, 2))
+    x, y = _data(32, (6, 6, 4))
     model.fit(x, y, batch_size=8, epochs=1, verbose=0)
     carriers = _carrier_arrays(model)
     assert np.abs(carriers[0][0] - initial[0][0]).max() > 1e-3  # refreshed
@@ -662,22 +666,80 @@ def test_errors():
         keras_dp.LowRankSparse(unbuilt)
 
 
-def test_fast_per_example_path_is_an_error_and_auto_is_silent():
-    """LowRankSparse needs the vmap path: `per_example="fast"` says so
-    before the first step, and "auto" takes the vmap path without the
-    fallback warning meant for models the fast path cannot handle."""
-    x, y = _data(16, (6,))
-    model = keras_dp.make_private(
-        keras_dp.LowRankSparse(_mlp(), rank=2), per_example="fast"
-    )
-    model.compile(optimizer=keras_dp.DPSGD(noise_multiplier=1.0), loss=_loss())
-    with pytest.raises(ValueError, match="its own space \\(LowRankSparse\\)"):
-        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+# ------------------------------------------------------ carrier choices
 
-    model = _private(keras_dp.LowRankSparse(_mlp(), rank=2), sigma=1.0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    assert not [w for w in caught if "fast per-example path" in str(w.message)]
-    path, reason = model._keras_dp.per_example_path
-    assert path == "vmap" and "LowRankSparse" in reason
+
+def _spans_power_iteration_of(model, matrices):
+    """Per carrier, `||(I - R^T R) M^T L||` for the given `M`: zero when
+    the carriers came from one power iteration on `M` (`R^T` spans
+    `M^T L`)."""
+    residuals = []
+    for (L, R, _, _, *_), M in zip(_carrier_arrays(model), matrices):
+        residuals.append(
+            np.abs((np.eye(R.shape[1]) - R.T @ R) @ M.T @ L).max() / np.abs(M).max()
+        )
+    return residuals
+
+
+def test_history_carriers_come_from_the_released_change_since_the_last_refresh():
+    inner = _mlp(in_dim=8, hidden=7, out=6, seed=2)
+    model = keras_dp.LowRankSparse(inner, rank=2, refresh_every=2, carriers="history")
+    weights_model = keras_dp.LowRankSparse(
+        _mlp(in_dim=8, hidden=7, out=6, seed=2), rank=2, carriers="weights"
+    )
+    # Before any update there is no history: the carriers of the weights.
+    _assert_same_carriers(
+        [a[:4] for a in _carrier_arrays(model)], _carrier_arrays(weights_model)
+    )
+    kernels = [c.kernel for c in model._carriers]
+    before = [_np(k) for k in kernels]
+    model = _private(model, sigma=0.5, lr=0.5)
+    x, y = _data(16, (8,), classes=6, seed=1)
+    model.train_on_batch(x, y)
+    model.train_on_batch(x, y)  # the second update refreshes
+    after = [_np(k) for k in kernels]
+    change = [a - b for a, b in zip(after, before)]
+    assert max(_spans_power_iteration_of(model, change)) < 1e-4
+    # ... and not of the weights themselves.
+    assert min(_spans_power_iteration_of(model, after)) > 1e-2
+    # The kernel at this refresh is kept for the next one.
+    for (*_, last), a in zip(_carrier_arrays(model), after):
+        np.testing.assert_allclose(last, a, atol=1e-6)
+    _assert_orthonormal_carriers(model)
+
+
+def _assert_orthonormal_carriers(model):
+    for L, R, *_ in _carrier_arrays(model):
+        np.testing.assert_allclose(L.T @ L, np.eye(L.shape[1]), atol=1e-5)
+        np.testing.assert_allclose(R @ R.T, np.eye(R.shape[0]), atol=1e-5)
+
+
+def test_random_carriers_do_not_depend_on_the_weights():
+    carriers = [
+        _carrier_arrays(
+            keras_dp.LowRankSparse(_mlp(seed=s), rank=2, carriers="random", seed=3)
+        )
+        for s in (0, 1)
+    ]
+    for a, b in zip(*carriers):
+        np.testing.assert_allclose(a[0], b[0], atol=1e-6)
+        np.testing.assert_allclose(a[1], b[1], atol=1e-6)
+    weights = _carrier_arrays(keras_dp.LowRankSparse(_mlp(seed=0), rank=2, seed=3))
+    assert np.abs(carriers[0][0][0] - weights[0][0]).max() > 1e-2
+    _assert_orthonormal_carriers(
+        keras_dp.LowRankSparse(_mlp(), rank=2, carriers="random")
+    )
+
+
+def test_carriers_argument_round_trips_and_is_checked():
+    model = keras_dp.LowRankSparse(_mlp(), rank=2, carriers="history")
+    config = model.get_config()
+    assert config["carriers"] == "history"
+    again = keras_dp.LowRankSparse.from_config(config)
+    assert again.carriers == "history"
+    assert len(again.non_trainable_variables) == len(model.non_trainable_variables)
+    with pytest.raises(
+        ValueError,
+        match="`carriers` must be one of 'weights', 'history', 'random'",
+    ):
+        keras_dp.LowRankSparse(_mlp(), carriers="gradients")

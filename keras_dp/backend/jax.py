@@ -74,13 +74,23 @@ def after(dependencies, tensors):
     reaches the layer. On the CPU `optimization_barrier` does not order
     anything (it is expanded away before scheduling), so the float tensors
     get a data dependency instead: `+ 0 * d` for one element `d` of each
-    dependency (XLA keeps `0 * d` for floats; it is NaN only where `d` is,
-    and a step with a NaN gradient is lost anyway).
+    dependency (XLA keeps `0 * d` for floats), with `d` made finite first:
+    that element is one example's (its norm, say), and a non-finite one
+    must not turn every other example's tensors into NaN (the step leaves
+    that example out, `keras_dp.per_example.clip_factors`).
     """
     leaves = [d for d in jax.tree_util.tree_leaves(dependencies) if d.size]
     if not leaves:
         return tensors
-    zero = sum(jnp.ravel(d)[0].astype("float32") for d in leaves) * 0.0
+    zero = (
+        sum(
+            jnp.nan_to_num(
+                jnp.ravel(d)[0].astype("float32"), nan=0.0, posinf=0.0, neginf=0.0
+            )
+            for d in leaves
+        )
+        * 0.0
+    )
 
     def gate(t):
         if jnp.issubdtype(t.dtype, jnp.floating):

@@ -20,6 +20,7 @@ Modules, lowest first (each imports only modules of lower layers):
   `clip_factors`, `gradient_space`;
 - `units` (units of several rows: their folds);
 - `linear`, `patches` (shared by rules);
+- `carriers` (linear kernels through LowRankSparse's low-rank carriers);
 - rules: `dense`, `conv`, `embedding`, `normalization`, `generic`;
 - `plan` (which layer gets which rule), `recording`, `losses`,
   `microbatches`, `metrics`, `augmentation` (the copies of augmentation

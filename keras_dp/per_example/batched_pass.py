@@ -27,6 +27,8 @@ import keras
 from keras import ops
 
 from keras_dp import keras_compat
+from keras_dp.per_example.carriers import KernelCarriers
+from keras_dp.per_example.gradient_space import gradient_space
 from keras_dp.per_example.losses import num_regularized_weights
 from keras_dp.per_example.losses import per_example_losses
 from keras_dp.per_example.plan import build_plan
@@ -352,6 +354,8 @@ def per_example_norms_and_sums(
         (id(v), t) for v, t in zip(model.non_trainable_variables, non_trainable)
     )
 
+    carriers = KernelCarriers(gradient_space(model, non_trainable).kernel_carriers())
+
     def make_context(entry, record):
         return RuleContext(
             entry.layer,
@@ -361,11 +365,13 @@ def per_example_norms_and_sums(
             record.saved,
             values,
             rows_per_unit,
+            carriers,
         )
 
     losses, y_pred, new_nt, records, terms = batched_pass(
         entries, run, make_context, backend_ops
     )
+    carriers.check_projected(entries, records)
     n = ops.shape(losses)[0]
     num_vars = len(trainable)
     squared = [None] * num_vars

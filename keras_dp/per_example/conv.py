@@ -22,6 +22,9 @@ backends that set `CONV_CLIPPED_SUM_FROM_PATCHES`, keep only the norms and
 take the clipped sum from their patches gathered again
 (`_norms_then_patches`), so the per-example gradients are not held until
 every layer's norms are known.
+
+A kernel with LowRankSparse carriers is taken as the patch product
+`(K * C, F)` and projected (`keras_dp.per_example.carriers`).
 """
 
 import functools
@@ -30,6 +33,7 @@ import keras
 from keras import ops
 
 from keras_dp.per_example import linear
+from keras_dp.per_example.carriers import kernel_terms
 from keras_dp.per_example.linear import bias_terms
 from keras_dp.per_example.linear import choose_method
 from keras_dp.per_example.patches import as_2d_conv
@@ -248,6 +252,8 @@ def conv_rule(layer, call, grads, context):
         return grads
 
     conv_args = (kernel_size, tuple(layer.strides), tuple(layer.dilation_rate), pads)
+    if context.carrier_of(layer.kernel) is not None:
+        return _carrier_terms(layer, context, patches, x, B, T, K * C)
     parts = []
     for g in range(groups):
         Bg = B[:, :, g * Fg : (g + 1) * Fg] if groups > 1 else B
@@ -306,6 +312,31 @@ def conv_rule(layer, call, grads, context):
         return pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, -1)
 
     terms = [(layer.kernel, sq, kernel_clipped)]
+    if layer.use_bias:
+        terms.append(bias_terms(layer.bias, unit_rows(B, R) if R > 1 else B))
+    return terms
+
+
+def _carrier_terms(layer, context, patches, x, B, T, patch_size):
+    """A kernel with LowRankSparse carriers: the carrier gradients of the
+    patch products (the kernel's matrix view is `(K * C, F)`, as the
+    patches'), ghost or instantiated by the rank (`kernel_terms`)."""
+    if layer.groups > 1:
+        raise Unsupported(
+            f"LowRankSparse: conv {layer.name!r} has groups={layer.groups}; "
+            "carrier gradients are computed for ungrouped convolutions only"
+        )
+    R = context.rows_per_unit
+    A = unit_positions(patches(x, 0), R)
+    sq, fn = kernel_terms(
+        context,
+        layer.kernel,
+        A,
+        unit_positions(B, R),
+        choose_method(T * R, patch_size, B.shape[-1]),
+    )
+    kshape = tuple(layer.kernel.shape)
+    terms = [(layer.kernel, sq, lambda c, safe: ops.reshape(fn(c, safe), kshape))]
     if layer.use_bias:
         terms.append(bias_terms(layer.bias, unit_rows(B, R) if R > 1 else B))
     return terms

@@ -11,6 +11,9 @@ gradients of transformed activations (ghost or instantiated, with the rank
 in place of `d` or `p`). EinsumDense: equations that are a product `A^T B`
 after moving letters (batch, then the "row" letters T, then the contracted
 D or the output P), any other equation gets the generic rule.
+
+Kernels with LowRankSparse carriers get their carrier gradients' terms
+(`keras_dp.per_example.carriers.kernel_terms`) in place of the kernel's.
 """
 
 import string
@@ -19,6 +22,7 @@ import keras
 from keras import ops
 
 from keras_dp import keras_compat
+from keras_dp.per_example.carriers import kernel_terms
 from keras_dp.per_example.linear import bias_terms
 from keras_dp.per_example.linear import choose_method
 from keras_dp.per_example.linear import linear_terms
@@ -57,7 +61,7 @@ def _activations(call, grads):
 def dense_rule(layer, call, grads, context):
     A3, B3, B, T = _activations(call, grads)
     d, p = A3.shape[-1], B3.shape[-1]
-    if T == 1 and layer.bias is not None:
+    if T == 1 and layer.bias is not None and context.carrier_of(layer.kernel) is None:
         # The bias's per-example gradients are the rows of b, whose norms
         # the kernel's need too: computed once (TensorFlow does not merge
         # the two).
@@ -68,7 +72,7 @@ def dense_rule(layer, call, grads, context):
             (layer.kernel, sq, fn),
             (layer.bias, b_sq, lambda c, safe: rows_dot(c, b, safe)),
         ]
-    sq, fn = linear_terms(A3, B3, choose_method(T, d, p))
+    sq, fn = kernel_terms(context, layer.kernel, A3, B3, choose_method(T, d, p))
     terms = [(layer.kernel, sq, fn)]
     if layer.bias is not None:
         terms.append(bias_terms(layer.bias, B))
@@ -185,7 +189,14 @@ def einsum_rule(layer, call, grads, context):
     A2 = unit_positions(ops.reshape(A2, (-1, Tr, d)), R)
     B2 = unit_positions(ops.reshape(B2, (-1, Tr, p)), R)
     T = None if T is None else R * T
-    sq, fn = linear_terms(A2, B2, choose_method(T, d, p))
+    if context.carrier_of(layer.kernel) is not None and s["ker"] != s["D"] + s["P"]:
+        # LowRankSparse views such kernels as their most square matrix,
+        # not as the product this rule computes.
+        raise Unsupported(
+            f"LowRankSparse: EinsumDense {layer.name!r} has kernel letters "
+            f"{s['ker']!r}, not its contracted letters then its output ones"
+        )
+    sq, fn = kernel_terms(context, layer.kernel, A2, B2, choose_method(T, d, p))
     dp_shape = tuple(sizes[c] for c in s["D"] + s["P"])
     eq = f"{s['D']}{s['P']}->{s['ker']}"
 

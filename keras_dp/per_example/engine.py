@@ -110,11 +110,6 @@ def clipped_gradient_sum(
             "clip_groups='per_device' clips the shards of sharded variables "
             "apart, and only the vmap path computes per-shard norms"
         )
-    elif hasattr(model, "private_gradient_space"):
-        reason = (
-            "the model projects per-example gradients into its own space "
-            "(LowRankSparse), which only the vmap path does"
-        )
     else:
         try:
             result = fast_clipped_gradient_sum(

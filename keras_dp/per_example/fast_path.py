@@ -14,6 +14,7 @@ from keras import tree
 from keras_dp.per_example.batched_pass import per_example_norms_and_sums
 from keras_dp.per_example.clip_factors import scaled_factors
 from keras_dp.per_example.clip_factors import sums_leaving_out_nonfinite
+from keras_dp.per_example.gradient_space import gradient_space
 from keras_dp.per_example.microbatches import microbatch_examples
 from keras_dp.per_example.microbatches import scan_microbatches
 from keras_dp.per_example.microbatches import unchunked
@@ -37,9 +38,12 @@ def fast_clipped_gradient_sum(
     scale=None,
     rows_per_unit=1,
 ):
-    """The fast path of `clipped_gradient_sum` (same arguments and result,
-    without `noise_spaces`). With `rows_per_unit = R > 1` the rules fold
-    each unit's rows into their position axes (`keras_dp.per_example.units`).
+    """The fast path of `clipped_gradient_sum` (same arguments and result).
+    With `rows_per_unit = R > 1` the rules fold each unit's rows into their
+    position axes (`keras_dp.per_example.units`). In a model's own gradient
+    space (`keras_dp.LowRankSparse`), kernels with carriers are clipped in
+    carrier coordinates (`keras_dp.per_example.carriers`) and their sums
+    come back mapped to the kernels.
 
     Raises `Unsupported` (at trace time) when the model needs the general
     vmap path. Examples whose gradient norm or loss is not finite get
@@ -82,6 +86,7 @@ def fast_clipped_gradient_sum(
             "nonfinite": nonfinite,
             "y_pred": y_pred,
             "non_trainable": new_nt,
+            "noise_spaces": gradient_space(model, non_trainable).noise_spaces(),
         }
         if count_groups:
             out["clip_counts"] = clipped[len(trainable)]
@@ -110,7 +115,7 @@ def fast_clipped_gradient_sum(
     if count_groups:
         init.append(ops.zeros((count_groups,), dtype="float32"))
     clipped, (losses, y_pred, new_nt, nonfinite) = scan_microbatches(
-        step, init, examples, microbatch_size, backend_ops
+        step, init, examples, microbatch_size * rows_per_unit, backend_ops
     )
     losses, nonfinite = unchunked((losses, nonfinite), rows // rows_per_unit)
     y_pred = unchunked(y_pred, rows)

@@ -9,7 +9,10 @@ class GradientSpace:
     returning another space (`keras_dp.LowRankSparse` does: low-rank
     carriers). A space maps each variable's per-example gradient to a list
     of parts (`project`), maps summed parts back (`reconstruct`, linear), and
-    tells the optimizer how to draw noise in the parts (`noise_spaces`).
+    tells the optimizer how to draw noise in the parts (`noise_spaces`). The
+    fast path computes a kernel's parts from its layer's activations
+    instead, where the space gives the kernel a carrier
+    (`kernel_carriers`).
     """
 
     def __init__(self, trainable_variables):
@@ -26,6 +29,12 @@ class GradientSpace:
 
     def noise_spaces(self):
         return None
+
+    def kernel_carriers(self):
+        """`{id(kernel variable): carrier}` of the kernels whose gradients
+        the fast path projects onto low-rank carriers (see
+        `keras_dp.per_example.carriers`); none in this space."""
+        return {}
 
 
 def gradient_space(model, non_trainable):

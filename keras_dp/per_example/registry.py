@@ -210,10 +210,23 @@ class RuleContext:
             registered with `units="context"` returns each unit's squared
             norms `(U,)` and clipped sums for factors `(U,)` from the rows'
             tensors `(U * R, ...)` (`unit_positions`, `unit_sums`).
+        carriers: the step's low-rank carriers (`keras_dp.LowRankSparse`;
+            a `keras_dp.per_example.carriers.KernelCarriers`), or None. A
+            rule for a linear layer gets its kernel's terms through
+            `keras_dp.per_example.carriers.kernel_terms`, which projects
+            where the kernel has carriers (`carrier_of`).
     """
 
     def __init__(
-        self, layer, variables, backend_ops, rows_hint, saved, values, rows_per_unit=1
+        self,
+        layer,
+        variables,
+        backend_ops,
+        rows_hint,
+        saved,
+        values,
+        rows_per_unit=1,
+        carriers=None,
     ):
         self.layer = layer
         self.variables = list(variables)
@@ -221,7 +234,12 @@ class RuleContext:
         self.rows_hint = rows_hint
         self.saved = saved
         self.rows_per_unit = rows_per_unit
+        self.carriers = carriers
         self._values = values
+
+    def carrier_of(self, variable):
+        """The low-rank carrier of `variable` in this step, or None."""
+        return None if self.carriers is None else self.carriers.of(variable)
 
     def value_of(self, variable, *default):
         """The value of the model's `variable` (trainable or not) in this
