@@ -49,10 +49,9 @@ from keras_dp.poisson_batches import PADDING_STDDEVS  # noqa: F401 (public)
 from keras_dp.poisson_batches import PoissonBatches
 from keras_dp.poisson_batches import lists_as_tuples
 from keras_dp.poisson_batches import num_examples  # noqa: F401 (public)
-from keras_dp.poisson_batches import padded_batch_size
+from keras_dp.poisson_batches import padded_batch_size  # noqa: F401 (public)
 from keras_dp.poisson_batches import padding
 from keras_dp.poisson_batches import poisson_sample  # noqa: F401 (public)
-from keras_dp.poisson_batches import round_up
 from keras_dp.poisson_batches import sample_weights
 from keras_dp.poisson_batches import take_padded
 from keras_dp.user_sampling import UserSampler  # noqa: F401 (public)
@@ -105,6 +104,18 @@ class PoissonSampler(PoissonBatches):
         use_multiprocessing: as for `keras.utils.PyDataset`: processes
             instead of threads (not with `secure_mode`).
         max_queue_size: as for `keras.utils.PyDataset`.
+        process_index, process_count: training across processes (JAX
+            multi-process): this process's index and the number of
+            processes. None (the default) reads them from
+            `jax.distributed` (1 process without it). Every process is
+            given the same data (an example source or memmaps: only the
+            sampled rows are read) and the same arguments; each draws the
+            logical batch of the whole data set from the shared seed and
+            yields the sampled examples of its shard, the rows
+            `[k * n // P, (k + 1) * n // P)` of process `k` of `P`, so the
+            union of the processes' batches is one Poisson sample at rate
+            `q`. All processes pad their part to the same number of rows.
+            With seed=None the seed of process 0 is shared.
 
     Each item is `(x, y, sample_weight)` with `padded_batch_size` rows; rows
     beyond the sampled examples are zeros with sample weight 0 (copies of
@@ -127,6 +138,8 @@ class PoissonSampler(PoissonBatches):
         workers=1,
         use_multiprocessing=False,
         max_queue_size=10,
+        process_index=None,
+        process_count=None,
     ):
         super().__init__(
             seed=seed,
@@ -134,6 +147,8 @@ class PoissonSampler(PoissonBatches):
             workers=workers,
             use_multiprocessing=use_multiprocessing,
             max_queue_size=max_queue_size,
+            process_index=process_index,
+            process_count=process_count,
         )
         if source is not None:
             if x is not None or y is not None or sample_weight is not None:
@@ -161,7 +176,6 @@ class PoissonSampler(PoissonBatches):
             "batch_size",
             "n",
         )
-        self.padded_size = padded_batch_size(self.batch_size, self.batch_size / self.n)
 
     # The arrays of an array-backed sampler (None for a source).
     x = property(lambda self: getattr(self.examples, "x", None))
@@ -170,7 +184,7 @@ class PoissonSampler(PoissonBatches):
 
     def __getitem__(self, index):
         chosen = self.part_units(index)
-        rows = max(self.padded_size, round_up(len(chosen), 8))
+        rows = self.padded_units(index)
         bx, by, bw = self.examples.padded(chosen, rows)
         return lists_as_tuples(bx), lists_as_tuples(by), bw
 
