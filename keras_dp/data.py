@@ -183,8 +183,7 @@ class PoissonSampler(PoissonBatches):
     sample_weight = property(lambda self: getattr(self.examples, "sample_weight", None))
 
     def __getitem__(self, index):
-        chosen = self.part_units(index)
-        rows = self.padded_units(index)
+        chosen, rows = self.padded_part(index)
         bx, by, bw = self.examples.padded(chosen, rows)
         return lists_as_tuples(bx), lists_as_tuples(by), bw
 

@@ -230,19 +230,19 @@ class PoissonBatches(keras.utils.PyDataset):
         """The sampled unit indices of batch `index` (one accumulation part
         of its update's logical batch) that this process reads: those of
         its shard (all of them in one process)."""
-        return self._parts(index)[0]
+        return self.padded_part(index)[0]
 
     def padded_units(self, index):
-        """Units of padded batch `index`: `padded_size`, or more for a
-        larger draw, the same on every process (their parts assemble into
-        one global batch, so they must have one shape)."""
-        return max(self.padded_size, round_up(int(self._parts(index)[1]), 8))
+        """Units of padded batch `index` (see `padded_part`)."""
+        return self.padded_part(index)[1]
 
-    def _parts(self, index):
-        """This process's part of batch `index`, and the size of the
-        largest part of any process. Every process draws the whole logical
-        batch (one seed), so it knows the size of every other part
-        without asking."""
+    def padded_part(self, index):
+        """`(units, padded)`: this process's sampled unit indices of batch
+        `index`, and the units its padded batch has: `padded_size`, or
+        more where a larger draw needs it on any process. Every process
+        pads to the same size (their parts assemble into one global batch
+        of one shape); each draws the whole logical batch from the one
+        seed, so it knows the size of every other part without asking."""
         update, part = divmod(index, self.accumulation_steps)
         logical = self._logical_batch(update)
         owner = np.searchsorted(self._bounds, logical, side="right") - 1
@@ -250,8 +250,8 @@ class PoissonBatches(keras.utils.PyDataset):
         counts = np.bincount(owner, minlength=self.process_count)
         # np.array_split's part sizes: the first `c % k` parts get one more.
         k = self.accumulation_steps
-        sizes = counts // k + (part < counts % k)
-        return np.array_split(own, k)[part], sizes.max(initial=0)
+        largest = int((counts // k + (part < counts % k)).max(initial=0))
+        return np.array_split(own, k)[part], max(self.padded_size, round_up(largest, 8))
 
     def _logical_batch(self, update):
         if not self.secure_mode:

@@ -148,16 +148,18 @@ class UserSampler(PoissonBatches):
         return self.max_examples_per_user
 
     def __getitem__(self, index):
-        users = self.part_units(index)
+        users, padded_users = self.padded_part(index)
         if self.secure_mode:
             rng = np.random.Generator(np.random.Philox(key=secrets.randbits(128)))
         else:
             # A stream apart from the users' sampling (`[seed, epoch,
-            # update]`): the examples taken of each user.
-            rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+            # update]`): the examples taken of each user; across processes
+            # one of each process's own, so their choices are independent.
+            shard = [self.process_index] if self.process_count > 1 else []
+            rng = np.random.default_rng([self.seed, self.epoch, index, 1, *shard])
         examples, positions = self.user_rows(users, rng)
         M = self.max_examples_per_user
-        rows = self.padded_units(index) * M
+        rows = padded_users * M
         bx, by, bw = (
             take_padded(a, examples, rows, positions)
             for a in (self.x, self.y, self.sample_weight)

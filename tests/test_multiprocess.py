@@ -287,3 +287,38 @@ def test_sharding_errors_say_what_to_do():
     optimizer = keras_dp.DPSGD(learning_rate=0.1, noise_multiplier=1.0)
     with pytest.raises(ValueError, match="keras.distribution.initialize"):
         fit_data.check_processes(optimizer, sampler)
+
+
+def test_user_sampler_shards_users():
+    """UserSampler: each process takes the sampled users of its block of
+    users, whole (all their rows on one process); the union is the
+    one-process sample, and the padded rows agree."""
+    rng = np.random.default_rng(0)
+    user_ids = rng.integers(0, 60, size=300)
+    x = np.arange(300, dtype="float32")[:, None]
+
+    def sampler(**kwargs):
+        return keras_dp.data.UserSampler(
+            x,
+            x,
+            user_ids,
+            users_per_batch=6,
+            max_examples_per_user=4,
+            steps_per_epoch=20,
+            seed=3,
+            **kwargs,
+        )
+
+    whole = sampler()
+    shards = [sampler(process_index=k, process_count=2) for k in range(2)]
+    for step in range(20):
+        parts = [s.part_units(step) for s in shards]
+        assert np.all(parts[0] < 30) and np.all(parts[1] >= 30)
+        np.testing.assert_array_equal(
+            np.sort(np.concatenate(parts)), np.sort(whole.part_units(step))
+        )
+        batches = [s[step] for s in shards]
+        assert batches[0][0].shape == batches[1][0].shape
+        for (bx, _, bw), part in zip(batches, parts):
+            users = {int(user_ids[int(v)]) for v in bx[bw > 0, 0]}
+            assert users <= {int(u) for u in np.unique(user_ids)[part]}
