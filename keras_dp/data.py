@@ -29,6 +29,15 @@ sampler = keras_dp.data.PoissonSampler(source=ImageFiles(paths), batch_size=256)
 model.fit(sampler, epochs=3)
 ```
 
+Across JAX processes (`jax.distributed`), every process builds the same
+sampler on the same data; each yields its shard of one Poisson batch
+(`process_index`, `process_count`; docs/large-data.md):
+
+```python
+keras.distribution.initialize()
+sampler = keras_dp.data.PoissonSampler(x, y, batch_size=4096)  # this process's shard
+```
+
 For user-level privacy (one person's many examples protected together),
 `UserSampler` samples users instead of examples
 (`keras_dp.user_sampling`, docs/user-level-dp.md):
@@ -104,10 +113,12 @@ class PoissonSampler(PoissonBatches):
         use_multiprocessing: as for `keras.utils.PyDataset`: processes
             instead of threads (not with `secure_mode`).
         max_queue_size: as for `keras.utils.PyDataset`.
-        process_index, process_count: training across processes (JAX
-            multi-process): this process's index and the number of
-            processes. None (the default) reads them from
-            `jax.distributed` (1 process without it). Every process is
+        process_index: training across processes (JAX multi-process):
+            this process's index, from 0 to `process_count - 1`. None
+            (the default, with `process_count=None`) reads it from
+            `jax.distributed` (0 without it).
+        process_count: the number of processes (None: from
+            `jax.distributed`, 1 without it). Every process is
             given the same data (an example source or memmaps: only the
             sampled rows are read) and the same arguments; each draws the
             logical batch of the whole data set from the shared seed and

@@ -66,10 +66,11 @@ class UserSampler(PoissonBatches):
         use_multiprocessing: as for `keras.utils.PyDataset` (not with
             `secure_mode`).
         max_queue_size: as for `keras.utils.PyDataset`.
-        process_index, process_count: as for `PoissonSampler`: training
-            across processes, each reading the sampled users of its shard
-            (a contiguous block of the users, in the order of their
-            sorted ids).
+        process_index: as for `PoissonSampler`: training across
+            processes, each reading the sampled users of its shard (a
+            contiguous block of the users, in the order of their sorted
+            ids).
+        process_count: as for `PoissonSampler`.
 
     Each item is `(x, y, sample_weight)`: user j of the batch has rows
     `j * M` to `j * M + M - 1`, their real examples first, then padding;
