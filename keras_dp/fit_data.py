@@ -248,6 +248,26 @@ def check_processes(optimizer, x):
         )
 
 
+def check_replicas(model):
+    """Refuses a TensorFlow `tf.distribute` strategy of several replicas
+    (`MirroredStrategy`): each replica would add the whole noise to its
+    part of the sum, and clip its examples' gradients after Keras has
+    scaled their loss by one over the number of replicas."""
+    strategy = getattr(model, "distribute_strategy", None)
+    replicas = getattr(strategy, "num_replicas_in_sync", 1)
+    if replicas > 1:
+        raise ValueError(
+            f"This model trains under a tf.distribute strategy of {replicas} "
+            f"replicas ({type(strategy).__name__}), which keras_dp does not "
+            f"support: every replica would add the DP noise ({replicas} times "
+            "the intended standard deviation in all) and clip its examples' "
+            f"gradients after Keras scaled their loss by 1/{replicas}. Train "
+            "without the strategy, or on the JAX backend with "
+            "keras.distribution.DataParallel (over the devices of one process "
+            "or of several: README, 'Training at scale')."
+        )
+
+
 @contextlib.contextmanager
 def sampler_shards(x):
     """While training across processes on a keras_dp sampler (or a

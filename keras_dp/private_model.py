@@ -369,6 +369,7 @@ def _private_fit(fit):
     ):
         settings = model._keras_dp
         checks.check_dp_optimizer(model)
+        fit_data.check_replicas(model)
         _check_augmentation_restored(model)
         optimizer = model.optimizer
         fit_data.check_whole_windows_done(optimizer)
@@ -557,6 +558,7 @@ def _private_train_on_batch(train_on_batch):
     ):
         settings = model._keras_dp
         checks.check_dp_optimizer(model)
+        fit_data.check_replicas(model)
         _check_augmentation_restored(model)
         optimizer = model.optimizer
         if optimizer.noise_multiplier is None:

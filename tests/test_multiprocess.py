@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import keras
 import numpy as np
@@ -322,3 +323,15 @@ def test_user_sampler_shards_users():
         for (bx, _, bw), part in zip(batches, parts):
             users = {int(user_ids[int(v)]) for v in bx[bw > 0, 0]}
             assert users <= {int(u) for u in np.unique(user_ids)[part]}
+
+
+def test_tf_distribute_strategy_of_several_replicas_is_refused():
+    """A model built under a `tf.distribute` strategy of two replicas
+    (what Keras's TensorFlow models report as `distribute_strategy`) is
+    refused before training; one replica trains as without a strategy."""
+    two = types.SimpleNamespace(num_replicas_in_sync=2)
+    with pytest.raises(ValueError, match="keras.distribution.DataParallel"):
+        fit_data.check_replicas(types.SimpleNamespace(distribute_strategy=two))
+    one = types.SimpleNamespace(num_replicas_in_sync=1)
+    fit_data.check_replicas(types.SimpleNamespace(distribute_strategy=one))
+    fit_data.check_replicas(object())
