@@ -126,7 +126,10 @@ class PoissonSampler(PoissonBatches):
             `[k * n // P, (k + 1) * n // P)` of process `k` of `P`, so the
             union of the processes' batches is one Poisson sample at rate
             `q`. All processes pad their part to the same number of rows.
-            With seed=None the seed of process 0 is shared.
+            With seed=None the seed of process 0 is shared. Every
+            process must build the sampler at the same point of its
+            script: the processes exchange the seed and check that their
+            arguments agree.
 
     Each item is `(x, y, sample_weight)` with `padded_batch_size` rows; rows
     beyond the sampled examples are zeros with sample weight 0 (copies of

@@ -37,7 +37,9 @@ def _jax():
         return None
     import jax
 
-    if not jax.distributed.is_initialized():
+    # Older JAX has no `is_initialized`: ask for the count itself.
+    initialized = getattr(jax.distributed, "is_initialized", None)
+    if initialized is not None and not initialized():
         return None
     return jax
 
