@@ -50,29 +50,41 @@ def processes(tmp_path_factory):
     env["KERAS_BACKEND"] = "jax"
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     port = str(free_port())
-    started = [
-        subprocess.Popen(
-            [sys.executable, WORKER, str(k), port, str(out)],
-            env=env,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for k in range(2)
-    ]
-    deadline = time.monotonic() + 300
-    logs = []
+    logs = [out / f"log_{k}.txt" for k in range(2)]
+    started = []
+    for k, log in enumerate(logs):
+        with open(log, "w") as f:
+            started.append(
+                subprocess.Popen(
+                    [sys.executable, WORKER, str(k), port, str(out)],
+                    env=env,
+                    cwd=ROOT,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    # A process that fails leaves the other waiting in a collective: stop
+    # it at once rather than at the deadline.
+    deadline = time.monotonic() + 240
     try:
-        for process in started:
-            logs.append(process.communicate(timeout=deadline - time.monotonic())[0])
+        while time.monotonic() < deadline:
+            codes = [process.poll() for process in started]
+            if all(code is not None for code in codes) or any(codes):
+                break
+            time.sleep(0.2)
     finally:
         for process in started:
             if process.poll() is None:
                 process.kill()
-                process.wait()
-    for k, (process, log) in enumerate(zip(started, logs)):
-        assert process.returncode == 0 and "OK" in log, f"process {k}:\n{log[-6000:]}"
+            process.wait()
+    texts = [log.read_text() for log in logs]
+    if not all(p.returncode == 0 and "OK" in t for p, t in zip(started, texts)):
+        pytest.fail(
+            "\n".join(
+                f"process {k} (exit code {p.returncode}):\n{t[-4000:]}"
+                for k, (p, t) in enumerate(zip(started, texts))
+            )
+        )
     results = []
     for k in range(2):
         with open(out / f"process_{k}.json") as f:
