@@ -232,8 +232,8 @@ def test_shards_union_is_one_poisson_sample():
     seed, and they have one number of rows, also where a draw outgrows
     the padding (forced here by a small `padded_size`). Over 600 updates
     each shard's inclusion rate is q = 0.05: the count of a shard is
-    Binomial(600 * 333, 0.05), standard deviation 0.5% of its mean;
-    tolerance 3%."""
+    Binomial(600 * 333, 0.05), standard deviation 1% of its mean;
+    tolerance 4% (four standard deviations)."""
     n, q, updates_count = 1000, 0.05, 600
     samplers = sharded(
         3, n=n, batch_size=int(q * n), steps_per_epoch=updates_count, seed=5
@@ -263,7 +263,7 @@ def test_shards_union_is_one_poisson_sample():
     assert grew > updates_count // 2
     sizes = np.diff([k * n // 3 for k in range(4)])
     rates = counts / (updates_count * sizes)
-    np.testing.assert_allclose(rates, q, rtol=0.03)
+    np.testing.assert_allclose(rates, q, rtol=0.04)
 
 
 def test_sharded_gradient_accumulation_parts_agree():
