@@ -29,6 +29,15 @@ sampler = keras_dp.data.PoissonSampler(source=ImageFiles(paths), batch_size=256)
 model.fit(sampler, epochs=3)
 ```
 
+Across JAX processes (`jax.distributed`), every process builds the same
+sampler on the same data; each yields its shard of one Poisson batch
+(`process_index`, `process_count`; docs/large-data.md):
+
+```python
+keras.distribution.initialize()
+sampler = keras_dp.data.PoissonSampler(x, y, batch_size=4096)  # this process's shard
+```
+
 For user-level privacy (one person's many examples protected together),
 `UserSampler` samples users instead of examples
 (`keras_dp.user_sampling`, docs/user-level-dp.md):
@@ -49,10 +58,9 @@ from keras_dp.poisson_batches import PADDING_STDDEVS  # noqa: F401 (public)
 from keras_dp.poisson_batches import PoissonBatches
 from keras_dp.poisson_batches import lists_as_tuples
 from keras_dp.poisson_batches import num_examples  # noqa: F401 (public)
-from keras_dp.poisson_batches import padded_batch_size
+from keras_dp.poisson_batches import padded_batch_size  # noqa: F401 (public)
 from keras_dp.poisson_batches import padding
 from keras_dp.poisson_batches import poisson_sample  # noqa: F401 (public)
-from keras_dp.poisson_batches import round_up
 from keras_dp.poisson_batches import sample_weights
 from keras_dp.poisson_batches import take_padded
 from keras_dp.user_sampling import UserSampler  # noqa: F401 (public)
@@ -105,6 +113,23 @@ class PoissonSampler(PoissonBatches):
         use_multiprocessing: as for `keras.utils.PyDataset`: processes
             instead of threads (not with `secure_mode`).
         max_queue_size: as for `keras.utils.PyDataset`.
+        process_index: training across processes (JAX multi-process):
+            this process's index, from 0 to `process_count - 1`. None
+            (the default, with `process_count=None`) reads it from
+            `jax.distributed` (0 without it).
+        process_count: the number of processes (None: from
+            `jax.distributed`, 1 without it). Every process is
+            given the same data (an example source or memmaps: only the
+            sampled rows are read) and the same arguments; each draws the
+            logical batch of the whole data set from the shared seed and
+            yields the sampled examples of its shard, the rows
+            `[k * n // P, (k + 1) * n // P)` of process `k` of `P`, so the
+            union of the processes' batches is one Poisson sample at rate
+            `q`. All processes pad their part to the same number of rows.
+            With seed=None the seed of process 0 is shared. Every
+            process must build the sampler at the same point of its
+            script: the processes exchange the seed and check that their
+            arguments agree.
 
     Each item is `(x, y, sample_weight)` with `padded_batch_size` rows; rows
     beyond the sampled examples are zeros with sample weight 0 (copies of
@@ -127,6 +152,8 @@ class PoissonSampler(PoissonBatches):
         workers=1,
         use_multiprocessing=False,
         max_queue_size=10,
+        process_index=None,
+        process_count=None,
     ):
         super().__init__(
             seed=seed,
@@ -134,6 +161,8 @@ class PoissonSampler(PoissonBatches):
             workers=workers,
             use_multiprocessing=use_multiprocessing,
             max_queue_size=max_queue_size,
+            process_index=process_index,
+            process_count=process_count,
         )
         if source is not None:
             if x is not None or y is not None or sample_weight is not None:
@@ -161,7 +190,6 @@ class PoissonSampler(PoissonBatches):
             "batch_size",
             "n",
         )
-        self.padded_size = padded_batch_size(self.batch_size, self.batch_size / self.n)
 
     # The arrays of an array-backed sampler (None for a source).
     x = property(lambda self: getattr(self.examples, "x", None))
@@ -169,8 +197,7 @@ class PoissonSampler(PoissonBatches):
     sample_weight = property(lambda self: getattr(self.examples, "sample_weight", None))
 
     def __getitem__(self, index):
-        chosen = self.part_units(index)
-        rows = max(self.padded_size, round_up(len(chosen), 8))
+        chosen, rows = self.padded_part(index)
         bx, by, bw = self.examples.padded(chosen, rows)
         return lists_as_tuples(bx), lists_as_tuples(by), bw
 

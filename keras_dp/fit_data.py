@@ -28,6 +28,7 @@ plan.sample_rate, plan.n, plan.updates_per_epoch
 ```
 """
 
+import contextlib
 import math
 import types
 
@@ -37,6 +38,7 @@ from keras import tree
 
 from keras_dp import data as data_lib
 from keras_dp import keras_compat
+from keras_dp import processes
 from keras_dp.example_independence import CHECK_ROWS
 from keras_dp.poisson_batches import PoissonBatches
 
@@ -182,6 +184,110 @@ def check_secure_sampling(optimizer, x):
         f"batches from the operating system's entropy as well, but {why}. "
         f"{fix}, or use secure_mode=False."
     )
+
+
+def check_processes(optimizer, x):
+    """Refuses what training across processes (`jax.distributed`) cannot
+    do: each process must read its own shard of one Poisson batch, and all
+    must add the same noise once."""
+    count = processes.count()
+    sampler = poisson_sampler_of(x)
+    if count == 1:
+        if sampler is not None and sampler.process_count > 1:
+            raise ValueError(
+                f"This {_sampler_name(sampler)} reads shard "
+                f"{sampler.process_index} of {sampler.process_count} "
+                "processes, but fit runs in one process (jax.distributed is "
+                "not initialized), so each update would see only that shard's "
+                "part of the batch. Call keras.distribution.initialize(...) "
+                "in every process first, or build the sampler without "
+                "process_index and process_count."
+            )
+        return
+    where = (
+        f"Training across {count} processes (jax.distributed, this is "
+        f"process {processes.index()})"
+    )
+    if keras.distribution.distribution() is None:
+        raise ValueError(
+            f"{where} needs a distribution over the devices of all "
+            "processes, so that every step is one program over the global "
+            "batch: call keras.distribution.set_distribution("
+            "keras.distribution.DataParallel()) before building the model."
+        )
+    if optimizer.secure_mode:
+        raise ValueError(
+            f"{where} cannot use secure_mode=True: each process would key "
+            "the noise with its own operating-system entropy and the "
+            "processes would add different noise. Use secure_mode=False."
+        )
+    generator = getattr(optimizer, "_noise_seed_generator", None)
+    if generator is not None and generator.process_count != count:
+        raise ValueError(
+            f"{where}, but the optimizer {optimizer.name!r} was built before "
+            "jax.distributed was initialized, so its noise key was not "
+            "shared between the processes. Call keras.distribution."
+            "initialize(...) first, then build the model and optimizer."
+        )
+    if sampler is None:
+        raise ValueError(
+            f"{where} needs Poisson-sampled data that each process shards: "
+            "in-memory arrays (fit builds the sampler), or a "
+            "keras_dp.data.PoissonSampler or UserSampler. Fixed-size "
+            "batches (poisson_sampling=False, a PyDataset, a tf.data "
+            "pipeline of batches, a generator) are not sharded by keras_dp, "
+            "and every process could feed the same examples into one step."
+        )
+    if (sampler.process_index, sampler.process_count) != (processes.index(), count):
+        raise ValueError(
+            f"{where}, but the {_sampler_name(sampler)} reads shard "
+            f"{sampler.process_index} of {sampler.process_count}. Build it "
+            "without process_index and process_count (they are read from "
+            "jax.distributed), or with this process's index and "
+            f"process_count={count}."
+        )
+
+
+def check_replicas(model):
+    """Refuses a TensorFlow `tf.distribute` strategy of several replicas
+    (`MirroredStrategy`): each replica would add the whole noise to its
+    part of the sum, and clip its examples' gradients after Keras has
+    scaled their loss by one over the number of replicas."""
+    strategy = getattr(model, "distribute_strategy", None)
+    replicas = getattr(strategy, "num_replicas_in_sync", 1)
+    if replicas > 1:
+        raise ValueError(
+            f"This model trains under a tf.distribute strategy of {replicas} "
+            f"replicas ({type(strategy).__name__}), which keras_dp does not "
+            f"support: every replica would add the DP noise ({replicas} times "
+            "the intended standard deviation in all) and clip its examples' "
+            f"gradients after Keras scaled their loss by 1/{replicas}. Train "
+            "without the strategy, or on the JAX backend with "
+            "keras.distribution.DataParallel (over the devices of one process "
+            "or of several: README, 'Training at scale')."
+        )
+
+
+@contextlib.contextmanager
+def sampler_shards(x):
+    """While training across processes on a keras_dp sampler (or a
+    `tf.data` pipeline on one), turns off the distribution's
+    `auto_shard_dataset`: each process's sampler already yields its own
+    shard, which Keras must take as it is (it would shard a `tf.data`
+    pipeline again, and refuses to shard other data)."""
+    distribution = keras.distribution.distribution()
+    if (
+        processes.count() == 1
+        or poisson_sampler_of(x) is None
+        or not getattr(distribution, "auto_shard_dataset", False)
+    ):
+        yield
+        return
+    distribution.auto_shard_dataset = False
+    try:
+        yield
+    finally:
+        distribution.auto_shard_dataset = True
 
 
 def fixed_batch_plan(

@@ -31,6 +31,7 @@ from keras import ops
 
 from keras_dp import arguments
 from keras_dp import backend as backend_lib
+from keras_dp import processes
 from keras_dp import secure_noise
 
 
@@ -42,8 +43,10 @@ class NoiseSeedGenerator(keras.random.SeedGenerator):
     at `[0, 0]` and two 31-bit words from the operating system's entropy
     are added to every key it hands out; they live in this object only, so
     neither `keras.utils.set_random_seed` nor a saved model reveals the
-    noise. With an integer seed there is no secret: the noise is the
-    reproducible stream of `keras.random.SeedGenerator(seed)`.
+    noise. Under `jax.distributed` every process holds process 0's words,
+    so that all draw the same noise. With an integer seed there is no
+    secret: the noise is the reproducible stream of
+    `keras.random.SeedGenerator(seed)`.
 
     In secure mode (`secure=True`) the keys come from fresh
     operating-system entropy at every draw (the backend's secure
@@ -53,10 +56,13 @@ class NoiseSeedGenerator(keras.random.SeedGenerator):
     def __init__(self, seed=None, name=None, secure=False):
         super().__init__(0 if seed is None else seed, name=name)
         self._fixed_seed = seed
+        # Across processes, each computes the noise of the whole batch
+        # from this key: one draw only if all hold process 0's secret.
+        self.process_count = processes.count()
         self._secret = (
             None
             if seed is not None or secure
-            else (secrets.randbits(31), secrets.randbits(31))
+            else processes.broadcast((secrets.randbits(31), secrets.randbits(31)))
         )
 
     def next(self, ordered=True):
@@ -91,7 +97,7 @@ class NoiseSeedGenerator(keras.random.SeedGenerator):
         """
         state = np.array(ops.convert_to_numpy(self.state.value), dtype="int64")
         if self._secret is not None:
-            state[0] = (state[0] + secrets.randbits(31)) % 2**31
+            state[0] = (state[0] + processes.broadcast(secrets.randbits(31))) % 2**31
             self.state.assign(ops.cast(state, self.state.dtype))
         elif self._fixed_seed is not None and state[1] > 0:
             warnings.warn(

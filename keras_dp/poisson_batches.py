@@ -31,6 +31,7 @@ import numpy as np
 from keras import tree
 
 from keras_dp import arguments
+from keras_dp import processes
 
 # Padded rows = expected batch + this many standard deviations of the
 # Binomial batch size. A larger batch (probability ~1e-3 per step) is padded
@@ -82,6 +83,8 @@ class PoissonBatches(keras.utils.PyDataset):
         workers=1,
         use_multiprocessing=False,
         max_queue_size=10,
+        process_index=None,
+        process_count=None,
     ):
         super().__init__(
             workers=workers,
@@ -104,17 +107,58 @@ class PoissonBatches(keras.utils.PyDataset):
                 "processes cannot share. Use threads (`workers` with "
                 "use_multiprocessing=False), or secure_mode=False."
             )
-        self.seed = (
-            None
-            if secure_mode
-            else (secrets.randbits(63) if seed is None else int(seed))
-        )
+        self._set_processes(process_index, process_count)
+        if seed is None and not secure_mode:
+            if self.process_count > processes.count():
+                raise ValueError(
+                    f"This sampler is shard {self.process_index} of "
+                    f"{self.process_count} processes, which must all draw "
+                    "the same batches (each keeps its own shard's units), "
+                    "but seed=None draws a seed of its own in each process "
+                    "and jax.distributed is not running to share one. Pass "
+                    "the same seed=... on every process."
+                )
+            # One seed for all processes: process 0's.
+            seed = processes.broadcast(secrets.randbits(63))
+        self.seed = None if secure_mode else int(seed)
         # Secure mode: the current logical batch, kept until all its
         # accumulation parts are read (each part must come from one draw,
         # also when worker threads read parts at once).
         self._secure_batch = None
         self._secure_lock = threading.Lock()
         self.epoch = 0
+
+    def _set_processes(self, process_index, process_count):
+        if (process_index is None) != (process_count is None):
+            raise ValueError(
+                "Pass both `process_index` and `process_count` (this "
+                "process's shard and the number of processes), or neither "
+                "(they are then read from jax.distributed). Received: "
+                f"process_index={process_index!r}, "
+                f"process_count={process_count!r}."
+            )
+        if process_count is None:
+            process_index, process_count = processes.index(), processes.count()
+        self.process_count = arguments.positive_int(
+            "process_count", process_count, hint="the number of processes"
+        )
+        self.process_index = arguments.integer(
+            "process_index",
+            process_index,
+            low=0,
+            high=self.process_count - 1,
+            hint="this process's index: processes are numbered from 0 to "
+            "process_count - 1",
+        )
+        if self.secure_mode and self.process_count > 1:
+            raise ValueError(
+                "`secure_mode=True` draws every batch from this process's "
+                "own operating-system entropy, which the other processes "
+                f"cannot share, and the {self.process_count} processes must "
+                "agree on the size of every batch. Training across processes "
+                "needs secure_mode=False (with the same seed, or seed=None "
+                "under jax.distributed)."
+            )
 
     def _set_rate(
         self, n, batch_size, steps_per_epoch, accumulation_steps, size_name, n_name
@@ -145,6 +189,25 @@ class PoissonBatches(keras.utils.PyDataset):
             )
         self.sample_rate = logical / n
         self.updates_per_epoch = steps_per_epoch or math.ceil(n / logical)
+        # Each process pads its part to the rows of its expected share.
+        self.padded_size = padded_batch_size(
+            self.batch_size / self.process_count, self.batch_size / n
+        )
+        # Process k reads the units of the block [bounds[k], bounds[k+1]).
+        self._bounds = np.array(
+            [k * n // self.process_count for k in range(self.process_count + 1)]
+        )
+        processes.check_same(
+            {
+                "n": n,
+                size_name: self.batch_size,
+                "steps_per_epoch": self.updates_per_epoch,
+                "accumulation_steps": self.accumulation_steps,
+                "process_count": self.process_count,
+                "seed": -1 if self.seed is None else self.seed,
+            },
+            f"The {type(self).__name__}",
+        )
 
     @property
     def expected_batch_size(self):
@@ -165,10 +228,30 @@ class PoissonBatches(keras.utils.PyDataset):
 
     def part_units(self, index):
         """The sampled unit indices of batch `index` (one accumulation part
-        of its update's logical batch)."""
+        of its update's logical batch) that this process reads: those of
+        its shard (all of them in one process)."""
+        return self.padded_part(index)[0]
+
+    def padded_units(self, index):
+        """Units of padded batch `index` (see `padded_part`)."""
+        return self.padded_part(index)[1]
+
+    def padded_part(self, index):
+        """`(units, padded)`: this process's sampled unit indices of batch
+        `index`, and the units its padded batch has: `padded_size`, or
+        more where a larger draw needs it on any process. Every process
+        pads to the same size (their parts assemble into one global batch
+        of one shape); each draws the whole logical batch from the one
+        seed, so it knows the size of every other part without asking."""
         update, part = divmod(index, self.accumulation_steps)
         logical = self._logical_batch(update)
-        return np.array_split(logical, self.accumulation_steps)[part]
+        owner = np.searchsorted(self._bounds, logical, side="right") - 1
+        own = logical[owner == self.process_index]
+        counts = np.bincount(owner, minlength=self.process_count)
+        # np.array_split's part sizes: the first `c % k` parts get one more.
+        k = self.accumulation_steps
+        largest = int((counts // k + (part < counts % k)).max(initial=0))
+        return np.array_split(own, k)[part], max(self.padded_size, round_up(largest, 8))
 
     def _logical_batch(self, update):
         if not self.secure_mode:

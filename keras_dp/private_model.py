@@ -369,6 +369,7 @@ def _private_fit(fit):
     ):
         settings = model._keras_dp
         checks.check_dp_optimizer(model)
+        fit_data.check_replicas(model)
         _check_augmentation_restored(model)
         optimizer = model.optimizer
         fit_data.check_whole_windows_done(optimizer)
@@ -402,6 +403,7 @@ def _private_fit(fit):
             )
             y = sample_weight = batch_size = steps_per_epoch = None
         fit_data.check_secure_sampling(optimizer, x)
+        fit_data.check_processes(optimizer, x)
         sampler = fit_data.poisson_sampler_of(x)
         rows_per_user = None
         if isinstance(sampler, data_lib.UserSampler):
@@ -463,23 +465,24 @@ def _private_fit(fit):
         settings.rows_per_user = rows_per_user
         settings.batch_size_hint = _rows_per_batch(x, batch_size)
         try:
-            return fit(
-                model,
-                x=x,
-                y=y,
-                batch_size=batch_size,
-                epochs=epochs,
-                verbose=verbose,
-                callbacks=callbacks,
-                validation_split=validation_split,
-                validation_data=validation_data,
-                shuffle=shuffle,
-                class_weight=class_weight,
-                sample_weight=sample_weight,
-                initial_epoch=initial_epoch,
-                steps_per_epoch=steps_per_epoch,
-                **kwargs,
-            )
+            with fit_data.sampler_shards(x):
+                return fit(
+                    model,
+                    x=x,
+                    y=y,
+                    batch_size=batch_size,
+                    epochs=epochs,
+                    verbose=verbose,
+                    callbacks=callbacks,
+                    validation_split=validation_split,
+                    validation_data=validation_data,
+                    shuffle=shuffle,
+                    class_weight=class_weight,
+                    sample_weight=sample_weight,
+                    initial_epoch=initial_epoch,
+                    steps_per_epoch=steps_per_epoch,
+                    **kwargs,
+                )
         finally:
             # `train_on_batch` divides by each batch's own size, and its
             # rows are examples.
@@ -555,6 +558,7 @@ def _private_train_on_batch(train_on_batch):
     ):
         settings = model._keras_dp
         checks.check_dp_optimizer(model)
+        fit_data.check_replicas(model)
         _check_augmentation_restored(model)
         optimizer = model.optimizer
         if optimizer.noise_multiplier is None:

@@ -30,8 +30,6 @@ from keras_dp import arguments
 from keras_dp.poisson_batches import PoissonBatches
 from keras_dp.poisson_batches import lists_as_tuples
 from keras_dp.poisson_batches import num_examples
-from keras_dp.poisson_batches import padded_batch_size
-from keras_dp.poisson_batches import round_up
 from keras_dp.poisson_batches import sample_weights
 from keras_dp.poisson_batches import take_padded
 
@@ -68,6 +66,11 @@ class UserSampler(PoissonBatches):
         use_multiprocessing: as for `keras.utils.PyDataset` (not with
             `secure_mode`).
         max_queue_size: as for `keras.utils.PyDataset`.
+        process_index: as for `PoissonSampler`: training across
+            processes, each reading the sampled users of its shard (a
+            contiguous block of the users, in the order of their sorted
+            ids).
+        process_count: as for `PoissonSampler`.
 
     Each item is `(x, y, sample_weight)`: user j of the batch has rows
     `j * M` to `j * M + M - 1`, their real examples first, then padding;
@@ -97,6 +100,8 @@ class UserSampler(PoissonBatches):
         workers=1,
         use_multiprocessing=False,
         max_queue_size=10,
+        process_index=None,
+        process_count=None,
     ):
         super().__init__(
             seed=seed,
@@ -104,6 +109,8 @@ class UserSampler(PoissonBatches):
             workers=workers,
             use_multiprocessing=use_multiprocessing,
             max_queue_size=max_queue_size,
+            process_index=process_index,
+            process_count=process_count,
         )
         if x is None or y is None:
             raise ValueError(
@@ -130,9 +137,6 @@ class UserSampler(PoissonBatches):
             "users_per_batch",
             "num_users",
         )
-        self.padded_size = padded_batch_size(
-            self.batch_size, self.batch_size / self.num_users
-        )
 
     @property
     def users_per_batch(self):
@@ -145,16 +149,18 @@ class UserSampler(PoissonBatches):
         return self.max_examples_per_user
 
     def __getitem__(self, index):
-        users = self.part_units(index)
+        users, padded_users = self.padded_part(index)
         if self.secure_mode:
             rng = np.random.Generator(np.random.Philox(key=secrets.randbits(128)))
         else:
             # A stream apart from the users' sampling (`[seed, epoch,
-            # update]`): the examples taken of each user.
-            rng = np.random.default_rng([self.seed, self.epoch, index, 1])
+            # update]`): the examples taken of each user; across processes
+            # one of each process's own, so their choices are independent.
+            shard = [self.process_index] if self.process_count > 1 else []
+            rng = np.random.default_rng([self.seed, self.epoch, index, 1, *shard])
         examples, positions = self.user_rows(users, rng)
         M = self.max_examples_per_user
-        rows = max(self.padded_size, round_up(len(users), 8)) * M
+        rows = padded_users * M
         bx, by, bw = (
             take_padded(a, examples, rows, positions)
             for a in (self.x, self.y, self.sample_weight)
