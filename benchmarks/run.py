@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/run.py [--backends tensorflow,jax[,torch]]
         [--models mlp,mlp1,cnn,transformer,resnet] [--batch 256] [--vmap]
-        [--poisson] [--peers DIR [--peer-venvs DIR]] [--write /tmp/results]
+        [--low-rank] [--peers DIR [--peer-venvs DIR]] [--write /tmp/results]
 
 For each backend and model, one fresh process times every mode (`plain`:
-keras SGD; `dp`: keras_dp fast path on fixed-size batches like the peers;
-optionally `dp-vmap`, the general path, and `dp-poisson`, Poisson sampling
-with padding rows) epoch by epoch in turn, and one fresh process per mode
+keras SGD; `dp-poisson`, the headline row: what `fit(x, y)` on a private
+model does by default, the fast path on Poisson-sampled batches padded to
+a fixed size; `dp`: the fast path on fixed-size batches like the peers;
+optionally `dp-vmap`, the general path, and `dp-rgp`, `dp-lsg`,
+LowRankSparse) epoch by epoch in turn, and one fresh process per mode
 measures its memory (see `step.py`). Timing protocol of the peers'
 benchmark scripts (Opacus, TF Privacy, jax_privacy; not part of this
 repository): `model.fit` on random data, a warm-up epoch, then the median
@@ -168,7 +170,6 @@ def main():
     parser.add_argument("--models", default="mlp,mlp1,cnn,transformer,resnet")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--vmap", action="store_true")
-    parser.add_argument("--poisson", action="store_true")
     parser.add_argument(
         "--low-rank",
         action="store_true",
@@ -198,9 +199,8 @@ def main():
     )
     args = parser.parse_args()
     modes = (
-        ["plain", "dp"]
+        ["plain", "dp-poisson", "dp"]
         + (["dp-vmap"] if args.vmap else [])
-        + (["dp-poisson"] if args.poisson else [])
         + (["dp-rgp", "dp-lsg"] if args.low_rank else [])
     )
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())

@@ -473,9 +473,7 @@ class NormRatioPass:
         clipping = model.optimizer.step_clipping()
         self.path = (
             "vmap"
-            if settings.per_example == "vmap"
-            or clipping.needs_vmap_path
-            or hasattr(model, "private_gradient_space")
+            if settings.per_example == "vmap" or clipping.needs_vmap_path
             else "fast"
         )
         self._function = None

@@ -133,6 +133,49 @@ def test_norm_ratios_match_brute_force_gradients(clipping, path):
     np.testing.assert_allclose(ratios, expected, rtol=2e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["fast", "vmap"])
+def test_norm_ratios_of_low_rank_sparse_are_those_of_the_carrier_gradients(path):
+    """The pass clips what the step clips: under LowRankSparse, the
+    projection of each kernel gradient onto its carriers."""
+    x, y = _data()
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(5, activation="tanh"),
+            keras.layers.Dense(3),
+        ]
+    )
+    model = keras_dp.LowRankSparse(inner, rank=2, sparsity=0.3, seed=1)
+    grads = reference.per_example_gradients(model, x, y, LOSS)
+    carriers = {
+        id(c.kernel): (c, [np.asarray(v.numpy(), "float64") for v in c.variables])
+        for c in model._carriers
+    }
+    norms = []
+    for g in grads:
+        total = 0.0
+        for var, gv in zip(model.trainable_variables, g):
+            if id(var) in carriers:
+                c, (L, R, mL, mR) = carriers[id(var)]
+                G = gv.reshape(c.p, c.d)
+                total += np.sum(((G @ R.T) * mL) ** 2) + np.sum(((L.T @ G) * mR) ** 2)
+            else:
+                total += np.sum(gv**2)
+        norms.append(np.sqrt(total))
+    norms = np.array(norms)
+    full = reference.norms_of(grads)
+    assert np.abs(norms - full).max() > 1e-3  # not the full gradients' norms
+    threshold = float(np.median(norms))
+    model = _compile(
+        keras_dp.make_private(model, per_example=path), l2_norm_clip=threshold
+    )
+    ratios = NormRatioPass(model, rows=8)(TrainingData(x, y))
+    expected = reference.flat_factors(norms, threshold) * norms / threshold
+    np.testing.assert_allclose(ratios, expected, rtol=2e-4, atol=1e-6)
+    assert NormRatioPass(model, rows=8).path == path
+
+
 def test_norm_pass_weights_examples():
     x, y = _data()
     model = _compile(_model(), l2_norm_clip=100.0)
