@@ -63,7 +63,7 @@ def parse_args():
     parser.add_argument(
         "--carriers",
         default="weights",
-        choices=("weights", "history", "random"),
+        choices=("weights", "history"),
         help="LowRankSparse carriers (LSG and RGP)",
     )
     parser.add_argument(

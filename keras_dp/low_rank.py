@@ -40,11 +40,12 @@ docs/algorithms.md, "Low-rank and sparse gradients"):
   from one power iteration with fresh public Gaussian randomness on a
   public matrix `M`: the current kernel (`"weights"`, the default), or the
   kernel's released change since the previous refresh (`"history"`, RGP's
-  historical update; the weights until there is one), or are random
-  orthonormal matrices (`"random"`).
+  historical update; the weights until there is one). Random orthonormal
+  carriers were measured too and lost on the fine-tuning benchmarks
+  (`benchmarks/FINETUNE_RESULTS.md`), so they are not offered.
 - The support keeps, in each carrier matrix, the `ceil((1 - sparsity) * size)`
   coordinates where the projection of `M` (`M R^T` for `dL`, `L^T M` for
-  `dR`; the kernel for random carriers) is largest in magnitude, chosen
+  `dR`) is largest in magnitude, chosen
   when the carriers are refreshed. Coordinates outside the support are
   exactly zero and get no noise.
 - The matrix view of a kernel is the one its layer computes with: `(inputs,
@@ -64,7 +65,7 @@ from keras import ops
 from keras_dp import arguments
 from keras_dp import keras_compat
 
-CARRIERS = ("weights", "history", "random")
+CARRIERS = ("weights", "history")
 
 _MATRIX_LAYERS = (
     keras.layers.Dense,
@@ -244,9 +245,9 @@ class LowRankSparse(keras.Model):
         seed: seed of the public randomness of the power iteration.
         carriers: where the carriers come from: "weights" (a power
             iteration on each released kernel), "history" (on the kernel's
-            released change since the previous refresh; keeps a copy of
-            each covered kernel) or "random" (random orthonormal carriers).
-            All use public information only.
+            released change since the previous refresh, RGP's choice;
+            keeps a copy of each covered kernel). Both use public
+            information only.
 
     The wrapper calls `model` unchanged; only `make_private`'s train step
     sees the difference. `noise_dimension` is the number of noised
@@ -385,23 +386,9 @@ class LowRankSparse(keras.Model):
                 ),
                 seed_dtype,
             )
-            if self.carriers == "random":
-                left, _ = ops.linalg.qr(
-                    keras.random.normal(
-                        (carrier.p, carrier.rank), seed=_FixedSeed(seed)
-                    )
-                )
-                q, _ = ops.linalg.qr(
-                    keras.random.normal(
-                        (carrier.d, carrier.rank), seed=_FixedSeed(seed + 1)
-                    )
-                )
-            else:
-                r0 = keras.random.normal(
-                    (carrier.d, carrier.rank), seed=_FixedSeed(seed)
-                )
-                left, _ = ops.linalg.qr(ops.matmul(source, r0))
-                q, _ = ops.linalg.qr(ops.matmul(ops.transpose(source), left))
+            r0 = keras.random.normal((carrier.d, carrier.rank), seed=_FixedSeed(seed))
+            left, _ = ops.linalg.qr(ops.matmul(source, r0))
+            q, _ = ops.linalg.qr(ops.matmul(ops.transpose(source), left))
             right = ops.transpose(q)
             masks = [
                 _support_mask(scores, self._support_size(scores.shape))
