@@ -526,6 +526,9 @@ def plot(results, references, epsilons, args):
     ax.axhline(0.5, linestyle="-.", color="lightgray", label="chance")
     if len(epsilons) > 1:
         ax.set_xscale("log")
+    # Only the epsilons run are labelled (the log axis' minor labels would
+    # overlap them).
+    ax.minorticks_off()
     ax.set_xticks(epsilons, [f"{e:.3g}" for e in epsilons])
     ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
