@@ -45,9 +45,8 @@ docs/algorithms.md, "Low-rank and sparse gradients"):
   (`benchmarks/FINETUNE_RESULTS.md`), so they are not offered.
 - The support keeps, in each carrier matrix, the `ceil((1 - sparsity) * size)`
   coordinates where the projection of `M` (`M R^T` for `dL`, `L^T M` for
-  `dR`) is largest in magnitude, chosen
-  when the carriers are refreshed. Coordinates outside the support are
-  exactly zero and get no noise.
+  `dR`) is largest in magnitude, chosen when the carriers are refreshed.
+  Coordinates outside the support are exactly zero and get no noise.
 - The matrix view of a kernel is the one its layer computes with: `(inputs,
   units)` for Dense, `(taps * channels, filters)` for a convolution (RGP's
   view), the contracted letters against the output letters for an
