@@ -62,16 +62,10 @@ def build():
     return keras.Model(inputs, out)
 
 
-def train(noise_multiplier, steps, sampler_args=None):
-    """The private model after `steps` updates on the Poisson batches of
-    seed `SAMPLING_SEED`, with the weights before and the sampler used.
-    `sampler_args` go to `keras_dp.data.PoissonSampler` (the process
-    shard, read from `jax.distributed` by default)."""
-    import keras
-
+def private_model(noise_multiplier, seed=None):
+    """The private model, compiled with DPSGD, and its initial weights."""
     import keras_dp
 
-    x, y = data()
     model = keras_dp.make_private(build())
     initial = [w.copy() for w in model.get_weights()]
     model.compile(
@@ -79,10 +73,22 @@ def train(noise_multiplier, steps, sampler_args=None):
             learning_rate=LEARNING_RATE,
             noise_multiplier=noise_multiplier,
             l2_norm_clip=L2_NORM_CLIP,
-            seed=NOISE_SEED,
+            seed=seed,
         ),
         loss="mse",
     )
+    return model, initial
+
+
+def train(noise_multiplier, steps, sampler_args=None):
+    """The private model after `steps` updates on the Poisson batches of
+    seed `SAMPLING_SEED`, with the weights before and the sampler used.
+    `sampler_args` go to `keras_dp.data.PoissonSampler` (the process
+    shard, read from `jax.distributed` by default)."""
+    import keras_dp
+
+    x, y = data()
+    model, initial = private_model(noise_multiplier, seed=NOISE_SEED)
     sampler = keras_dp.data.PoissonSampler(
         x,
         y,
@@ -92,7 +98,6 @@ def train(noise_multiplier, steps, sampler_args=None):
         **(sampler_args or {}),
     )
     model.fit(sampler, epochs=1, verbose=0)
-    del keras
     return model, initial, sampler
 
 
@@ -100,19 +105,8 @@ def train_unseeded():
     """One noisy update with every seed left to keras_dp: `fit` on the
     arrays builds the sharded sampler, whose seed, like the noise key,
     each process must take from process 0. Returns the update."""
-    import keras_dp
-
     x, y = data()
-    model = keras_dp.make_private(build())
-    initial = [w.copy() for w in model.get_weights()]
-    model.compile(
-        optimizer=keras_dp.DPSGD(
-            learning_rate=LEARNING_RATE,
-            noise_multiplier=NOISE_MULTIPLIER,
-            l2_norm_clip=L2_NORM_CLIP,
-        ),
-        loss="mse",
-    )
+    model, initial = private_model(NOISE_MULTIPLIER)
     model.fit(x, y, batch_size=BATCH_SIZE, steps_per_epoch=1, verbose=0)
     return [w - w0 for w, w0 in zip(model.get_weights(), initial)]
 
