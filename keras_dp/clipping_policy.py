@@ -239,7 +239,7 @@ class StepClipping:
     per-example engine calls to turn squared norms into clip factors.
 
     Members used by the engine: `variable_clip_factors`, `clip_counts`,
-    `num_count_groups`, `needs_vmap_path`, `variable_partitions`.
+    `num_count_groups`, `variable_partitions`.
     """
 
     def __init__(self, policy, thresholds):
@@ -316,13 +316,6 @@ class StepClipping:
 
     def variable_partitions(self):
         return self.policy.partitions()
-
-    @property
-    def needs_vmap_path(self):
-        """Whether clipping needs more than per-variable norms: per-device
-        groups clip shards of variables, which needs per-shard norms that
-        only the vmap path computes."""
-        return self.policy.partitions() is not None
 
     def _is_grouped(self):
         policy = self.policy

@@ -90,10 +90,13 @@ squared norms, which both paths produce:
   long sequences: Conv kernels from gathered patches, in chunks of
   examples), for normalization layers (small) and for the other layers;
   there is one backward pass, and the clipped sum is assembled layer by
-  layer from the group factors (book-keeping). Used for every mode but
-  `"per_device"`, also with adaptive thresholds.
-- Vmap path (`per_example="vmap"`, `"per_device"`, or models the fast path
-  does not support): each microbatch's per-example gradient of the whole
+  layer from the group factors (book-keeping). Used for every mode, also
+  with adaptive thresholds; for `"per_device"`, the Dense, EinsumDense and
+  Embedding rules give per-shard ghost norms and the rules that
+  instantiate gradients split them (a sharded conv kernel or LoRA adapter
+  takes the vmap path).
+- Vmap path (`per_example="vmap"`, or models the fast path does not
+  support): each microbatch's per-example gradient of the whole
   model exists at once (`make_private(microbatch_size=...)` bounds it);
   group clipping then costs one reduction per variable and still no second
   backward pass.

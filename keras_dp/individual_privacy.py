@@ -471,9 +471,12 @@ class NormRatioPass:
         # optimizer is built (a pass may run before the first step).
         model.optimizer.build_for_model(model)
         clipping = model.optimizer.step_clipping()
+        # Per-device groups' per-shard norms: the ratios below are per
+        # variable, which the vmap path's recording gives.
         self.path = (
             "vmap"
-            if settings.per_example == "vmap" or clipping.needs_vmap_path
+            if settings.per_example == "vmap"
+            or clipping.variable_partitions() is not None
             else "fast"
         )
         self._function = None
@@ -591,10 +594,6 @@ class _RecordingClipping:
         self.clipping = clipping
         self.squared = None
         self.factors = None
-
-    @property
-    def needs_vmap_path(self):
-        return self.clipping.needs_vmap_path
 
     def variable_partitions(self):
         return self.clipping.variable_partitions()

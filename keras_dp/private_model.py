@@ -77,8 +77,7 @@ def make_private(
             `add_loss` in `call`, layers that own weights and have weighted
             sublayers, and weights not owned by a layer; it assumes a
             layer's weights are only used inside its own `call`.
-            `LowRankSparse` models and `clip_groups="per_device"` over
-            sharded variables always take the vmap path. `"vmap"`: always
+            `"vmap"`: always
             the general path (per-example gradients of the whole model).
             `"fast"`: the fast path or an error when the step is first
             traced. Both give the same clipped sums.

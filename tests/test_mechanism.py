@@ -89,7 +89,7 @@ def test_step_clipping_factors_match_flat_clipping_by_hand():
     # Norms 0.5 and 5: the first is kept, the second scaled to norm 1.
     np.testing.assert_allclose(factors[0], [1.0, 1.0 / 5.0], rtol=1e-5)
     np.testing.assert_allclose(factors[1], factors[0])
-    assert step.num_count_groups == 0 and not step.needs_vmap_path
+    assert step.num_count_groups == 0 and step.variable_partitions() is None
 
 
 def test_privatize_adds_noise_of_the_stated_scale():

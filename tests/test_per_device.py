@@ -62,6 +62,7 @@ PRELUDE = textwrap.dedent(
             model.fit(x, y, batch_size=N, epochs=1, shuffle=False, verbose=0)
             update = [np.asarray(w) - w0
                       for w, w0 in zip(model.get_weights(), INIT)]
+            run.path = model._keras_dp.per_example_path
             return update, opt
         finally:
             keras.distribution.set_distribution(None)
@@ -139,8 +140,9 @@ def test_model_parallel_groups_are_device_shards():
 
     Groups: shard j of both kernels (`model:j`, j < 4) plus the replicated
     biases; thresholds C / sqrt(5). The sigma = 0 update equals a numpy
-    brute force that clips each example's shards separately. The per-shard
-    norms compile to no cross-device collective.
+    brute force that clips each example's shards separately, on the fast
+    path (the default) and on the vmap path. The per-shard norms compile to
+    no cross-device collective.
     """
     run_in_subprocess(
         """
@@ -152,6 +154,7 @@ def test_model_parallel_groups_are_device_shards():
         mp = keras.distribution.ModelParallel(layout_map=layout,
                                               batch_dim_name="batch")
         update, opt = run(mp, 0.0)
+        assert run.path == ("fast", None), run.path
         assert opt.clip_group_names == [
             "model:0", "model:1", "model:2", "model:3", "replicated"
         ], opt.clip_group_names
@@ -182,17 +185,10 @@ def test_model_parallel_groups_are_device_shards():
                     g = g * f[4]
                 total[v] += g
         expected = [-t / N for t in total]
-        for got, want in zip(update, expected):
+        vmap_update, _ = run(mp, 0.0, per_example="vmap")
+        for got, vmap_got, want in zip(update, vmap_update, expected):
             np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6)
-
-        # per_example="fast" cannot give per-shard norms: an error, not
-        # a silent change of path.
-        try:
-            run(mp, 0.0, per_example="fast")
-        except ValueError as error:
-            assert "per-shard norms" in str(error), error
-        else:
-            raise AssertionError("per_example='fast' did not raise")
+            np.testing.assert_allclose(vmap_got, want, rtol=2e-4, atol=1e-6)
 
         # Per-shard squared norms of a gradient sharded like the kernel
         # (batch over "batch", axis 1 over "model") need no communication.
@@ -209,5 +205,115 @@ def test_model_parallel_groups_are_device_shards():
                    "collective-permute"):
             assert op not in hlo, op
         np.testing.assert_allclose(np.asarray(fn(g)), D * H / 4)
+        """
+    )
+
+
+def test_fast_path_per_shard_norms_of_sequence_layers_match_vmap():
+    """The fast path's per-shard norms and sums for the layers a sharded
+    transformer has: embeddings split by rows and by columns, EinsumDense
+    kernels split on an input letter and on an output letter (each the
+    second letter of its side, so a shard is a strided piece of the
+    kernel's matrix view), a Dense over positions split on its input axis,
+    and LayerNorm's scale and offset; with ghost norms and with
+    instantiated gradients forced, and with one example whose loss is
+    infinite (left out). The sigma = 0 update equals the vmap path's,
+    which `test_model_parallel_groups_are_device_shards` checks against a
+    brute force.
+    """
+    run_in_subprocess(
+        """
+        from keras_dp.per_example import linear
+
+        T, V = 6, 16
+        ids = rng.integers(0, V, size=(N, T)).astype("int32")
+        targets = rng.normal(size=(N, T, 3)).astype("float32")
+        targets[3] = np.inf
+
+        def build_sequence():
+            keras.utils.set_random_seed(2)
+            inputs = keras.Input((T,), dtype="int32")
+            h = (keras.layers.Embedding(V, 8, name="tok")(inputs)
+                 + keras.layers.Embedding(V, 8, name="seg")(inputs))
+            h = keras.layers.LayerNormalization(name="ln")(h)
+            h = keras.layers.EinsumDense("btd,dhk->bthk", (T, 4, 4),
+                                         name="attn_in")(h)
+            h = keras.layers.EinsumDense("bthk,hkd->btd", (T, 8),
+                                         name="attn_out")(h)
+            h = keras.layers.Dense(16, activation="tanh", name="ff")(h)
+            return keras.Model(inputs, keras.layers.Dense(3, name="head")(h))
+
+        mesh = keras.distribution.DeviceMesh((2, 4), ["batch", "model"],
+                                             jax.devices())
+        layout = keras.distribution.LayoutMap(mesh)
+        layout["tok/embeddings"] = ("model", None)
+        layout["seg/embeddings"] = (None, "model")
+        layout["ln/gamma"] = ("model",)
+        layout["ln/beta"] = ("model",)
+        layout["attn_in/kernel"] = (None, None, "model")
+        layout["attn_out/kernel"] = (None, "model", None)
+        layout["ff/kernel"] = ("model", None)
+        mp = keras.distribution.ModelParallel(layout_map=layout,
+                                              batch_dim_name="batch")
+        keras.distribution.set_distribution(mp)
+        init = [w.copy() for w in build_sequence().get_weights()]
+        keras.distribution.set_distribution(None)
+
+        def sequence_update(per_example):
+            keras.distribution.set_distribution(mp)
+            try:
+                model = build_sequence()
+                model.set_weights(init)
+                model = keras_dp.make_private(model, poisson_sampling=False,
+                                              per_example=per_example)
+                opt = keras_dp.DPSGD(learning_rate=1.0, noise_multiplier=0.0,
+                                     l2_norm_clip=0.5,
+                                     clip_groups="per_device", seed=7)
+                model.compile(optimizer=opt, loss="mse")
+                model.fit(ids, targets, batch_size=N, epochs=1,
+                          shuffle=False, verbose=0)
+                assert opt.clip_group_names[:4] == [
+                    "model:0", "model:1", "model:2", "model:3"]
+                return [np.asarray(w) - w0
+                        for w, w0 in zip(model.get_weights(), init)]
+            finally:
+                keras.distribution.set_distribution(None)
+
+        reference = sequence_update("vmap")
+        assert all(np.all(np.isfinite(r)) for r in reference)
+        assert any(np.any(r != 0) for r in reference)
+        for method in ("ghost", "instantiate"):
+            linear._FORCE_METHOD = method
+            fast = sequence_update("fast")
+            for got, want in zip(fast, reference):
+                np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6,
+                                           err_msg=method)
+        linear._FORCE_METHOD = None
+
+        # A rule that gives one norm per variable (conv) sends the step to
+        # the vmap path, saying why.
+        conv_layout = keras.distribution.LayoutMap(mesh)
+        conv_layout["conv/kernel"] = (None, None, "model")
+        keras.distribution.set_distribution(keras.distribution.ModelParallel(
+            layout_map=conv_layout, batch_dim_name="batch"))
+        try:
+            inputs = keras.Input((T, 2))
+            h = keras.layers.Conv1D(8, 3, name="conv")(inputs)
+            model = keras_dp.make_private(
+                keras.Model(inputs, keras.layers.Dense(1)(h)),
+                poisson_sampling=False)
+            model.compile(optimizer=keras_dp.DPSGD(
+                learning_rate=0.1, noise_multiplier=0.0, l2_norm_clip=1.0,
+                clip_groups="per_device"), loss="mse")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                model.fit(rng.normal(size=(N, T, 2)), np.zeros((N, T - 2, 1)),
+                          batch_size=N, verbose=0)
+        finally:
+            keras.distribution.set_distribution(None)
+        path, reason = model._keras_dp.per_example_path
+        assert path == "vmap" and "one norm for the sharded variable" in reason, (
+            path, reason)
+        assert any("conv/kernel" in str(w.message) for w in caught)
         """
     )

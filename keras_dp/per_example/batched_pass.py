@@ -37,6 +37,7 @@ from keras_dp.per_example.recording import rule_grads
 from keras_dp.per_example.registry import RecordedCall
 from keras_dp.per_example.registry import RuleContext
 from keras_dp.per_example.registry import Unsupported
+from keras_dp.per_example.rows import InstantiatedTerms
 from keras_dp.per_example.rows import f32
 from keras_dp.per_example.rows import replace_tensor_leaves
 from keras_dp.per_example.rows import tensor_leaves
@@ -65,11 +66,12 @@ def _make_run(model, trainable, non_trainable, x, y, sw, rows_per_unit=1):
     return run
 
 
-def _ordered_terms(entry, terms):
+def _ordered_terms(entry, terms, context):
     """The rule's `(variable, squared norms, clipped_sum)` triples as
     `(squared norms, clipped_sum)` pairs in the order of `entry.variables`.
     Triples for variables the model does not train (frozen ones) are
-    dropped."""
+    dropped. A variable clipped per device shard gets `(n, shards)` norms
+    (from the rule, or split here from instantiated gradients)."""
     by_id = {}
     for item in terms:
         try:
@@ -80,6 +82,16 @@ def _ordered_terms(entry, terms):
                 f"{entry.layer.name!r} must return (variable, squared_norms, "
                 f"clipped_sum) triples. Received an item {item!r}."
             ) from None
+        partition = context.partition_of(variable)
+        if partition is not None and len(sq.shape) == 1:
+            if not isinstance(item, InstantiatedTerms):
+                raise Unsupported(
+                    f"clip_groups='per_device': the per-example rule "
+                    f"{entry.kind!r} of layer {entry.layer.name!r} gives one "
+                    f"norm for the sharded variable {variable.path!r}, not "
+                    "one per shard"
+                )
+            sq, fn = item.per_shard(partition)
         by_id[id(variable)] = (sq, fn)
     missing = [v.path for v in entry.variables if id(v) not in by_id]
     if missing:
@@ -108,7 +120,7 @@ def _run_rule(entry, record, own_grads, make_context, backend_ops, previous=()):
         call_and_grads = _units_for_rule(entry, call_and_grads, context.rows_per_unit)
     (args, kwargs), grads = call_and_grads
     terms = entry.rule.fn(entry.layer, RecordedCall(args, kwargs), grads, context)
-    return _ordered_terms(entry, terms)
+    return _ordered_terms(entry, terms, context)
 
 
 def _units_for_rule(entry, call_and_grads, rows_per_unit):
@@ -331,6 +343,7 @@ def per_example_norms_and_sums(
     entries=None,
     rows_hint=None,
     rows_per_unit=1,
+    partitions=None,
 ):
     """Per-variable per-example squared norms from one batched pass.
 
@@ -338,11 +351,14 @@ def per_example_norms_and_sums(
     used to bound memory). `rows_per_unit`: with R > 1, the rows come in
     privacy units of R rows (`keras_dp.per_example.units`) and everything
     per example below is per unit (`U` units), `y_pred` per row.
+    `partitions`: per trainable variable, None or `(axis, shards)` for a
+    variable clipped per device shard (`clip_groups="per_device"`).
 
     Returns `(squared_norms, clipped_fn, losses, y_pred, new_non_trainable)`
-    where `squared_norms` has one `(n,)` tensor per trainable variable and
-    `clipped_fn(factors, safe=False)` the clipped sums for per-variable
-    factors.
+    where `squared_norms` has one `(n,)` tensor per trainable variable
+    (`(n, shards)` for a partitioned one) and `clipped_fn(factors,
+    safe=False)` the clipped sums for per-variable factors (of the same
+    shapes).
     """
     if entries is None:
         entries = build_plan(model)
@@ -355,6 +371,10 @@ def per_example_norms_and_sums(
     )
 
     carriers = KernelCarriers(gradient_space(model, non_trainable).kernel_carriers())
+    partitions = partitions or [None] * len(trainable)
+    partition_by_id = {
+        id(v): p for v, p in zip(model.trainable_variables, partitions) if p
+    }
 
     def make_context(entry, record):
         return RuleContext(
@@ -366,6 +386,7 @@ def per_example_norms_and_sums(
             values,
             rows_per_unit,
             carriers,
+            partition_by_id,
         )
 
     losses, y_pred, new_nt, records, terms = batched_pass(
@@ -383,7 +404,8 @@ def per_example_norms_and_sums(
     for entry in entries:
         if records[entry.index].count == 0:
             for k in entry.positions:
-                squared[k] = ops.zeros((n,), "float32")
+                shards = (partitions[k][1],) if partitions[k] else ()
+                squared[k] = ops.zeros((n,) + shards, "float32")
                 fns[k] = (
                     lambda k: (
                         lambda c, safe: ops.zeros(ops.shape(trainable[k]), "float32")

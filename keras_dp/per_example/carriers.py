@@ -30,6 +30,7 @@ from keras import ops
 from keras_dp.per_example.linear import choose_method
 from keras_dp.per_example.linear import linear_terms
 from keras_dp.per_example.linear import row_linear_terms
+from keras_dp.per_example.linear import sharded_linear_terms
 from keras_dp.per_example.registry import Unsupported
 from keras_dp.per_example.rows import rows_dot
 from keras_dp.per_example.rows import squared_norms
@@ -73,15 +74,28 @@ class KernelCarriers:
                     )
 
 
-def kernel_terms(context, kernel, A, B, method):
+def kernel_terms(context, kernel, A, B, method, view_axes=None):
     """`(squared norms, clipped_sum)` of a kernel whose per-example
     gradients are `A_i^T B_i` (A: (n, T, p), B: (n, T, d)).
 
     Where `kernel` has carriers in this step (`context.carrier_of`): the
     norms of its carrier gradients, and a clipped sum already mapped back
-    to the `(p, d)` kernel matrix. Else `linear_terms(A, B, method)`.
+    to the `(p, d)` kernel matrix. Where it is clipped per device shard
+    (`context.partition_of`): `(n, shards)` norms and factors
+    (`sharded_linear_terms`); `view_axes = (input axes, output axes)` says
+    which of the kernel's axes the matrix view flattens into its rows and
+    into its columns, in order (default: all but the last, then the last). Else
+    `linear_terms(A, B, method)`.
     """
     carrier = context.carrier_of(kernel)
+    partition = context.partition_of(kernel)
+    if partition is not None:
+        if carrier is not None:
+            raise Unsupported(
+                "LowRankSparse with clip_groups='per_device' on sharded "
+                f"kernel {kernel.path!r}"
+            )
+        return _sharded_kernel_terms(kernel, A, B, method, view_axes, partition)
     if carrier is None:
         return linear_terms(A, B, method)
     if (A.shape[-1], B.shape[-1]) != (carrier.p, carrier.d):
@@ -92,6 +106,15 @@ def kernel_terms(context, kernel, A, B, method):
         )
     context.carriers.projected.add(id(kernel))
     return carrier_terms(carrier, A, B)
+
+
+def _sharded_kernel_terms(kernel, A, B, method, view_axes, partition):
+    axis, shards = partition
+    rank = len(kernel.shape)
+    inputs, outputs = view_axes or (tuple(range(rank - 1)), (rank - 1,))
+    side, axes = ("inputs", inputs) if axis in inputs else ("outputs", outputs)
+    dims = [kernel.shape[a] for a in axes]
+    return sharded_linear_terms(A, B, method, side, dims, axes.index(axis), shards)
 
 
 def carrier_terms(carrier, A, B):

@@ -61,7 +61,13 @@ def _activations(call, grads):
 def dense_rule(layer, call, grads, context):
     A3, B3, B, T = _activations(call, grads)
     d, p = A3.shape[-1], B3.shape[-1]
-    if T == 1 and layer.bias is not None and context.carrier_of(layer.kernel) is None:
+    if (
+        T == 1
+        and layer.bias is not None
+        and context.carrier_of(layer.kernel) is None
+        and context.partition_of(layer.kernel) is None
+        and context.partition_of(layer.bias) is None
+    ):
         # The bias's per-example gradients are the rows of b, whose norms
         # the kernel's need too: computed once (TensorFlow does not merge
         # the two).
@@ -196,7 +202,18 @@ def einsum_rule(layer, call, grads, context):
             f"LowRankSparse: EinsumDense {layer.name!r} has kernel letters "
             f"{s['ker']!r}, not its contracted letters then its output ones"
         )
-    sq, fn = kernel_terms(context, layer.kernel, A2, B2, choose_method(T, d, p))
+    ker = s["ker"]
+    sq, fn = kernel_terms(
+        context,
+        layer.kernel,
+        A2,
+        B2,
+        choose_method(T, d, p),
+        view_axes=(
+            tuple(ker.index(c) for c in s["D"]),
+            tuple(ker.index(c) for c in s["P"]),
+        ),
+    )
     dp_shape = tuple(sizes[c] for c in s["D"] + s["P"])
     eq = f"{s['D']}{s['P']}->{s['ker']}"
 

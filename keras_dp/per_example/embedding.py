@@ -19,6 +19,8 @@ from keras_dp.per_example.registry import register_per_example_rule
 from keras_dp.per_example.registry import register_when_imported
 from keras_dp.per_example.registry import uses_plain_weights
 from keras_dp.per_example.rows import f32
+from keras_dp.per_example.rows import factor_rows
+from keras_dp.per_example.rows import kept_rows
 from keras_dp.per_example.rows import rows_dot
 from keras_dp.per_example.rows import scaled_rows
 from keras_dp.per_example.rows import squared_norms
@@ -45,6 +47,9 @@ def embedding_rule(layer, call, grads, context):
         weighted = ops.reshape(scaled_rows(B, c, safe), (-1, D))
         return ops.segment_sum(weighted, ops.reshape(ids, (-1,)), num_segments=vocab)
 
+    partition = context.partition_of(layer.embeddings)
+    if partition is not None:
+        sq, clipped = _sharded_table_terms(ids, B, vocab, partition)
     terms = [(layer.embeddings, sq, clipped)]
     reverse = getattr(layer, "reverse_embeddings", None)
     if reverse is not None and reverse is not layer.embeddings:
@@ -54,6 +59,46 @@ def embedding_rule(layer, call, grads, context):
             (reverse, ops.zeros_like(sq), lambda c, safe: ops.zeros(reverse.shape))
         )
     return terms
+
+
+def _sharded_table_terms(ids, B, vocab, partition):
+    """The lookup's terms with the table split into `shards` pieces along
+    `axis` (per-device clipping groups): `(n, shards)` norms and factors.
+
+    Split by rows (axis 0), position `t` falls in shard `x_t // (V /
+    shards)`, and `||G_i^(j)||^2` sums `b_t . b_s` over the pairs with
+    `x_t = x_s` in shard `j`; split by columns, each shard has the
+    lookup's formula on its columns of `b`.
+    """
+    axis, shards = partition
+    D = B.shape[-1]
+    same = ops.equal(ids[:, :, None], ids[:, None, :])
+    if axis == 0:
+        shard = ops.one_hot(ids // (vocab // shards), shards)  # (n, T, shards)
+        bb = ops.einsum("ntd,nsd->nts", B, B)
+        pairs = ops.where(same, bb, ops.zeros_like(bb))
+        sq = ops.einsum("nts,ntj->nj", pairs, shard)
+
+        def position_factors(c):
+            return ops.einsum("ntj,nj->nt", shard, c)[:, :, None]
+
+    else:
+        columns = ops.reshape(B, (-1, ops.shape(B)[1], shards, D // shards))
+        bb = ops.einsum("ntjd,nsjd->njts", columns, columns)
+        sq = ops.sum(ops.where(same[:, None], bb, ops.zeros_like(bb)), axis=(2, 3))
+
+        def position_factors(c):
+            return ops.repeat(c, D // shards, axis=1)[:, None, :]
+
+    sq = ops.maximum(sq, 0.0)
+
+    def clipped(c, safe):
+        weighted = kept_rows(B, factor_rows(c), safe) * position_factors(c)
+        return ops.segment_sum(
+            ops.reshape(weighted, (-1, D)), ops.reshape(ids, (-1,)), num_segments=vocab
+        )
+
+    return sq, clipped
 
 
 def refuse_reverse_call(layer, args, kwargs):

@@ -11,8 +11,8 @@ The clipping policy (`clipping`) is the object that turns squared norms
 into clip factors: `variable_clip_factors(squared_norms)` (one `(n,)`
 tensor per variable in, one factor tensor per variable out),
 `clip_counts(squared_norms, mask)` and `num_count_groups` (adaptive
-clipping's counts), `needs_vmap_path` (per-shard norms) and
-`variable_partitions()`.
+clipping's counts), and `variable_partitions()` (per-device groups'
+per-shard norms).
 """
 
 import warnings
@@ -105,11 +105,6 @@ def clipped_gradient_sum(
     reason = None
     if mode == "vmap":
         reason = "per_example='vmap'"
-    elif getattr(clipping, "needs_vmap_path", False):
-        reason = (
-            "clip_groups='per_device' clips the shards of sharded variables "
-            "apart, and only the vmap path computes per-shard norms"
-        )
     else:
         try:
             result = fast_clipped_gradient_sum(

@@ -68,6 +68,7 @@ def fast_clipped_gradient_sum(
             entries=entries,
             rows_hint=rows_hint,
             rows_per_unit=rows_per_unit,
+            partitions=clipping.variable_partitions(),
         )
         factors = scaled_factors(clipping.variable_clip_factors(squared), scale)
         clipped, nonfinite = sums_leaving_out_nonfinite(

@@ -21,6 +21,8 @@ Conv as a product of patches, LoRA adapters with transformed activations):
 
 from keras import ops
 
+from keras_dp.per_example.rows import InstantiatedTerms
+from keras_dp.per_example.rows import factor_rows
 from keras_dp.per_example.rows import kept_rows
 from keras_dp.per_example.rows import rows_dot
 from keras_dp.per_example.rows import scaled_rows
@@ -119,5 +121,59 @@ def bias_grads(B, bias_shape):
 def bias_terms(bias, B):
     """The `(variable, squared norms, clipped_sum)` triple of a bias added
     to the output whose per-example gradients are `B`."""
-    g = bias_grads(B, tuple(bias.shape))
-    return bias, squared_norms(g), (lambda c, safe: rows_dot(c, g, safe))
+    return InstantiatedTerms(bias, bias_grads(B, tuple(bias.shape)))
+
+
+def sharded_linear_terms(A, B, method, side, group_dims, axis, shards):
+    """`linear_terms` with one norm and one factor per device shard.
+
+    Per-device clipping groups (`clip_groups="per_device"`) clip each
+    shard of a sharded kernel apart. The kernel's `(d, p)` matrix view
+    flattens its input axes into its rows and its output axes into its
+    columns; the kernel is split into `shards` equal pieces along one axis,
+    `group_dims[axis]` of the side `side` ("inputs" or "outputs", whose
+    axes' sizes are `group_dims`). Returns `(squared norms (n, shards),
+    clipped_sum(c, safe))` with `c` of shape `(n, shards)`: shard `j` of
+    example `i` is scaled by `c[i, j]`, which on the side of the split is a
+    scale of the activations' feature columns, so book-keeping still needs
+    one product.
+    """
+    if side == "outputs":
+        sq, clipped = sharded_linear_terms(
+            B, A, method, "inputs", group_dims, axis, shards
+        )
+        return sq, lambda c, safe: ops.transpose(clipped(c, safe))
+    T, d = A.shape[1], A.shape[-1]
+    before = 1
+    for size in group_dims[:axis]:
+        before *= int(size)
+    # The split axis of the kernel, as (before, shards, after) features.
+    split = (before, shards, d // (before * shards))
+    A5 = ops.reshape(A, (-1, ops.shape(A)[1]) + split)
+    if method == "ghost" or T == 1:
+        if T == 1:
+            aa = ops.sum(ops.square(A5[:, 0]), axis=(1, 3))
+            sq = aa * squared_norms(B)[:, None]
+        else:
+            aa = ops.einsum("ntamb,nsamb->nmts", A5, A5)
+            bb = ops.einsum("ntp,nsp->nts", B, B)
+            sq = ops.maximum(ops.sum(aa * bb[:, None], axis=(2, 3)), 0.0)
+
+        def clipped(c, safe):
+            kept = factor_rows(c)
+            scaled = kept_rows(A5, kept, safe) * c[:, None, None, :, None]
+            return ops.matmul(
+                ops.transpose(ops.reshape(scaled, (-1, d))),
+                ops.reshape(kept_rows(B, kept, safe), (-1, ops.shape(B)[-1])),
+            )
+
+        return sq, clipped
+    G = ops.matmul(ops.transpose(A, (0, 2, 1)), B)
+    G5 = ops.reshape(G, (-1,) + split + (B.shape[-1],))
+    sq = ops.sum(ops.square(G5), axis=(1, 3, 4))
+
+    def clipped(c, safe):
+        scaled = kept_rows(G5, factor_rows(c), safe) * c[:, None, :, None, None]
+        return ops.reshape(ops.sum(scaled, axis=0), (d, B.shape[-1]))
+
+    return sq, clipped

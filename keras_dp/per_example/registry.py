@@ -215,6 +215,13 @@ class RuleContext:
             rule for a linear layer gets its kernel's terms through
             `keras_dp.per_example.carriers.kernel_terms`, which projects
             where the kernel has carriers (`carrier_of`).
+        partitions: `{id(variable): (axis, shards)}` for the variables
+            that per-device clipping groups (`clip_groups="per_device"`)
+            clip shard by shard (`partition_of`). For such a variable the
+            rule returns squared norms `(n, shards)` and a clipped sum for
+            factors `(n, shards)`; the triples of `instantiated_terms` are
+            split by the batched pass itself, and a rule that gives one
+            norm per variable sends the step to the vmap path.
     """
 
     def __init__(
@@ -227,6 +234,7 @@ class RuleContext:
         values,
         rows_per_unit=1,
         carriers=None,
+        partitions=None,
     ):
         self.layer = layer
         self.variables = list(variables)
@@ -235,11 +243,17 @@ class RuleContext:
         self.saved = saved
         self.rows_per_unit = rows_per_unit
         self.carriers = carriers
+        self.partitions = partitions or {}
         self._values = values
 
     def carrier_of(self, variable):
         """The low-rank carrier of `variable` in this step, or None."""
         return None if self.carriers is None else self.carriers.of(variable)
+
+    def partition_of(self, variable):
+        """`(axis, shards)` where `variable` is clipped per device shard in
+        this step, else None."""
+        return self.partitions.get(id(variable))
 
     def value_of(self, variable, *default):
         """The value of the model's `variable` (trainable or not) in this

@@ -42,6 +42,12 @@ def kept_rows(x, c, safe):
     return clipping_lib.multiply_no_nan(x, clipping_lib.rows_of(ops.not_equal(c, 0), x))
 
 
+def factor_rows(c):
+    """`(n,)`: 1.0 for the rows of `(n, shards)` factors with a non-zero
+    factor (per-device groups give all of a left-out example's shards 0)."""
+    return ops.cast(ops.any(ops.not_equal(c, 0), axis=1), "float32")
+
+
 def rows_dot(c, g, safe):
     """`sum_i c_i g_i` over the rows of the per-example gradients `g`."""
     return ops.tensordot(c, kept_rows(g, c, safe), axes=1)
@@ -65,9 +71,38 @@ def squared_norms(x):
 def instantiated_terms(variable, per_example_grads):
     """A rule's `(variable, squared_norms, clipped_sum)` triple from the
     variable's per-example gradients `(n, *variable.shape)`, held until the
-    clipped sum is taken."""
-    g = f32(per_example_grads)
-    return variable, squared_norms(g), lambda c, safe: rows_dot(c, g, safe)
+    clipped sum is taken (an `InstantiatedTerms`)."""
+    return InstantiatedTerms(variable, f32(per_example_grads))
+
+
+class InstantiatedTerms(tuple):
+    """The `(variable, squared_norms, clipped_sum)` triple of per-example
+    gradients `grads` held as one tensor.
+
+    Held whole, they also give per-device clipping groups
+    (`clip_groups="per_device"`) what they need for a sharded variable:
+    `per_shard(partition)`.
+    """
+
+    def __new__(cls, variable, grads):
+        terms = super().__new__(
+            cls,
+            (variable, squared_norms(grads), lambda c, safe: rows_dot(c, grads, safe)),
+        )
+        terms.grads = grads
+        return terms
+
+    def per_shard(self, partition):
+        """`(squared norms (n, shards), clipped_sum)` for the variable split
+        into `shards` equal pieces along `axis` (`partition = (axis,
+        shards)`); `clipped_sum(c, safe)` takes `(n, shards)` factors."""
+        g = self.grads
+        sq = clipping_lib.per_example_squared_norms([g], [partition])[0]
+
+        def clipped(c, safe):
+            return clipping_lib.weighted_sum([g], [c], [partition], zero_rows=safe)[0]
+
+        return sq, clipped
 
 
 def static_prod(dims):

@@ -12,8 +12,7 @@ The general path, for every model (the fast path falls back to it):
   dropout and other random layers draw an independent mask per example;
 - per-example gradients may be projected into the model's own gradient
   space (`keras_dp.LowRankSparse`), and variables sharded across devices
-  clipped per shard (`clip_groups='per_device'`): only this path does
-  either;
+  clipped per shard (`clip_groups='per_device'`), for any layer;
 - with `microbatch_size`, the batch is processed in chunks under a scan
   (`keras_dp.per_example.microbatches`);
 - with `rows_per_unit > 1`, it maps over units of rows, each unit's rows
