@@ -41,9 +41,14 @@ Methods (`--methods`, default all):
   the adaptive clipping docs), Adam's grid. Adam's update does not scale
   with the threshold, so a moving threshold changes which examples are
   clipped, not the step size, as it does with SGD.
+- `dpsgd-ema`, `adam-ema`: `dpsgd` and `adam` evaluated on an exponential
+  moving average of the weights (parameter averaging, as in De et al.
+  2022; Keras's `use_ema=True`, momentum `EMA_MOMENTUM`). The average is
+  computed from the released noisy weights, so it costs no privacy.
 
     KERAS_BACKEND=jax python benchmarks/utility.py [--seeds 5]
-        [--methods dpsgd,auto,adaptive,adam,adam-auto,adaptive-adam]
+        [--methods dpsgd,auto,adaptive,adam,adam-auto,adaptive-adam,
+                   dpsgd-ema,adam-ema]
         [--epsilons 1,3,8,none] [--learning-rates A,B,C,D] [--write F]
 
 Prints one JSON line per (method, epsilon); `epsilon` None is the
@@ -94,7 +99,13 @@ METHODS = {
     "adam": ("adam", {}, ADAM_LEARNING_RATES, "adam"),
     "adam-auto": ("adam", {"auto_clip": True}, ADAM_LEARNING_RATES, None),
     "adaptive-adam": ("adam", {"adaptive": True}, ADAM_LEARNING_RATES, None),
+    "dpsgd-ema": ("sgd", {"ema": True}, SGD_LEARNING_RATES, None),
+    "adam-ema": ("adam", {"ema": True}, ADAM_LEARNING_RATES, None),
 }
+# Parameter averaging (`ema` methods): Keras's `use_ema`, whose average
+# replaces the weights when `fit` ends. A window of about 100 of the 840
+# updates, set before any run.
+EMA_MOMENTUM = 0.99
 
 
 def load():
@@ -137,6 +148,8 @@ def optimizer_for(method, sigma, learning_rate, seed):
         "auto_clip": options.get("auto_clip", False),
         "seed": seed,
     }
+    if options.get("ema"):
+        kwargs.update(use_ema=True, ema_momentum=EMA_MOMENTUM)
     if options.get("adaptive"):
         kwargs["adaptive_clipping"] = keras_dp.AdaptiveClipping(
             target_quantile=0.5,

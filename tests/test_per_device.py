@@ -211,7 +211,8 @@ def test_model_parallel_groups_are_device_shards():
 
 def test_fast_path_per_shard_norms_of_sequence_layers_match_vmap():
     """The fast path's per-shard norms and sums for the layers a sharded
-    transformer has: embeddings split by rows and by columns, EinsumDense
+    transformer has: embeddings split by rows and by columns, keras-hub's
+    position embedding split by columns, EinsumDense
     kernels split on an input letter and on an output letter (each the
     second letter of its side, so a shard is a strided piece of the
     kernel's matrix view), a Dense over positions split on its input axis,
@@ -223,6 +224,7 @@ def test_fast_path_per_shard_norms_of_sequence_layers_match_vmap():
     """
     run_in_subprocess(
         """
+        import keras_hub
         from keras_dp.per_example import linear
 
         T, V = 6, 16
@@ -235,6 +237,7 @@ def test_fast_path_per_shard_norms_of_sequence_layers_match_vmap():
             inputs = keras.Input((T,), dtype="int32")
             h = (keras.layers.Embedding(V, 8, name="tok")(inputs)
                  + keras.layers.Embedding(V, 8, name="seg")(inputs))
+            h = h + keras_hub.layers.PositionEmbedding(T + 2, name="pos")(h)
             h = keras.layers.LayerNormalization(name="ln")(h)
             h = keras.layers.EinsumDense("btd,dhk->bthk", (T, 4, 4),
                                          name="attn_in")(h)
@@ -248,6 +251,7 @@ def test_fast_path_per_shard_norms_of_sequence_layers_match_vmap():
         layout = keras.distribution.LayoutMap(mesh)
         layout["tok/embeddings"] = ("model", None)
         layout["seg/embeddings"] = (None, "model")
+        layout["pos/embeddings"] = (None, "model")
         layout["ln/gamma"] = ("model",)
         layout["ln/beta"] = ("model",)
         layout["attn_in/kernel"] = (None, None, "model")

@@ -125,6 +125,22 @@ def position_embedding_rule(layer, call, grads, context):
         total = rows_dot(c, g, safe)
         return ops.pad(total, [(0, rows - T), (0, 0)])
 
+    partition = context.partition_of(table)
+    if partition is not None:
+        axis, shards = partition
+        if axis != 1:
+            raise Unsupported(
+                f"clip_groups='per_device': position embedding "
+                f"{layer.name!r} is sharded by rows; shard it by columns"
+            )
+        columns = ops.reshape(g, (-1, T, shards, D // shards))
+        sq = ops.sum(ops.square(columns), axis=(1, 3))
+
+        def clipped(c, safe):
+            kept = kept_rows(columns, factor_rows(c), safe)
+            total = ops.reshape(ops.sum(kept * c[:, None, :, None], axis=0), (T, D))
+            return ops.pad(total, [(0, rows - T), (0, 0)])
+
     return [(table, sq, clipped)]
 
 
