@@ -54,9 +54,7 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--devices", type=int, default=8)
     args = parser.parse_args()
-    os.environ["XLA_FLAGS"] = (
-        f"--xla_force_host_platform_device_count={args.devices}"
-    )
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
     import jax
     import keras
     import numpy as np
