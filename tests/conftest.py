@@ -27,22 +27,28 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: slow test")
 
 
-def pytest_collection_finish(session):
-    # The frameworks, Keras, keras_dp and the test modules, all imported by
-    # now, live until the end: keep their objects out of the full garbage
-    # collection that `clear_session` runs before every test, which then
-    # scans only what the tests themselves create.
-    gc.collect()
-    gc.freeze()
-
-
 @pytest.fixture
 def backend():
     return keras.backend.backend()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _collect_frozen_garbage():
+    # Once per test module, what the tests before it froze (below) and no
+    # longer use is collected: memory stays bounded by one module's tests.
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _reset_keras_state():
+    # clear_session collects the garbage of the tests before; what survives
+    # is frozen too, so that each collection scans one test's objects, not
+    # every object the suite has kept alive so far (on TensorFlow that
+    # scan grew to more than the tests themselves took).
     keras.backend.clear_session()
+    gc.freeze()
     keras.utils.set_random_seed(0)
     yield
