@@ -481,7 +481,7 @@ def plot(results, references, epsilons, args):
         for method, by_epsilon in results.items()
     }
     series = {
-        label(method, args): [(e, m) for e, (m, _) in zip(epsilons, stats[method])]
+        label(method, args): [(e, m, s) for e, (m, s) in zip(epsilons, stats[method])]
         for method in results
     }
     series["non-private fine-tuning"] = [(None, references["pre-trained"][0])]
@@ -493,17 +493,6 @@ def plot(results, references, epsilons, args):
         ),
         ylabel="test accuracy",
     )
-    # The helper draws means only: the spread over seeds is added here.
-    lines = {line.get_label(): line for line in ax.get_lines()}
-    for method in results:
-        ax.errorbar(
-            epsilons,
-            [m for m, _ in stats[method]],
-            yerr=[s for _, s in stats[method]],
-            fmt="none",
-            capsize=3,
-            color=lines[label(method, args)].get_color(),
-        )
     if "random init" in references:
         ax.axhline(
             references["random init"][0],
