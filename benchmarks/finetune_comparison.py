@@ -28,6 +28,7 @@ minutes on a 2-core CPU.
 
 import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -39,6 +40,15 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
 
 import keras_dp  # noqa: E402
+
+# The examples' step timer (examples/step_timer.py).
+sys.path.insert(
+    0,
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"
+    ),
+)
+from step_timer import StepTimer  # noqa: E402
 
 DELTA = 1e-5
 METHODS = ("full", "lora", "lsg", "rgp")
@@ -109,17 +119,6 @@ def pretrain(public, seed):
     return model.get_weights()
 
 
-class EpochTimer(keras.callbacks.Callback):
-    def on_train_begin(self, logs=None):
-        self.times = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
-
-
 def fine_tune(method, weights, train, test, args, seed):
     keras.utils.set_random_seed(seed)
     model = build()
@@ -154,7 +153,7 @@ def fine_tune(method, weights, train, test, args, seed):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    timer, logger = EpochTimer(), keras_dp.EpsilonLogger(delta=DELTA)
+    timer, logger = StepTimer(), keras_dp.EpsilonLogger(delta=DELTA)
     model.fit(
         *train,
         batch_size=args.batch_size,
@@ -163,7 +162,7 @@ def fine_tune(method, weights, train, test, args, seed):
         callbacks=[timer, logger],
     )
     steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-    step_time = float(np.median(timer.times[1:])) / (steps / args.epochs)
+    step_time = timer.seconds_per_step()
     _, accuracy = model.evaluate(*test, verbose=0)
     path = model._keras_dp.per_example_path
     path = "vmap" if path is None else path[0]

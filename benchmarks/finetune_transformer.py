@@ -82,6 +82,15 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_dp  # noqa: E402
+
+# The examples' step timer (examples/step_timer.py).
+sys.path.insert(
+    0,
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"
+    ),
+)
+from step_timer import StepTimer  # noqa: E402
 from keras_dp import plotting  # noqa: E402
 
 try:
@@ -368,27 +377,6 @@ def pretrain(public, args, seed):
     return backbone.get_weights(), history.history["accuracy"][-1]
 
 
-class EpochTimer(keras.callbacks.Callback):
-    """Seconds and steps of each epoch."""
-
-    def on_train_begin(self, logs=None):
-        self.epochs = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start, self._steps = time.perf_counter(), 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._steps += 1
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.epochs.append((self._steps, time.perf_counter() - self._start))
-
-    def step_time(self):
-        """Median over epochs after the first (it compiles) of time / steps."""
-        timed = self.epochs[1:] or self.epochs
-        return float(np.median([t / s for s, t in timed if s]))
-
-
 def new_classifier(backbone_weights, args, seed):
     keras.utils.set_random_seed(seed)
     model, backbone = build_classifier(2, args)
@@ -444,7 +432,7 @@ def fine_tune_private(method, backbone_weights, sigma, learning_rate, data, args
         loss=loss(),
         metrics=["accuracy"],
     )
-    timer, logger = EpochTimer(), keras_dp.EpsilonLogger(delta=DELTA)
+    timer, logger = StepTimer(), keras_dp.EpsilonLogger(delta=DELTA)
     model.fit(
         *train,
         batch_size=args.batch_size,
@@ -462,7 +450,7 @@ def fine_tune_private(method, backbone_weights, sigma, learning_rate, data, args
         epsilon=logger.epsilon(),
         steps=int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         dimension=dimension,
-        step_time=timer.step_time(),
+        step_time=timer.seconds_per_step(),
         path=path,
         seconds=time.perf_counter() - start,
     )
@@ -493,7 +481,7 @@ def plot(results, references, epsilons, args):
         for method, by_epsilon in results.items()
     }
     series = {
-        label(method, args): [(e, m) for e, (m, _) in zip(epsilons, stats[method])]
+        label(method, args): [(e, m, s) for e, (m, s) in zip(epsilons, stats[method])]
         for method in results
     }
     series["non-private fine-tuning"] = [(None, references["pre-trained"][0])]
@@ -505,17 +493,6 @@ def plot(results, references, epsilons, args):
         ),
         ylabel="test accuracy",
     )
-    # The helper draws means only: the spread over seeds is added here.
-    lines = {line.get_label(): line for line in ax.get_lines()}
-    for method in results:
-        ax.errorbar(
-            epsilons,
-            [m for m, _ in stats[method]],
-            yerr=[s for _, s in stats[method]],
-            fmt="none",
-            capsize=3,
-            color=lines[label(method, args)].get_color(),
-        )
     if "random init" in references:
         ax.axhline(
             references["random init"][0],

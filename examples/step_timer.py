@@ -1,5 +1,6 @@
-"""Steps per second of a `fit`, for the examples' reports."""
+"""Steps per second of a `fit`, for the examples' and benchmarks' reports."""
 
+import statistics
 import time
 
 import keras
@@ -27,3 +28,9 @@ class StepTimer(keras.callbacks.Callback):
         steps = sum(s for s, _ in timed)
         seconds = sum(t for _, t in timed)
         return steps / seconds if seconds else float("nan")
+
+    def seconds_per_step(self):
+        """The median over epochs (after the first, when there are several)
+        of each epoch's seconds per step."""
+        timed = [(s, t) for s, t in (self.epochs[1:] or self.epochs) if s]
+        return statistics.median(t / s for s, t in timed) if timed else float("nan")

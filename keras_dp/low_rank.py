@@ -61,6 +61,8 @@ import math
 import keras
 from keras import ops
 
+from keras_dp.einsum_equations import equation_parts
+from keras_dp.einsum_equations import kernel_sides
 from keras_dp import arguments
 from keras_dp import keras_compat
 
@@ -115,14 +117,11 @@ def _einsum_contracted_letters(equation):
     """How many kernel letters come first and are contracted with the
     input, if the kernel's letters are those, then the output's; else
     None."""
-    try:
-        lhs, out = equation.replace(" ", "").split("->")
-        inp, ker = lhs.split(",")
-    except ValueError:
+    parts = equation_parts(equation)
+    if parts is None:
         return None
-    contracted = "".join(c for c in ker if c in inp and c not in out)
-    produced = "".join(c for c in ker if c in out and c not in inp)
-    if ker != contracted + produced or not contracted or not produced:
+    contracted, produced = kernel_sides(*parts)
+    if parts[1] != contracted + produced or not contracted or not produced:
         return None
     return len(contracted)
 

@@ -131,7 +131,8 @@ def plot_epsilon(history, ax=None, path=None, label=None, title=None):
 
 
 def _series(results):
-    """`{name: [(epsilon, accuracy), ...]}` from a dict or one list."""
+    """`[(name, [(epsilon, accuracy, std or None), ...]), ...]` from a dict
+    or one list of `(epsilon, accuracy[, std])` points."""
     if isinstance(results, dict):
         items = list(results.items())
     else:
@@ -141,13 +142,17 @@ def _series(results):
         pairs = []
         for point in points:
             try:
-                epsilon, accuracy = point
+                epsilon, accuracy, *spread = point
+                if len(spread) > 1:
+                    raise ValueError
             except (TypeError, ValueError):
                 raise ValueError(
-                    "Each result is an (epsilon, accuracy) pair; use epsilon "
-                    f"None for a non-private run. Received: {point!r}."
+                    "Each result is an (epsilon, accuracy) pair or an "
+                    "(epsilon, accuracy, std) triple; use epsilon None for a "
+                    f"non-private run. Received: {point!r}."
                 ) from None
-            pairs.append((epsilon, float(accuracy)))
+            std = float(spread[0]) if spread and spread[0] is not None else None
+            pairs.append((epsilon, float(accuracy), std))
         series.append((name, pairs))
     return series
 
@@ -172,13 +177,15 @@ def plot_accuracy_vs_epsilon(
     )
     ```
 
-    Points are joined in order of epsilon. A run with epsilon None or
-    infinite (no privacy) has no place on the epsilon axis: it is drawn as
-    a dashed horizontal line at its accuracy.
+    Points are joined in order of epsilon. A point may carry the spread of
+    its accuracy over seeds, `(epsilon, mean, std)`: it gets an error bar of
+    one std each side. A run with epsilon None or infinite (no privacy) has
+    no place on the epsilon axis: it is drawn as a dashed horizontal line at
+    its accuracy, with a band of one std each side where it has one.
 
     Args:
-        results: `{method name: [(epsilon, accuracy), ...]}`, or one list
-            of `(epsilon, accuracy)` pairs.
+        results: `{method name: [(epsilon, accuracy), ...]}` (or `(epsilon,
+            accuracy, std)` triples), or one list of such points.
         ax: a matplotlib `Axes` to draw on (None: a new figure).
         path: optional file to save the figure to.
         title: the figure's title.
@@ -190,21 +197,31 @@ def plot_accuracy_vs_epsilon(
 
     Raises:
         ImportError: matplotlib is missing (`pip install "keras-dp[plots]"`).
-        ValueError: a result is not an `(epsilon, accuracy)` pair.
+        ValueError: a result is not an `(epsilon, accuracy)` pair or an
+            `(epsilon, accuracy, std)` triple.
     """
     series = _series(results)
     if ax is None:
         ax = _new_axes()
     for name, pairs in series:
-        private = sorted((float(e), a) for e, a in pairs if _is_private(e))
+        private = sorted((float(e), a, s) for e, a, s in pairs if _is_private(e))
         if private:
-            ax.plot(
-                [e for e, _ in private],
-                [a for _, a in private],
+            (line,) = ax.plot(
+                [e for e, _, _ in private],
+                [a for _, a, _ in private],
                 marker="o",
                 label=name,
             )
-        for epsilon, accuracy in pairs:
+            if any(s is not None for _, _, s in private):
+                ax.errorbar(
+                    [e for e, _, _ in private],
+                    [a for _, a, _ in private],
+                    yerr=[s or 0.0 for _, _, s in private],
+                    fmt="none",
+                    capsize=3,
+                    color=line.get_color(),
+                )
+        for epsilon, accuracy, std in pairs:
             if not _is_private(epsilon):
                 ax.axhline(
                     accuracy,
@@ -212,6 +229,8 @@ def plot_accuracy_vs_epsilon(
                     color="gray",
                     label=name if not private else f"{name} (no privacy)",
                 )
+                if std is not None:
+                    ax.axhspan(accuracy - std, accuracy + std, color="gray", alpha=0.15)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     return _finish(ax, path, title)

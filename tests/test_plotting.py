@@ -109,8 +109,36 @@ def test_plot_accuracy_vs_epsilon_takes_one_list_and_checks_pairs():
     (line,) = ax.get_lines()
     np.testing.assert_allclose(line.get_xdata(), [1.0, 2.0])
     assert ax.get_title() == "t"
-    with pytest.raises(ValueError, match=r"\(epsilon, accuracy\) pair"):
-        plotting.plot_accuracy_vs_epsilon({"a": [(1.0, 0.5, 3)]})
+    with pytest.raises(ValueError, match=r"\(epsilon, accuracy, std\) triple"):
+        plotting.plot_accuracy_vs_epsilon({"a": [(1.0, 0.5, 0.1, 3)]})
+
+
+def test_plot_accuracy_vs_epsilon_draws_one_std_each_side():
+    ax = plotting.plot_accuracy_vs_epsilon(
+        {
+            "DP": [(8.0, 0.9, 0.02), (1.0, 0.7, 0.05)],
+            "non-private": [(None, 0.95, 0.01)],
+        }
+    )
+    (bars,) = ax.containers
+    # The error bars of the sorted points: [mean - std, mean + std].
+    (segments,) = bars.lines[2]
+    ends = np.array([s[:, 1] for s in segments.get_segments()])
+    np.testing.assert_allclose(ends, [[0.65, 0.75], [0.88, 0.92]])
+    from matplotlib import colors
+
+    line = next(line for line in ax.get_lines() if line.get_label() == "DP")
+    np.testing.assert_allclose(
+        segments.get_color()[0][:3], colors.to_rgb(line.get_color())
+    )
+    # The non-private run's band (a Rectangle or, in older matplotlib, a
+    # Polygon).
+    (band,) = ax.patches
+    if hasattr(band, "get_height"):
+        low, high = band.get_y(), band.get_y() + band.get_height()
+    else:
+        low, high = band.get_xy()[:, 1].min(), band.get_xy()[:, 1].max()
+    np.testing.assert_allclose([low, high], [0.94, 0.96])
 
 
 def test_missing_matplotlib_says_how_to_install(monkeypatch):

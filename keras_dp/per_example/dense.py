@@ -21,6 +21,8 @@ import string
 import keras
 from keras import ops
 
+from keras_dp.einsum_equations import equation_parts
+from keras_dp.einsum_equations import kernel_sides
 from keras_dp import keras_compat
 from keras_dp.per_example.carriers import kernel_terms
 from keras_dp.per_example.linear import bias_terms
@@ -126,12 +128,10 @@ def einsum_structure(layer, input_rank):
     Returns dict with `inp`, `ker`, `out` (ellipsis expanded when
     `input_rank` is given), `batch`, `T`, `D`, `P` letter strings.
     """
-    equation = layer.equation.replace(" ", "")
-    try:
-        lhs, out = equation.split("->")
-        inp, ker = lhs.split(",")
-    except ValueError:
+    parts = equation_parts(layer.equation)
+    if parts is None:
         return None
+    inp, ker, out = parts
     if "..." in ker:
         return None
     if "..." in inp or "..." in out:
@@ -140,7 +140,7 @@ def einsum_structure(layer, input_rank):
         if input_rank is None:
             # Cannot expand yet; structure is checked at trace time.
             return {"deferred": True}
-        used = set(equation)
+        used = set(inp + ker + out)
         free = [c for c in _LETTERS if c not in used]
         n_ell = input_rank - (len(inp) - 3)
         if n_ell < 0:
@@ -155,8 +155,7 @@ def einsum_structure(layer, input_rank):
         return None
     batch = inp[0]
     T = "".join(c for c in out[1:] if c in inp and c not in ker)
-    D = "".join(c for c in ker if c in inp and c not in out)
-    P = "".join(c for c in ker if c in out and c not in inp)
+    D, P = kernel_sides(inp, ker, out)
     if len(D) + len(P) != len(ker):  # letters shared by all three, or
         return None  # kernel-only letters: not a product A^T B
     if any(c not in inp and c not in ker for c in out):
