@@ -68,9 +68,9 @@ def test_dp_vision_lowrank():
 
 
 @pytest.mark.skipif(
-    BACKEND != "jax",
-    reason="LowRankSparse on BERT uses the vmap path, which TF/oneDNN "
-    "crashes on for EinsumDense (see README, known limitations)",
+    BACKEND != "torch",
+    reason="one backend is enough for the text example (the rules it uses "
+    "are tested on every backend); PyTorch's suite is the shortest",
 )
 def test_dp_text_classifier_offline():
     pytest.importorskip("keras_hub")
@@ -147,14 +147,15 @@ def result_lines(output):
 
 
 @pytest.mark.skipif(
-    BACKEND != "jax",
+    BACKEND != "torch",
     reason="one backend is enough for the CIFAR-10 recipe (its weight-"
-    "standardized convolution is checked on every backend below)",
+    "standardized convolution is checked on every backend below); "
+    "PyTorch's suite is the shortest",
 )
 def test_cifar10_smoke(tmp_path):
     out = run_example("cifar10.py", "--smoke", "--out", str(tmp_path))
     assert re.search(
-        r"^reproduce: KERAS_BACKEND=jax python examples/cifar10.py --smoke "
+        rf"^reproduce: KERAS_BACKEND={BACKEND} python examples/cifar10.py --smoke "
         r"--out \S+$",
         out,
         re.MULTILINE,
@@ -289,16 +290,16 @@ def test_cifar10_augment_flips_and_crops_each_image():
 
 
 @pytest.mark.skipif(
-    BACKEND != "jax",
-    reason="one backend is enough for the BERT example; TF/oneDNN can crash "
-    "in vectorized_map over the LoRA attention projections (README, known "
-    "limitations)",
+    BACKEND != "torch",
+    reason="one backend is enough for the BERT example (the layers it "
+    "trains are tested on every backend: test_fast_norms, test_lora); "
+    "PyTorch's suite is the shortest",
 )
 def test_text_lora_smoke(tmp_path):
     pytest.importorskip("keras_hub")
     out = run_example("text_lora.py", "--smoke", "--out", str(tmp_path))
     assert re.search(
-        r"^reproduce: KERAS_BACKEND=jax python examples/text_lora.py --smoke "
+        rf"^reproduce: KERAS_BACKEND={BACKEND} python examples/text_lora.py --smoke "
         r"--out \S+$",
         out,
         re.MULTILINE,
