@@ -61,10 +61,10 @@ import math
 import keras
 from keras import ops
 
-from keras_dp.einsum_equations import equation_parts
-from keras_dp.einsum_equations import kernel_sides
 from keras_dp import arguments
 from keras_dp import keras_compat
+from keras_dp.einsum_equations import equation_parts
+from keras_dp.einsum_equations import kernel_sides
 
 CARRIERS = ("weights", "history")
 

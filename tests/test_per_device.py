@@ -48,20 +48,21 @@ PRELUDE = textwrap.dedent(
     INIT = [w.copy() for w in build().get_weights()]
 
     def run(distribution, sigma, clip_groups="per_device", C=0.5,
-            per_example="auto"):
+            per_example="auto", build=build, init=INIT, data=(x, y)):
+        # One full-batch update of build() from weights init on data.
         keras.distribution.set_distribution(distribution)
         try:
             model = build()
-            model.set_weights(INIT)
+            model.set_weights(init)
             model = keras_dp.make_private(model, poisson_sampling=False,
                                           per_example=per_example)
             opt = keras_dp.DPSGD(learning_rate=1.0, noise_multiplier=sigma,
                                  l2_norm_clip=C, clip_groups=clip_groups,
                                  seed=7)
             model.compile(optimizer=opt, loss="mse")
-            model.fit(x, y, batch_size=N, epochs=1, shuffle=False, verbose=0)
+            model.fit(*data, batch_size=N, epochs=1, shuffle=False, verbose=0)
             update = [np.asarray(w) - w0
-                      for w, w0 in zip(model.get_weights(), INIT)]
+                      for w, w0 in zip(model.get_weights(), init)]
             run.path = model._keras_dp.per_example_path
             return update, opt
         finally:
@@ -264,24 +265,12 @@ def test_fast_path_per_shard_norms_of_sequence_layers_match_vmap():
         keras.distribution.set_distribution(None)
 
         def sequence_update(per_example):
-            keras.distribution.set_distribution(mp)
-            try:
-                model = build_sequence()
-                model.set_weights(init)
-                model = keras_dp.make_private(model, poisson_sampling=False,
-                                              per_example=per_example)
-                opt = keras_dp.DPSGD(learning_rate=1.0, noise_multiplier=0.0,
-                                     l2_norm_clip=0.5,
-                                     clip_groups="per_device", seed=7)
-                model.compile(optimizer=opt, loss="mse")
-                model.fit(ids, targets, batch_size=N, epochs=1,
-                          shuffle=False, verbose=0)
-                assert opt.clip_group_names[:4] == [
-                    "model:0", "model:1", "model:2", "model:3"]
-                return [np.asarray(w) - w0
-                        for w, w0 in zip(model.get_weights(), init)]
-            finally:
-                keras.distribution.set_distribution(None)
+            update, opt = run(mp, 0.0, per_example=per_example,
+                              build=build_sequence, init=init,
+                              data=(ids, targets))
+            assert opt.clip_group_names[:4] == [
+                "model:0", "model:1", "model:2", "model:3"]
+            return update
 
         reference = sequence_update("vmap")
         assert all(np.all(np.isfinite(r)) for r in reference)

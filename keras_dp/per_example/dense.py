@@ -21,9 +21,9 @@ import string
 import keras
 from keras import ops
 
+from keras_dp import keras_compat
 from keras_dp.einsum_equations import equation_parts
 from keras_dp.einsum_equations import kernel_sides
-from keras_dp import keras_compat
 from keras_dp.per_example.carriers import kernel_terms
 from keras_dp.per_example.linear import bias_terms
 from keras_dp.per_example.linear import choose_method

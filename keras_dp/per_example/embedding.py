@@ -18,10 +18,10 @@ from keras_dp.per_example.registry import builtin_registrations
 from keras_dp.per_example.registry import register_per_example_rule
 from keras_dp.per_example.registry import register_when_imported
 from keras_dp.per_example.registry import uses_plain_weights
+from keras_dp.per_example.rows import InstantiatedTerms
 from keras_dp.per_example.rows import f32
 from keras_dp.per_example.rows import factor_rows
 from keras_dp.per_example.rows import kept_rows
-from keras_dp.per_example.rows import rows_dot
 from keras_dp.per_example.rows import scaled_rows
 from keras_dp.per_example.rows import squared_norms
 from keras_dp.per_example.rows import static_prod
@@ -117,29 +117,21 @@ def position_embedding_rule(layer, call, grads, context):
     if T is None:
         raise Unsupported(f"position embedding {layer.name!r}: unknown length")
     g = ops.reshape(dy, (ops.shape(dy)[0], -1, T, D))
-    g = ops.sum(g, axis=1)
-    sq = squared_norms(g)
-    rows = table.shape[0]
-
-    def clipped(c, safe):
-        total = rows_dot(c, g, safe)
-        return ops.pad(total, [(0, rows - T), (0, 0)])
-
+    # The first T rows of the table, instantiated.
+    terms = InstantiatedTerms(table, ops.sum(g, axis=1))
+    _, sq, rows_sum = terms
     partition = context.partition_of(table)
     if partition is not None:
-        axis, shards = partition
-        if axis != 1:
+        if partition[0] != 1:
             raise Unsupported(
                 f"clip_groups='per_device': position embedding "
                 f"{layer.name!r} is sharded by rows; shard it by columns"
             )
-        columns = ops.reshape(g, (-1, T, shards, D // shards))
-        sq = ops.sum(ops.square(columns), axis=(1, 3))
+        sq, rows_sum = terms.per_shard(partition)
+    rows = table.shape[0]
 
-        def clipped(c, safe):
-            kept = kept_rows(columns, factor_rows(c), safe)
-            total = ops.reshape(ops.sum(kept * c[:, None, :, None], axis=0), (T, D))
-            return ops.pad(total, [(0, rows - T), (0, 0)])
+    def clipped(c, safe):
+        return ops.pad(rows_sum(c, safe), [(0, rows - T), (0, 0)])
 
     return [(table, sq, clipped)]
 

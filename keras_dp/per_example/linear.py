@@ -26,6 +26,7 @@ from keras_dp.per_example.rows import factor_rows
 from keras_dp.per_example.rows import kept_rows
 from keras_dp.per_example.rows import rows_dot
 from keras_dp.per_example.rows import scaled_rows
+from keras_dp.per_example.rows import sharded_terms
 from keras_dp.per_example.rows import squared_norms
 
 # Tests may force "ghost" or "instantiate" for every linear layer.
@@ -168,12 +169,10 @@ def sharded_linear_terms(A, B, method, side, group_dims, axis, shards):
             )
 
         return sq, clipped
+    p = B.shape[-1]
     G = ops.matmul(ops.transpose(A, (0, 2, 1)), B)
-    G5 = ops.reshape(G, (-1,) + split + (B.shape[-1],))
-    sq = ops.sum(ops.square(G5), axis=(1, 3, 4))
-
-    def clipped(c, safe):
-        scaled = kept_rows(G5, factor_rows(c), safe) * c[:, None, :, None, None]
-        return ops.reshape(ops.sum(scaled, axis=0), (d, B.shape[-1]))
-
-    return sq, clipped
+    # Rows of G as (before, shards * after): split along that axis.
+    sq, shard_sum = sharded_terms(
+        ops.reshape(G, (-1, before, d // before, p)), (1, shards)
+    )
+    return sq, lambda c, safe: ops.reshape(shard_sum(c, safe), (d, p))

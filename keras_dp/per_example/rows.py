@@ -93,16 +93,22 @@ class InstantiatedTerms(tuple):
         return terms
 
     def per_shard(self, partition):
-        """`(squared norms (n, shards), clipped_sum)` for the variable split
-        into `shards` equal pieces along `axis` (`partition = (axis,
-        shards)`); `clipped_sum(c, safe)` takes `(n, shards)` factors."""
-        g = self.grads
-        sq = clipping_lib.per_example_squared_norms([g], [partition])[0]
+        """`sharded_terms(grads, partition)`."""
+        return sharded_terms(self.grads, partition)
 
-        def clipped(c, safe):
-            return clipping_lib.weighted_sum([g], [c], [partition], zero_rows=safe)[0]
 
-        return sq, clipped
+def sharded_terms(grads, partition):
+    """`(squared norms (n, shards), clipped_sum)` of per-example gradients
+    `grads` `(n, *shape)` split into `shards` equal pieces along `axis`
+    (`partition = (axis, shards)`, an axis of `shape`);
+    `clipped_sum(c, safe)` takes `(n, shards)` factors and returns
+    `shape`."""
+    sq = clipping_lib.per_example_squared_norms([grads], [partition])[0]
+
+    def clipped(c, safe):
+        return clipping_lib.weighted_sum([grads], [c], [partition], zero_rows=safe)[0]
+
+    return sq, clipped
 
 
 def static_prod(dims):
