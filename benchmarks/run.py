@@ -6,8 +6,8 @@
 
 For each backend and model, one fresh process times every mode (`plain`:
 keras SGD; `dp-poisson`, the headline row: what `fit(x, y)` on a private
-model does by default, the fast path on Poisson-sampled batches padded to
-a fixed size; `dp`: the fast path on fixed-size batches like the peers;
+model does by default, the fast path on Poisson-sampled batches padded as
+`fit` pads them for the backend's step; `dp`: the fast path on fixed-size batches like the peers;
 optionally `dp-vmap`, the general path, and `dp-rgp`, `dp-lsg`,
 LowRankSparse) epoch by epoch in turn, and one fresh process per mode
 measures its memory (see `step.py`). Timing protocol of the peers'

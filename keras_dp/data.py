@@ -59,6 +59,7 @@ from keras_dp.poisson_batches import PoissonBatches
 from keras_dp.poisson_batches import lists_as_tuples
 from keras_dp.poisson_batches import num_examples  # noqa: F401 (public)
 from keras_dp.poisson_batches import padded_batch_size  # noqa: F401 (public)
+from keras_dp.poisson_batches import padded_batch_sizes  # noqa: F401 (public)
 from keras_dp.poisson_batches import padding
 from keras_dp.poisson_batches import poisson_sample  # noqa: F401 (public)
 from keras_dp.poisson_batches import sample_weights
@@ -72,6 +73,7 @@ __all__ = [
     "UserSampler",
     "num_examples",
     "padded_batch_size",
+    "padded_batch_sizes",
     "poisson_sample",
 ]
 
@@ -131,7 +133,10 @@ class PoissonSampler(PoissonBatches):
             script: the processes exchange the seed and check that their
             arguments agree.
 
-    Each item is `(x, y, sample_weight)` with `padded_batch_size` rows; rows
+    Each item is `(x, y, sample_weight)`, padded to one of the few row
+    counts of `padded_batch_sizes` (a step compiled once per batch shape
+    compiles each once); `fit` pads to each batch's own size instead where
+    the model's step is not compiled per shape (`pad_for_step`). Rows
     beyond the sampled examples are zeros with sample weight 0 (copies of
     a real example would carry its values into steps it was not sampled
     in). The train step leaves rows of weight 0 out of the update exactly,

@@ -33,16 +33,36 @@ from keras import tree
 from keras_dp import arguments
 from keras_dp import processes
 
-# Padded rows = expected batch + this many standard deviations of the
-# Binomial batch size. A larger batch (probability ~1e-3 per step) is padded
-# to the next multiple of 8 instead, costing one retrace, never truncated.
-PADDING_STDDEVS = 3.0
+# A train step compiled once per batch shape (XLA: every JAX step, and
+# `jit_compile=True` on TensorFlow and PyTorch) gets batches padded to one of
+# two sizes: the expected batch plus 1 standard deviation of the Binomial
+# batch size (about 84% of draws fit) and plus 3 (all but about 1 in 1,000),
+# each rounded up to a multiple of 8. Two shapes cost one more compilation
+# than one, and save most of the padding rows that every step of a single
+# size would compute. A larger draw is padded to the next multiple of 8 (one
+# more compilation), never truncated.
+PADDING_STDDEVS = (1.0, 3.0)
+
+
+def padded_batch_sizes(batch_size, sample_rate):
+    """Rows a padded Poisson batch of expected size `batch_size` has under a
+    train step compiled once per batch shape, in increasing order: each
+    batch is padded to the first that holds it."""
+    stddev = math.sqrt(batch_size * (1.0 - sample_rate))
+    return tuple(
+        sorted(
+            {
+                round_up(int(math.ceil(batch_size + k * stddev)), 8)
+                for k in PADDING_STDDEVS
+            }
+        )
+    )
 
 
 def padded_batch_size(batch_size, sample_rate):
-    """Rows of a padded Poisson batch of expected size `batch_size`."""
-    stddev = math.sqrt(batch_size * (1.0 - sample_rate))
-    return round_up(int(math.ceil(batch_size + PADDING_STDDEVS * stddev)), 8)
+    """The most rows of a padded Poisson batch of expected size
+    `batch_size`, but for a rare larger draw (about 1 in 1,000)."""
+    return padded_batch_sizes(batch_size, sample_rate)[-1]
 
 
 def poisson_sample(rng, n, sample_rate):
@@ -190,9 +210,8 @@ class PoissonBatches(keras.utils.PyDataset):
         self.sample_rate = logical / n
         self.updates_per_epoch = steps_per_epoch or math.ceil(n / logical)
         # Each process pads its part to the rows of its expected share.
-        self.padded_size = padded_batch_size(
-            self.batch_size / self.process_count, self.batch_size / n
-        )
+        self.pad_for_step(compiled_per_shape=True)
+        self.padded_size = self.padded_sizes[-1]
         # Process k reads the units of the block [bounds[k], bounds[k+1]).
         self._bounds = np.array(
             [k * n // self.process_count for k in range(self.process_count + 1)]
@@ -238,8 +257,8 @@ class PoissonBatches(keras.utils.PyDataset):
 
     def padded_part(self, index):
         """`(units, padded)`: this process's sampled unit indices of batch
-        `index`, and the units its padded batch has: `padded_size`, or
-        more where a larger draw needs it on any process. Every process
+        `index`, and the units its padded batch has (`padded_rows` of
+        the largest part on any process). Every process
         pads to the same size (their parts assemble into one global batch
         of one shape); each draws the whole logical batch from the one
         seed, so it knows the size of every other part without asking."""
@@ -251,7 +270,32 @@ class PoissonBatches(keras.utils.PyDataset):
         # np.array_split's part sizes: the first `c % k` parts get one more.
         k = self.accumulation_steps
         largest = int((counts // k + (part < counts % k)).max(initial=0))
-        return np.array_split(own, k)[part], max(self.padded_size, round_up(largest, 8))
+        return np.array_split(own, k)[part], self.padded_rows(largest)
+
+    def padded_rows(self, units):
+        """Units of a padded batch whose largest part (over the processes)
+        has `units` units: the first of `padded_sizes` that holds it, else
+        the next multiple of 8; each batch's own size (at least 1) when
+        `padded_sizes` is empty (`pad_for_step`)."""
+        for size in self.padded_sizes:
+            if units <= size:
+                return size
+        return round_up(units, 8) if self.padded_sizes else max(units, 1)
+
+    def pad_for_step(self, compiled_per_shape):
+        """Pads the batches for the train step that reads them, which `fit`
+        calls before it trains. A step compiled once per batch shape
+        (`compiled_per_shape=True`: XLA) gets the few sizes of
+        `padded_batch_sizes`. Any other step (PyTorch's eager step, a
+        TensorFlow graph, which traces a batch of unknown size once) gets
+        each batch at its own size, so it computes no padding rows.
+        `padded_size` stays the most rows of all but rare batches."""
+        share = self.batch_size / self.process_count
+        self.padded_sizes = (
+            padded_batch_sizes(share, self.batch_size / self.n)
+            if compiled_per_shape
+            else ()
+        )
 
     def _logical_batch(self, update):
         if not self.secure_mode:

@@ -404,6 +404,8 @@ def _private_fit(fit):
         fit_data.check_secure_sampling(optimizer, x)
         fit_data.check_processes(optimizer, x)
         sampler = fit_data.poisson_sampler_of(x)
+        if sampler is not None:
+            sampler.pad_for_step(_compiles_per_batch_shape(model))
         rows_per_user = None
         if isinstance(sampler, data_lib.UserSampler):
             _check_user_level(model)
@@ -658,6 +660,16 @@ def _check_no_history_of_its_own(optimizer, steps):
             "combined into one ledger. Compile with a new DP optimizer "
             "(the model's ledger is carried over to it)."
         )
+
+
+def _compiles_per_batch_shape(model):
+    """Whether the model's train step is compiled once per batch shape:
+    XLA, as on JAX (always padded to a few shapes, also when eager, since a
+    `keras.distribution` splits each batch evenly over its devices) and
+    with `jit_compile=True` on the other backends."""
+    if keras.backend.backend() == "jax":
+        return True
+    return bool(model.jit_compile) and not model.run_eagerly
 
 
 def _rows_per_batch(x, batch_size):

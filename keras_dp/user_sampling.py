@@ -74,15 +74,17 @@ class UserSampler(PoissonBatches):
 
     Each item is `(x, y, sample_weight)`: user j of the batch has rows
     `j * M` to `j * M + M - 1`, their real examples first, then padding;
-    rows of padding (and whole padding users, up to `padded_users`, the
-    expected users plus 3 standard deviations, rounded up to 8) are zeros
-    with sample weight 0. A larger draw is padded further, never cut.
+    rows of padding (and whole padding users, up to one of the user counts
+    of `padded_batch_sizes`, or the batch's own users where `fit`'s step is
+    not compiled per batch shape: see `PoissonSampler`) are zeros with
+    sample weight 0. A larger draw is padded further, never cut.
 
     Attributes:
         num_users: the number of distinct users (`n` of the accountant).
         max_examples_per_user: `M`, the rows of one user (`rows_per_unit`
             of the train step).
-        padded_size: users per padded batch (`padded_size * M` rows).
+        padded_size: the most users of a padded batch but for rare draws
+            (`padded_size * M` rows).
     """
 
     def __init__(

@@ -136,7 +136,7 @@ def test_each_example_included_at_rate_q():
     assert hits.std(ddof=1) == pytest.approx(sd, rel=0.15)
 
 
-def test_padded_batches_have_fixed_rows_zero_weight_padding_and_real_rows():
+def test_padded_batches_have_tiered_rows_zero_weight_padding_and_real_rows():
     n, batch_size = 400, 40
     q = batch_size / n
     x, y = make_arrays(n)
@@ -144,23 +144,29 @@ def test_padded_batches_have_fixed_rows_zero_weight_padding_and_real_rows():
     sampler = data_lib.PoissonSampler(
         x, y, sample_weight, batch_size=batch_size, seed=11
     )
-    # Expected + 3 standard deviations of Binomial(n, q), rounded up to a
-    # multiple of 8: ceil(40 + 3 * 6) = 58 -> 64.
-    expected_rows = 8 * math.ceil(
-        math.ceil(batch_size + 3 * math.sqrt(batch_size * (1 - q))) / 8
+    # Expected + 1 and + 3 standard deviations of Binomial(n, q), rounded
+    # up to a multiple of 8: ceil(40 + 6) = 46 -> 48, ceil(40 + 18) = 58 -> 64.
+    tiers = tuple(
+        8 * math.ceil(math.ceil(batch_size + k * math.sqrt(batch_size * (1 - q))) / 8)
+        for k in (1, 3)
     )
-    assert expected_rows == 64
-    assert data_lib.padded_batch_size(batch_size, q) == expected_rows
+    assert tiers == (48, 64)
+    assert data_lib.padded_batch_sizes(batch_size, q) == tiers
+    assert data_lib.padded_batch_size(batch_size, q) == 64
+    assert sampler.padded_sizes == tiers and sampler.padded_size == 64
     assert len(sampler) == math.ceil(n / batch_size)
+    seen = set()
     for epoch in range(3):
         for index in range(len(sampler)):
             bx, by, bw = sampler[index]
             count = len(sampler.sample_indices(index))
             # 64 rows is 4 sd above the mean: no draw here exceeds it.
-            assert count <= expected_rows
-            assert bx.shape == (expected_rows, FEATURES)
-            assert by.shape == (expected_rows, 1)
-            assert bw.shape == (expected_rows,)
+            assert count <= 64
+            rows = 48 if count <= 48 else 64
+            seen.add(rows)
+            assert bx.shape == (rows, FEATURES)
+            assert by.shape == (rows, 1)
+            assert bw.shape == (rows,)
             ids = bx[:count, 0].astype(int)
             assert len(set(ids.tolist())) == count  # distinct
             assert set(ids.tolist()) == set(sampler.sample_indices(index).tolist())
@@ -172,6 +178,101 @@ def test_padded_batches_have_fixed_rows_zero_weight_padding_and_real_rows():
             assert np.all(bw[count:] == 0)
             assert np.all(np.isfinite(bx[count:]))
         sampler.on_epoch_end()
+    assert seen == {48, 64}  # both sizes occur with this seed
+
+
+def test_lower_padding_size_holds_its_share_of_draws():
+    """At an expected 256 of n = 10,000 the sizes are 272 and 304 (+1 and
+    +3 sd). Over 3,000 updates the share padded to 272 is P(Binomial(n, q)
+    <= 272) = 0.847; tolerance 4 standard errors of a share of 3,000
+    (4 * 0.0066). Every draw gets the first size that holds it."""
+    n, batch_size, updates = 10_000, 256, 3000
+    q = batch_size / n
+    x, y = make_arrays(n)
+    sampler = data_lib.PoissonSampler(
+        x, y, batch_size=batch_size, steps_per_epoch=updates, seed=3
+    )
+    assert sampler.padded_sizes == (272, 304)
+    low = 0
+    for index in range(updates):
+        count = len(sampler.part_units(index))
+        rows = sampler.padded_units(index)
+        expected = next((s for s in (272, 304) if count <= s), None)
+        assert rows == (expected or 8 * math.ceil(count / 8)), (count, rows)
+        low += rows == 272
+    p = sum(
+        math.exp(
+            math.lgamma(n + 1)
+            - math.lgamma(k + 1)
+            - math.lgamma(n - k + 1)
+            + k * math.log(q)
+            + (n - k) * math.log1p(-q)
+        )
+        for k in range(273)
+    )
+    assert p == pytest.approx(0.847, abs=0.005)
+    assert low / updates == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / updates))
+
+
+def test_pad_for_step_gives_each_batch_its_own_size():
+    """For a step that is not compiled per batch shape, a batch has just
+    its sampled rows (one zero-weight row for an empty draw), and going
+    back to compiled shapes restores the sizes."""
+    x, y = make_arrays(1000)
+    sampler = data_lib.PoissonSampler(x, y, batch_size=2, seed=6)
+    sampler.pad_for_step(compiled_per_shape=False)
+    assert sampler.padded_sizes == () and sampler.padded_size == 8
+    sizes = []
+    for index in range(len(sampler)):
+        bx, by, bw = sampler[index]
+        count = len(sampler.sample_indices(index))
+        sizes.append(count)
+        assert len(bx) == len(by) == len(bw) == max(count, 1)
+        assert np.count_nonzero(bw) == count
+        np.testing.assert_array_equal(bx[:count, 0], sampler.sample_indices(index))
+    # Binomial(1000, 0.002): empty, small and larger draws all occur.
+    assert 0 in sizes and max(sizes) > 3
+    sampler.pad_for_step(compiled_per_shape=True)
+    assert sampler.padded_sizes == data_lib.padded_batch_sizes(2, 0.002)
+    assert {len(sampler[i][2]) for i in range(len(sampler))} == {8}
+
+
+@pytest.mark.parametrize("jit_compile", ["auto", True])
+def test_fit_pads_batches_for_the_models_step(jit_compile):
+    """`fit` pads to the few compiled sizes where the step compiles per
+    batch shape (XLA: JAX, or `jit_compile=True`) and to each batch's own
+    size on the other steps (PyTorch eager, TensorFlow graphs)."""
+    backend = keras.backend.backend()
+    if jit_compile is True and backend != "jax":
+        pytest.skip("XLA of keras_dp's step is tested on JAX")
+    x, y = make_regression(600)
+    served = []
+
+    class Recording(data_lib.PoissonSampler):
+        def __getitem__(self, index):
+            batch = super().__getitem__(index)
+            served.append((len(self.part_units(index)), len(batch[2])))
+            return batch
+
+    sampler = Recording(x, y, batch_size=40, seed=1)
+    model = keras_dp.make_private(build_model("plain"))
+    model.compile(
+        optimizer=keras_dp.DPSGD(
+            learning_rate=0.01, l2_norm_clip=1.0, noise_multiplier=0.0
+        ),
+        loss="mse",
+        jit_compile=jit_compile,
+    )
+    model.fit(sampler, epochs=2, verbose=0)
+    compiled = backend == "jax"
+    assert sampler.padded_sizes == ((48, 64) if compiled else ())
+    counts = np.array([c for c, _ in served])
+    rows = np.array([r for _, r in served])
+    if compiled:
+        np.testing.assert_array_equal(rows, np.where(counts <= 48, 48, 64))
+    else:
+        np.testing.assert_array_equal(rows, np.maximum(counts, 1))
+    assert len(set(rows.tolist())) > 1
 
 
 def test_padding_rows_are_zeros_in_every_array():
@@ -603,6 +704,10 @@ def test_padding_rows_change_nothing_through_fit_on_a_sampler():
             batch = super().__getitem__(index)
             served.append(batch)
             return batch
+
+        def pad_for_step(self, compiled_per_shape):
+            # Padded on every backend, so that the step has padding rows.
+            super().pad_for_step(compiled_per_shape=True)
 
     sampler = Recording(x, y, batch_size=batch_size, steps_per_epoch=1, seed=2)
     fitted = private_model()

@@ -230,7 +230,7 @@ def test_shards_union_is_one_poisson_sample():
     """Three shards: at every step, their parts are disjoint, each in its
     own block of rows, their union is the one-process sample of the same
     seed, and they have one number of rows, also where a draw outgrows
-    the padding (forced here by a small `padded_size`). Over 600 updates
+    the padding (forced here by a small padded size). Over 600 updates
     each shard's inclusion rate is q = 0.05: the count of a shard is
     Binomial(600 * 333, 0.05), standard deviation 1% of its mean;
     tolerance 4% (four standard deviations)."""
@@ -242,7 +242,7 @@ def test_shards_union_is_one_poisson_sample():
         1, n=n, batch_size=int(q * n), steps_per_epoch=updates_count, seed=5
     )
     for sampler in samplers:
-        sampler.padded_size = 8  # most draws exceed it
+        sampler.padded_sizes = (8,)  # most draws exceed it
     counts = np.zeros(3)
     grew = 0
     for step in range(updates_count):
@@ -273,7 +273,7 @@ def test_sharded_gradient_accumulation_parts_agree():
         2, n=400, batch_size=10, accumulation_steps=3, steps_per_epoch=20, seed=2
     )
     for sampler in samplers:
-        sampler.padded_size = 1
+        sampler.padded_sizes = (1,)
     for index in range(60):
         assert samplers[0].padded_units(index) == samplers[1].padded_units(index)
         sizes = [len(s.part_units(index)) for s in samplers]

@@ -333,9 +333,11 @@ def test_batch_layout_user_major_with_padding():
     seen_short = seen_long = False
     for index in range(40):
         bx, by, bw = sampler[index]
-        assert bx.shape == (sampler.padded_size * M, 2) and bw.shape == (len(bx),)
+        padded_users = sampler.padded_units(index)
+        assert padded_users in sampler.padded_sizes
+        assert bx.shape == (padded_users * M, 2) and bw.shape == (len(bx),)
         users = uniques[sampler.part_units(index)]
-        for j in range(sampler.padded_size):
+        for j in range(padded_users):
             rows = slice(j * M, (j + 1) * M)
             real = bw[rows] != 0
             k = int(real.sum())
