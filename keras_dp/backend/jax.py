@@ -100,6 +100,17 @@ def after(dependencies, tensors):
     return jax.tree_util.tree_map(gate, tensors)
 
 
+# Every step takes the clipped sums that leave out non-finite examples
+# (selects that XLA fuses into the sums) rather than an XLA conditional
+# between them and the plain sums. On the CPU, XLA leaves the convolutions
+# in a conditional's branches in the layout it was given, off its fast
+# kernels: the filter gradient that is the clipped sum of a conv layer
+# without kept per-example gradients ran on the slow path there
+# (`benchmarks/RESULTS.md`, "Design measurements"). On an accelerator a
+# conditional also copies its predicate to the host at every step.
+NONFINITE_SUMS_IN_CONDITIONAL = False
+
+
 # The conv fallback's settings (CONV_CLIPPED_SUM_FROM_PATCHES and
 # GROUPED_CONV_*): where keras_dp's compiled kernel runs, 1-D/2-D conv
 # layers take `per_example_conv_kernel_norms` instead.

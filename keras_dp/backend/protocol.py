@@ -52,6 +52,11 @@ class BackendOps(Protocol):
     clipped sum from their patches gathered again (less memory where
     gathering is cheap), instead of keeping the gradients."""
 
+    NONFINITE_SUMS_IN_CONDITIONAL: bool
+    """Whether the clipped sums that leave out non-finite examples run
+    under `ops.cond`, only in steps that have one (else in every step;
+    `keras_dp.per_example.clip_factors.sums_leaving_out_nonfinite`)."""
+
     def value_and_grad(self, fn: Callable) -> Callable:
         """`fn(params, *args) -> (value, aux)` becomes
         `g(params, *args) -> ((value, aux), grads)`: the gradient of the

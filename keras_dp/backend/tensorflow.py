@@ -133,6 +133,11 @@ GROUPED_CONV_CHUNK_BYTES = 4 * 2**20
 # same step time, since gathering is cheap here (`gather_patches`).
 CONV_CLIPPED_SUM_FROM_PATCHES = True
 
+# The clipped sums that leave out non-finite examples cost a few passes
+# over the per-example tensors (selects); the conditional runs them only
+# in a step that has such an example.
+NONFINITE_SUMS_IN_CONDITIONAL = True
+
 
 def per_example_conv_kernel_grads(x, dy, kernel_size, dilation, pads):
     """Per-example kernel gradients of a stride-1 1-D/2-D convolution.

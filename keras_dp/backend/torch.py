@@ -227,6 +227,11 @@ def per_example_conv_kernel_norms(
 # cost; on PyTorch the kept gradients are reused, as on JAX.
 CONV_CLIPPED_SUM_FROM_PATCHES = False
 
+# The clipped sums that leave out non-finite examples cost a few passes
+# over the per-example tensors (selects); the conditional runs them only
+# in a step that has such an example.
+NONFINITE_SUMS_IN_CONDITIONAL = True
+
 # Stride-1 1-D/2-D convolutions with at least this many output positions
 # take `per_example_conv_kernel_grads` (grouped convolutions), in chunks of
 # about this many bytes of inputs and output gradients; smaller maps use

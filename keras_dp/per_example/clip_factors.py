@@ -13,9 +13,14 @@ loss. Like the logged loss, that count is computed from the data without
 noise: it is for the person training, not differentially private.
 
 The exact way of leaving rows out (`safe=True` in the clipped sums) costs
-passes over the per-example tensors, so it runs under `ops.cond` only in a
-step with a non-finite example; other steps pay for a test on the squared
-norms and losses. On the fast path this is exact: an infinite or NaN entry
+passes over the per-example tensors. On TensorFlow and PyTorch it runs
+under `ops.cond` only in a step with a non-finite example; other steps pay
+for a test on the squared norms and losses. On JAX every step takes it
+(the backend's `NONFINITE_SUMS_IN_CONDITIONAL`): XLA fuses the selects
+into the sums, while an XLA conditional costs more than it saves (its
+branches' convolutions miss the CPU backend's fast kernels, and on an
+accelerator the predicate goes to the host at every step). The test is
+exact on the fast path: an infinite or NaN entry
 in an example's layer input `A_i`, output gradient `B_i` or instantiated
 `G_i` makes that layer's squared norm of the example infinite or NaN
 (products and sums propagate them), so such an example is always caught,
@@ -44,14 +49,18 @@ def scaled_factors(factors, scale):
     return [products[id(f)] for f in factors]
 
 
-def sums_leaving_out_nonfinite(squared_norms, losses, factors, weighted_sums):
+def sums_leaving_out_nonfinite(
+    squared_norms, losses, factors, weighted_sums, conditional=True
+):
     """`(clipped sums, nonfinite)`, the sums `weighted_sums(factors, safe)`
     with the examples whose squared norm or loss is not finite given factor
     0 and left out exactly (`safe=True`), and `nonfinite` the `(n,)` bool
     mask of those examples.
 
     `squared_norms`: one `(n,)` tensor per variable; `factors`: one per
-    variable, as `weighted_sums` takes them.
+    variable, as `weighted_sums` takes them. `conditional`: the safe sums
+    only in a step with a non-finite example (`ops.cond`), or in every
+    step (False; the backend's `NONFINITE_SUMS_IN_CONDITIONAL`).
     """
 
     def finite_step():
@@ -62,6 +71,9 @@ def sums_leaving_out_nonfinite(squared_norms, losses, factors, weighted_sums):
         zeroed = clipping_lib.zero_factors(factors, nonfinite)
         return weighted_sums(zeroed, True), nonfinite
 
+    if not conditional:
+        clipped, nonfinite = step_with_nonfinite()
+        return list(clipped), nonfinite
     clipped, nonfinite = ops.cond(
         clipping_lib.all_finite(squared_norms, losses),
         finite_step,

@@ -72,7 +72,11 @@ def fast_clipped_gradient_sum(
         )
         factors = scaled_factors(clipping.variable_clip_factors(squared), scale)
         clipped, nonfinite = sums_leaving_out_nonfinite(
-            squared, losses, factors, clipped_fn
+            squared,
+            losses,
+            factors,
+            clipped_fn,
+            conditional=backend_ops.NONFINITE_SUMS_IN_CONDITIONAL,
         )
         if count_groups:
             # Adaptive clipping's centred counts; padding rows count 0.

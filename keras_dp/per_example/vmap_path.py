@@ -133,7 +133,11 @@ def _vectorized_clipped_sum(
             ]
 
         clipped, nonfinite = sums_leaving_out_nonfinite(
-            squared_norms, losses, factors, sums
+            squared_norms,
+            losses,
+            factors,
+            sums,
+            conditional=backend_ops.NONFINITE_SUMS_IN_CONDITIONAL,
         )
         if count_groups:
             mask = (
