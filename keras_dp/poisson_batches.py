@@ -93,7 +93,9 @@ class PoissonBatches(keras.utils.PyDataset):
 
     Attributes set by `_set_rate`: `n` (units), `batch_size` (expected
     units per batch), `accumulation_steps`, `sample_rate` (`q`, per
-    logical batch), `updates_per_epoch`, `seed` (None in secure mode).
+    logical batch), `updates_per_epoch`, `seed` (None in secure mode),
+    `padded_sizes` (the units a batch is padded to, `pad_for_step`) and
+    `padded_size` (the most units of all but rare batches).
     """
 
     def __init__(
