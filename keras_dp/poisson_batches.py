@@ -35,13 +35,13 @@ from keras_dp import processes
 
 # A train step compiled once per batch shape (XLA: every JAX step, and
 # `jit_compile=True` on TensorFlow and PyTorch) gets batches padded to one of
-# two sizes: the expected batch plus 1 standard deviation of the Binomial
-# batch size (about 84% of draws fit) and plus 3 (all but about 1 in 1,000),
-# each rounded up to a multiple of 8. Two shapes cost one more compilation
-# than one, and save most of the padding rows that every step of a single
-# size would compute. A larger draw is padded to the next multiple of 8 (one
-# more compilation), never truncated.
-PADDING_STDDEVS = (1.0, 3.0)
+# three sizes: the expected batch (about half of the draws fit), plus 1
+# standard deviation of the Binomial batch size (about 84%) and plus 3 (all
+# but about 1 in 1,000), each rounded up to a multiple of 8. Each size costs
+# one compilation, once; a single size would make every step compute the
+# padding rows of the largest. A larger draw is padded to the next multiple
+# of 8 (one more compilation), never truncated.
+PADDING_STDDEVS = (0.0, 1.0, 3.0)
 
 
 def padded_batch_sizes(batch_size, sample_rate):

@@ -144,13 +144,14 @@ def test_padded_batches_have_tiered_rows_zero_weight_padding_and_real_rows():
     sampler = data_lib.PoissonSampler(
         x, y, sample_weight, batch_size=batch_size, seed=11
     )
-    # Expected + 1 and + 3 standard deviations of Binomial(n, q), rounded
-    # up to a multiple of 8: ceil(40 + 6) = 46 -> 48, ceil(40 + 18) = 58 -> 64.
+    # Expected, + 1 and + 3 standard deviations of Binomial(n, q), rounded
+    # up to a multiple of 8: 40, ceil(40 + 6) = 46 -> 48, ceil(40 + 18) =
+    # 58 -> 64.
     tiers = tuple(
         8 * math.ceil(math.ceil(batch_size + k * math.sqrt(batch_size * (1 - q))) / 8)
-        for k in (1, 3)
+        for k in (0, 1, 3)
     )
-    assert tiers == (48, 64)
+    assert tiers == (40, 48, 64)
     assert data_lib.padded_batch_sizes(batch_size, q) == tiers
     assert data_lib.padded_batch_size(batch_size, q) == 64
     assert sampler.padded_sizes == tiers and sampler.padded_size == 64
@@ -162,7 +163,7 @@ def test_padded_batches_have_tiered_rows_zero_weight_padding_and_real_rows():
             count = len(sampler.sample_indices(index))
             # 64 rows is 4 sd above the mean: no draw here exceeds it.
             assert count <= 64
-            rows = 48 if count <= 48 else 64
+            rows = next(size for size in tiers if count <= size)
             seen.add(rows)
             assert bx.shape == (rows, FEATURES)
             assert by.shape == (rows, 1)
@@ -178,40 +179,49 @@ def test_padded_batches_have_tiered_rows_zero_weight_padding_and_real_rows():
             assert np.all(bw[count:] == 0)
             assert np.all(np.isfinite(bx[count:]))
         sampler.on_epoch_end()
-    assert seen == {48, 64}  # both sizes occur with this seed
+    assert seen == set(tiers)  # every size occurs with this seed
 
 
-def test_lower_padding_size_holds_its_share_of_draws():
-    """At an expected 256 of n = 10,000 the sizes are 272 and 304 (+1 and
-    +3 sd). Over 3,000 updates the share padded to 272 is P(Binomial(n, q)
-    <= 272) = 0.847; tolerance 4 standard errors of a share of 3,000
-    (4 * 0.0066). Every draw gets the first size that holds it."""
+def test_padding_sizes_hold_their_shares_of_draws():
+    """At an expected 256 of n = 10,000 the sizes are 256, 272 and 304
+    (+0, +1 and +3 sd). Over 3,000 updates the shares padded to 256 and to
+    at most 272 are P(Binomial(n, q) <= 256) = 0.519 and P(... <= 272) =
+    0.847; tolerance 4 standard errors of a share of 3,000 (at most
+    4 * 0.0091). Every draw gets the first size that holds it."""
     n, batch_size, updates = 10_000, 256, 3000
     q = batch_size / n
     x, y = make_arrays(n)
     sampler = data_lib.PoissonSampler(
         x, y, batch_size=batch_size, steps_per_epoch=updates, seed=3
     )
-    assert sampler.padded_sizes == (272, 304)
-    low = 0
+    sizes = (256, 272, 304)
+    assert sampler.padded_sizes == sizes
+    rows = []
     for index in range(updates):
         count = len(sampler.part_units(index))
-        rows = sampler.padded_units(index)
-        expected = next((s for s in (272, 304) if count <= s), None)
-        assert rows == (expected or 8 * math.ceil(count / 8)), (count, rows)
-        low += rows == 272
-    p = sum(
-        math.exp(
-            math.lgamma(n + 1)
-            - math.lgamma(k + 1)
-            - math.lgamma(n - k + 1)
-            + k * math.log(q)
-            + (n - k) * math.log1p(-q)
+        padded = sampler.padded_units(index)
+        expected = next((s for s in sizes if count <= s), None)
+        assert padded == (expected or 8 * math.ceil(count / 8)), (count, padded)
+        rows.append(padded)
+    rows = np.array(rows)
+
+    def binomial_cdf(m):
+        return sum(
+            math.exp(
+                math.lgamma(n + 1)
+                - math.lgamma(k + 1)
+                - math.lgamma(n - k + 1)
+                + k * math.log(q)
+                + (n - k) * math.log1p(-q)
+            )
+            for k in range(m + 1)
         )
-        for k in range(273)
-    )
-    assert p == pytest.approx(0.847, abs=0.005)
-    assert low / updates == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / updates))
+
+    for size, share in ((256, 0.519), (272, 0.847)):
+        p = binomial_cdf(size)
+        assert p == pytest.approx(share, abs=0.005)
+        tolerance = 4 * math.sqrt(p * (1 - p) / updates)
+        assert np.mean(rows <= size) == pytest.approx(p, abs=tolerance)
 
 
 def test_pad_for_step_gives_each_batch_its_own_size():
@@ -265,11 +275,13 @@ def test_fit_pads_batches_for_the_models_step(jit_compile):
     )
     model.fit(sampler, epochs=2, verbose=0)
     compiled = backend == "jax"
-    assert sampler.padded_sizes == ((48, 64) if compiled else ())
+    assert sampler.padded_sizes == ((40, 48, 64) if compiled else ())
     counts = np.array([c for c, _ in served])
     rows = np.array([r for _, r in served])
     if compiled:
-        np.testing.assert_array_equal(rows, np.where(counts <= 48, 48, 64))
+        np.testing.assert_array_equal(
+            rows, np.select([counts <= 40, counts <= 48], [40, 48], 64)
+        )
     else:
         np.testing.assert_array_equal(rows, np.maximum(counts, 1))
     assert len(set(rows.tolist())) > 1
