@@ -94,8 +94,7 @@ class PoissonBatches(keras.utils.PyDataset):
     Attributes set by `_set_rate`: `n` (units), `batch_size` (expected
     units per batch), `accumulation_steps`, `sample_rate` (`q`, per
     logical batch), `updates_per_epoch`, `seed` (None in secure mode),
-    `padded_sizes` (the units a batch is padded to, `pad_for_step`) and
-    `padded_size` (the most units of all but rare batches).
+    `padded_sizes` (the units a batch is padded to, `pad_for_step`).
     """
 
     def __init__(
@@ -211,9 +210,7 @@ class PoissonBatches(keras.utils.PyDataset):
             )
         self.sample_rate = logical / n
         self.updates_per_epoch = steps_per_epoch or math.ceil(n / logical)
-        # Each process pads its part to the rows of its expected share.
         self.pad_for_step(compiled_per_shape=True)
-        self.padded_size = self.padded_sizes[-1]
         # Process k reads the units of the block [bounds[k], bounds[k+1]).
         self._bounds = np.array(
             [k * n // self.process_count for k in range(self.process_count + 1)]
@@ -229,6 +226,27 @@ class PoissonBatches(keras.utils.PyDataset):
             },
             f"The {type(self).__name__}",
         )
+
+    @property
+    def padded_size(self):
+        """The most units of this process's batches but for rare draws
+        (about 1 in 1,000), whether or not they are padded."""
+        return padded_batch_size(self._expected_share, self.batch_size / self.n)
+
+    @property
+    def rows_hint(self):
+        """Units of a typical batch of this process, for choices the train
+        step makes once for every batch size (a TensorFlow graph traced with
+        an unknown batch dimension): the largest padded size, or the
+        expected share where each batch has its own size."""
+        if self.padded_sizes:
+            return self.padded_size
+        return max(1, round(self._expected_share))
+
+    @property
+    def _expected_share(self):
+        # Each process pads its part to the units of its expected share.
+        return self.batch_size / self.process_count
 
     @property
     def expected_batch_size(self):
@@ -292,9 +310,8 @@ class PoissonBatches(keras.utils.PyDataset):
         TensorFlow graph, which traces a batch of unknown size once) gets
         each batch at its own size, so it computes no padding rows.
         `padded_size` stays the most rows of all but rare batches."""
-        share = self.batch_size / self.process_count
         self.padded_sizes = (
-            padded_batch_sizes(share, self.batch_size / self.n)
+            padded_batch_sizes(self._expected_share, self.batch_size / self.n)
             if compiled_per_shape
             else ()
         )
