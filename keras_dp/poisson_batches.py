@@ -417,15 +417,25 @@ def take_padded(structure, indices, rows, positions=None):
     """The rows `indices` of each array, then zeros up to `rows` rows
     (None: `len(indices)` rows). `positions`: the output rows that receive
     them (default: the first `len(indices)`)."""
+    indices = np.asarray(indices, dtype=np.intp)
+    count = len(indices) if rows is None else rows
+    if positions is None:
+        positions = slice(0, len(indices))
+    # One gather of `count` rows, whose padding rows (any row: the first)
+    # are then blanked: gathering into a separate zero-filled batch would
+    # hold two batch-sized buffers at once, which the allocator maps and
+    # faults in afresh for every batch.
+    source = np.zeros((count,), dtype=np.intp)
+    source[positions] = indices
+    is_padding = np.ones((count,), dtype=bool)
+    is_padding[positions] = False
 
     def take(array):
         array = np.asarray(array)
-        count = len(indices) if rows is None else rows
-        out = padding((count,) + array.shape[1:], array.dtype)
-        if positions is None:
-            out[: len(indices)] = array[indices]
-        else:
-            out[positions] = array[indices]
+        if len(array) == 0:
+            return padding((count,) + array.shape[1:], array.dtype)
+        out = array[source]
+        out[is_padding] = padding((), array.dtype)
         return out
 
     return tree.map_structure(take, structure)
