@@ -40,7 +40,8 @@ resolves `jit_compile="auto"` to no compilation on PyTorch, for the plain
 model and keras_dp's step alike), on the arrays as on JAX.
 
 On TensorFlow the batches come from a `tf.data.Dataset` with autotuning
-off, for plain and DP alike: on a 2-core machine tf.data's autotuner thread
+off, for plain and DP alike (Poisson batches through the sampler's
+`as_tf_dataset`): on a 2-core machine tf.data's autotuner thread
 competes with the step for a core and makes about half of the epochs of
 `fit(x, y)` take twice as long, for either step.
 """
@@ -182,11 +183,30 @@ def noise_sampler(mode):
     return mock.patch.dict(os.environ, {"KERAS_DP_NATIVE": "0"})
 
 
+def poisson_batches(x, y, batch, secure_mode):
+    """What `fit(x, y)` on a private model trains on (Poisson batches), or
+    on TensorFlow the same sampler's `tf.data` form with autotuning off,
+    as `batches` gives the other modes: through `fit(x, y)` Keras would
+    read the sampler with autotuning on, for this mode only."""
+    if keras.backend.backend() != "tensorflow":
+        return {"x": x, "y": y, "batch_size": batch}
+    import keras_dp
+    import tensorflow as tf
+
+    sampler = keras_dp.data.PoissonSampler(
+        x, y, batch_size=batch, secure_mode=secure_mode
+    )
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return {"x": sampler.as_tf_dataset().with_options(options)}
+
+
 def fit_epoch(model, mode, x, y, batch):
     if mode in ("dp-poisson", "dp-secure"):
-        model.fit(x, y, batch_size=batch, epochs=1, verbose=0)
+        data = poisson_batches(x, y, batch, secure_mode=mode == "dp-secure")
     else:
-        model.fit(**batches(x, y, batch), epochs=1, verbose=0)
+        data = batches(x, y, batch)
+    model.fit(**data, epochs=1, verbose=0)
 
 
 def path_of(model, mode):
