@@ -230,18 +230,11 @@ class PoissonBatches(keras.utils.PyDataset):
     @property
     def padded_size(self):
         """The most units of this process's batches but for rare draws
-        (about 1 in 1,000), whether or not they are padded."""
+        (about 1 in 1,000), whether or not they are padded: the rows the
+        train step plans for where it traces a batch of unknown size (a
+        TensorFlow graph sizes its conv chunks for it, so that all but the
+        rarest batches stay within the chunks' memory)."""
         return padded_batch_size(self._expected_share, self.batch_size / self.n)
-
-    @property
-    def rows_hint(self):
-        """Units of a typical batch of this process, for choices the train
-        step makes once for every batch size (a TensorFlow graph traced with
-        an unknown batch dimension): the largest padded size, or the
-        expected share where each batch has its own size."""
-        if self.padded_sizes:
-            return self.padded_size
-        return max(1, round(self._expected_share))
 
     @property
     def _expected_share(self):

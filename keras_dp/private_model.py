@@ -676,7 +676,7 @@ def _rows_per_batch(x, batch_size):
     """Rows of the batches `fit` will draw from `x`, or None if unknown."""
     sampler = fit_data.poisson_sampler_of(x)
     if sampler is not None:
-        return sampler.rows_hint
+        return sampler.padded_size
     if keras_compat.can_convert_arrays((x,)):
         return batch_size or 32
     if keras_compat.is_tf_dataset(x):

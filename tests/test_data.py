@@ -232,7 +232,6 @@ def test_pad_for_step_gives_each_batch_its_own_size():
     sampler = data_lib.PoissonSampler(x, y, batch_size=2, seed=6)
     sampler.pad_for_step(compiled_per_shape=False)
     assert sampler.padded_sizes == () and sampler.padded_size == 8
-    assert sampler.rows_hint == 2
     sizes = []
     for index in range(len(sampler)):
         bx, by, bw = sampler[index]
@@ -283,10 +282,10 @@ def test_fit_pads_batches_for_the_models_step(jit_compile):
     model.fit(sampler, epochs=2, verbose=0, callbacks=[hint_recorder])
     compiled = backend == "jax"
     assert sampler.padded_sizes == ((40, 48, 64) if compiled else ())
-    # The engine's rows hint (an unknown batch dimension) is the largest
-    # padded size, or the expected batch where each batch has its own size.
-    assert set(hints) == {64 if compiled else 40}
-    assert sampler.padded_size == 64
+    # The rows the engine plans for where the batch size is unknown (a
+    # TensorFlow graph's conv chunks) cover all but rare batches, padded or
+    # not.
+    assert set(hints) == {64} and sampler.padded_size == 64
     counts = np.array([c for c, _ in served])
     rows = np.array([r for _, r in served])
     if compiled:
