@@ -28,7 +28,6 @@ minutes on a 2-core CPU.
 
 import argparse
 import os
-import sys
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -41,17 +40,11 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 
 import keras_dp  # noqa: E402
 
-# The examples' step timer (examples/step_timer.py).
-sys.path.insert(
-    0,
-    os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"
-    ),
-)
-from step_timer import StepTimer  # noqa: E402
+from private_fine_tuning import DELTA  # noqa: E402
+from private_fine_tuning import METHODS  # noqa: E402
+from private_fine_tuning import fit_private  # noqa: E402
+from private_fine_tuning import for_method  # noqa: E402
 
-DELTA = 1e-5
-METHODS = ("full", "lora", "lsg", "rgp")
 LABELS = {
     "full": "Full DP fine-tuning",
     "lora": "DP-LoRA",
@@ -123,50 +116,31 @@ def fine_tune(method, weights, train, test, args, seed):
     keras.utils.set_random_seed(seed)
     model = build()
     model.set_weights(weights)
-    learning_rate = args.learning_rate
-    if method == "lora":
-        for name in ("h1", "h2"):
-            model.get_layer(name).enable_lora(args.rank)
-        learning_rate = args.lora_learning_rate
-    elif method in ("lsg", "rgp"):
-        model = keras_dp.LowRankSparse(
-            model,
-            rank=args.rank,
-            sparsity=args.sparsity if method == "lsg" else 0.0,
-            refresh_every=args.refresh_every,
-            exclude=("head",),
-            seed=seed,
-            carriers=args.carriers,
-        )
-    if method in ("lsg", "rgp"):
-        dimension = model.noise_dimension
-    else:
-        dimension = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    model = keras_dp.make_private(model)
-    model.compile(
-        optimizer=keras_dp.DPAdam(
-            learning_rate=learning_rate,
-            noise_multiplier=args.noise_multiplier,
-            l2_norm_clip=1.0,
-            seed=seed,
-        ),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
+    model = for_method(
+        model,
+        method,
+        lora_layers=[model.get_layer(name) for name in ("h1", "h2")],
+        rank=args.rank,
+        sparsity=args.sparsity,
+        refresh_every=args.refresh_every,
+        exclude=("head",),
+        seed=seed,
+        carriers=args.carriers,
     )
-    timer, logger = StepTimer(), keras_dp.EpsilonLogger(delta=DELTA)
-    model.fit(
-        *train,
+    run = fit_private(
+        model,
+        train,
+        learning_rate=(
+            args.lora_learning_rate if method == "lora" else args.learning_rate
+        ),
+        noise_multiplier=args.noise_multiplier,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         batch_size=args.batch_size,
         epochs=args.epochs,
-        verbose=0,
-        callbacks=[timer, logger],
+        seed=seed,
     )
-    steps = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-    step_time = timer.seconds_per_step()
-    _, accuracy = model.evaluate(*test, verbose=0)
-    path = model._keras_dp.per_example_path
-    path = "vmap" if path is None else path[0]
-    return accuracy, logger.epsilon(), steps, dimension, step_time, path
+    _, accuracy = run.model.evaluate(*test, verbose=0)
+    return accuracy, run.epsilon, run.steps, run.dimension, run.step_time, run.path
 
 
 def main():

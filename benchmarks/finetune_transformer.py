@@ -83,14 +83,9 @@ import numpy as np  # noqa: E402
 
 import keras_dp  # noqa: E402
 
-# The examples' step timer (examples/step_timer.py).
-sys.path.insert(
-    0,
-    os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"
-    ),
-)
-from step_timer import StepTimer  # noqa: E402
+from private_fine_tuning import DELTA  # noqa: E402
+from private_fine_tuning import fit_private  # noqa: E402
+from private_fine_tuning import for_method  # noqa: E402
 from keras_dp import plotting  # noqa: E402
 
 try:
@@ -100,7 +95,6 @@ except ImportError as error:  # pragma: no cover
         f"This benchmark needs keras-hub: pip install keras-hub (import failed: {error})."
     )
 
-DELTA = 1e-5
 METHODS = ("full", "lora", "rgp", "lsg")
 LABELS = {
     "full": "Full DP fine-tuning",
@@ -405,53 +399,35 @@ def fine_tune_private(method, backbone_weights, sigma, learning_rate, data, args
     train, val, test = data
     start = time.perf_counter()
     model, backbone = new_classifier(backbone_weights, args, seed)
-    if method == "lora":
-        backbone.enable_lora(args.rank)
-    if method in ("rgp", "lsg"):
-        options = {} if args.carriers is None else dict(carriers=args.carriers)
-        model = keras_dp.LowRankSparse(
-            model,
-            rank=args.rank,
-            sparsity=args.sparsity if method == "lsg" else 0.0,
-            refresh_every=args.refresh_every,
-            exclude=(HEAD,),
-            seed=seed,
-            **options,
-        )
-        dimension = model.noise_dimension
-    else:
-        dimension = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
-    model = keras_dp.make_private(model)
-    model.compile(
-        optimizer=keras_dp.DPAdam(
-            learning_rate=learning_rate,
-            noise_multiplier=sigma,
-            l2_norm_clip=1.0,
-            seed=seed,
-        ),
-        loss=loss(),
-        metrics=["accuracy"],
+    model = for_method(
+        model,
+        method,
+        lora_layers=[backbone],
+        rank=args.rank,
+        sparsity=args.sparsity,
+        refresh_every=args.refresh_every,
+        exclude=(HEAD,),
+        seed=seed,
+        **({} if args.carriers is None else dict(carriers=args.carriers)),
     )
-    timer, logger = StepTimer(), keras_dp.EpsilonLogger(delta=DELTA)
-    model.fit(
-        *train,
+    run = fit_private(
+        model,
+        train,
+        learning_rate=learning_rate,
+        noise_multiplier=sigma,
+        loss=loss(),
         batch_size=args.batch_size,
         epochs=args.epochs,
-        verbose=0,
-        callbacks=[timer, logger],
-    )
-    summary = keras_dp.privacy_summary(model).splitlines()
-    path = next(
-        (s.split(":", 1)[1].strip() for s in summary if "per-example" in s), "?"
+        seed=seed,
     )
     return dict(
-        val=evaluate(model, val),
-        test=evaluate(model, test),
-        epsilon=logger.epsilon(),
-        steps=int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
-        dimension=dimension,
-        step_time=timer.seconds_per_step(),
-        path=path,
+        val=evaluate(run.model, val),
+        test=evaluate(run.model, test),
+        epsilon=run.epsilon,
+        steps=run.steps,
+        dimension=run.dimension,
+        step_time=run.step_time,
+        path=run.path,
         seconds=time.perf_counter() - start,
     )
 
