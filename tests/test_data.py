@@ -963,3 +963,39 @@ def test_generator_with_sample_rate_trains_and_records_it():
     (entry,) = model.optimizer.privacy_ledger.entries
     assert entry["sample_rate"] == pytest.approx(0.1)
     assert entry["poisson"] is False
+
+
+@pytest.mark.parametrize("with_positions", [False, True])
+def test_take_padded_matches_a_zero_filled_batch(tmp_path, with_positions):
+    """The sampler's gather (one gather, padding rows blanked after) gives
+    what copying the rows into a batch of padding gives, for numbers,
+    integers, text, objects and memmaps, and for empty draws."""
+    from keras_dp.poisson_batches import padding
+    from keras_dp.poisson_batches import take_padded
+
+    rng = np.random.default_rng(0)
+    memmap = np.lib.format.open_memmap(
+        tmp_path / "x.npy", mode="w+", dtype="float32", shape=(50, 3, 2)
+    )
+    memmap[:] = rng.normal(size=(50, 3, 2))
+    arrays = {
+        "floats": rng.normal(size=(50, 4)).astype("float32") + 1.0,
+        "ints": np.arange(1, 51, dtype="int64"),
+        "text": np.array([f"t{i}" for i in range(50)]),
+        "objects": np.array([f"o{i}" for i in range(50)], dtype=object),
+        "memmap": memmap,
+    }
+    for count, rows in ((7, 16), (0, 8), (12, 12), (5, None)):
+        indices = rng.choice(50, size=count, replace=False)
+        total = count if rows is None else rows
+        positions = (
+            np.sort(rng.choice(total, size=count, replace=False))
+            if with_positions
+            else None
+        )
+        got = take_padded(arrays, indices, rows, positions)
+        for key, array in arrays.items():
+            want = padding((total,) + array.shape[1:], array.dtype)
+            want[slice(0, count) if positions is None else positions] = array[indices]
+            assert type(got[key]) is np.ndarray and got[key].dtype == want.dtype
+            np.testing.assert_array_equal(got[key], want)
