@@ -187,9 +187,10 @@ def check_secure_sampling(optimizer, x):
 
 
 def check_processes(optimizer, x):
-    """Refuses what training across processes (`jax.distributed`) cannot
-    do: each process must read its own shard of one Poisson batch, and all
-    must add the same noise once."""
+    """Refuses what training across processes (`jax.distributed`, or
+    TensorFlow's `MultiWorkerMirroredStrategy` in scope) cannot do: each
+    process must read its own shard of one Poisson batch, and the noise
+    must be added once."""
     count = processes.count()
     sampler = poisson_sampler_of(x)
     if count == 1:
@@ -204,11 +205,13 @@ def check_processes(optimizer, x):
                 "process_index and process_count."
             )
         return
+    multi_worker = processes.multi_worker_strategy() is not None
+    engine = "MultiWorkerMirroredStrategy" if multi_worker else "jax.distributed"
     where = (
-        f"Training across {count} processes (jax.distributed, this is "
+        f"Training across {count} processes ({engine}, this is "
         f"process {processes.index()})"
     )
-    if keras.distribution.distribution() is None:
+    if not multi_worker and keras.distribution.distribution() is None:
         raise ValueError(
             f"{where} needs a distribution over the devices of all "
             "processes, so that every step is one program over the global "
@@ -217,12 +220,13 @@ def check_processes(optimizer, x):
         )
     if optimizer.secure_mode:
         raise ValueError(
-            f"{where} cannot use secure_mode=True: each process would key "
-            "the noise with its own operating-system entropy and the "
-            "processes would add different noise. Use secure_mode=False."
+            f"{where} cannot use secure_mode=True: each process would draw "
+            "its batches (and key the noise) from its own operating-system "
+            "entropy, so the shards would not be parts of one Poisson "
+            "batch. Use secure_mode=False."
         )
     generator = getattr(optimizer, "_noise_seed_generator", None)
-    if generator is not None and generator.process_count != count:
+    if not multi_worker and generator is not None and generator.process_count != count:
         raise ValueError(
             f"{where}, but the optimizer {optimizer.name!r} was built before "
             "jax.distributed was initialized, so its noise key was not "
@@ -242,50 +246,140 @@ def check_processes(optimizer, x):
         raise ValueError(
             f"{where}, but the {_sampler_name(sampler)} reads shard "
             f"{sampler.process_index} of {sampler.process_count}. Build it "
-            "without process_index and process_count (they are read from "
-            "jax.distributed), or with this process's index and "
+            f"without process_index and process_count (they are read from "
+            f"{engine}), or with this process's index and "
             f"process_count={count}."
         )
 
 
-def check_replicas(model):
-    """Refuses a TensorFlow `tf.distribute` strategy of several replicas
-    (`MirroredStrategy`): each replica would add the whole noise to its
-    part of the sum, and clip its examples' gradients after Keras has
-    scaled their loss by one over the number of replicas."""
+def check_replicas(model, x=None):
+    """Refuses what training under a TensorFlow `tf.distribute` strategy
+    of several replicas cannot do. Each replica clips the gradients of its
+    part of the batch, Keras sums the replicas' gradients, and replica 0
+    adds the noise: under `MirroredStrategy` (one process, Keras splits
+    each batch between its devices) and `MultiWorkerMirroredStrategy` with
+    one replica per worker process (each worker reads its own shard of
+    every Poisson batch, `keras_dp.processes`). Other strategies, several
+    replicas per worker, and what would run per replica (adaptive
+    clipping's thresholds, gradient accumulation) or is untested across
+    replicas (a `UserSampler`) are refused with what to do."""
     strategy = getattr(model, "distribute_strategy", None)
     replicas = getattr(strategy, "num_replicas_in_sync", 1)
-    if replicas > 1:
+    if replicas == 1:
+        return
+    if processes.is_multi_worker(strategy):
+        workers = processes.worker_count(strategy)
+        if workers != replicas:
+            raise ValueError(
+                f"This model trains under a MultiWorkerMirroredStrategy of "
+                f"{replicas} replicas on {workers} worker processes. keras_dp "
+                "trains with one replica per worker (each worker reads its "
+                "own shard of every Poisson batch): give each worker one "
+                "device, e.g. processes that see one GPU each "
+                "(CUDA_VISIBLE_DEVICES), or start one worker per device."
+            )
+    elif not _is_mirrored(strategy):
         raise ValueError(
             f"This model trains under a tf.distribute strategy of {replicas} "
             f"replicas ({type(strategy).__name__}), which keras_dp does not "
-            f"support: every replica would add the DP noise ({replicas} times "
-            "the intended standard deviation in all) and clip its examples' "
-            f"gradients after Keras scaled their loss by 1/{replicas}. Train "
-            "without the strategy, or on the JAX backend with "
-            "keras.distribution.DataParallel (over the devices of one process "
-            "or of several: README, 'Training at scale')."
+            "support. Train under tf.distribute.MirroredStrategy (the devices "
+            "of one process) or MultiWorkerMirroredStrategy (one device per "
+            "worker process), without a strategy, or on the JAX backend with "
+            "keras.distribution.DataParallel (README, 'Training at scale')."
+        )
+    optimizer = model.optimizer
+    sampler = poisson_sampler_of(x) if x is not None else None
+    unsupported = [
+        name
+        for name, used in (
+            ("adaptive clipping", optimizer.adaptive_clipping is not None),
+            ("gradient_accumulation_steps", optimizer.gradient_accumulation_steps),
+            ("a UserSampler", isinstance(sampler, data_lib.UserSampler)),
+        )
+        if used
+    ]
+    if unsupported:
+        raise ValueError(
+            f"Training under a tf.distribute strategy of {replicas} replicas "
+            f"({type(strategy).__name__}) does not support "
+            f"{', '.join(unsupported)} yet (each replica would update its own "
+            "clipping thresholds or accumulate its own gradients; user-level "
+            "sampling is untested across replicas). Train without them, "
+            "without the strategy, or on the JAX backend "
+            "(README, 'Training at scale')."
         )
 
 
+def _is_mirrored(strategy):
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MirroredStrategy)
+
+
+def replica_strategy(model):
+    """The TensorFlow `tf.distribute` strategy of several replicas `model`
+    trains under, else None."""
+    strategy = getattr(model, "distribute_strategy", None)
+    return strategy if getattr(strategy, "num_replicas_in_sync", 1) > 1 else None
+
+
+def multi_worker_strategy(model):
+    """The TensorFlow `MultiWorkerMirroredStrategy` `model` trains under,
+    else None."""
+    strategy = getattr(model, "distribute_strategy", None)
+    if getattr(strategy, "num_replicas_in_sync", 1) == 1:
+        return None
+    return strategy if processes.is_multi_worker(strategy) else None
+
+
 @contextlib.contextmanager
-def sampler_shards(x):
+def sampler_shards(model, x, steps_per_epoch):
     """While training across processes on a keras_dp sampler (or a
-    `tf.data` pipeline on one), turns off the distribution's
-    `auto_shard_dataset`: each process's sampler already yields its own
-    shard, which Keras must take as it is (it would shard a `tf.data`
-    pipeline again, and refuses to shard other data)."""
+    `tf.data` pipeline on one), what `fit` reads: `(x, steps_per_epoch)`.
+
+    - JAX: the distribution's `auto_shard_dataset` is off, since each
+      process's sampler already yields its own shard, which Keras must
+      take as it is (it would shard a `tf.data` pipeline again, and
+      refuses to shard other data).
+    - TensorFlow's `MultiWorkerMirroredStrategy`: each worker's batches go
+      to its replica as they are (`distribute_datasets_from_function`).
+    - Under it and `MirroredStrategy` (whose replicas Keras hands parts of
+      each batch), Keras's trainer is mended where it fails under the
+      strategy (`keras_compat.distributed_fit`).
+    """
+    strategy = replica_strategy(model)
+    sampler = poisson_sampler_of(x)
+    if strategy is not None:
+        if sampler is None:
+            raise ValueError(
+                f"Training under a tf.distribute strategy of "
+                f"{strategy.num_replicas_in_sync} replicas needs Poisson-"
+                "sampled data: in-memory arrays (fit builds the sampler), or "
+                "a keras_dp.data.PoissonSampler. Each replica scales its part "
+                "of a fixed-size batch (poisson_sampling=False, a PyDataset, "
+                "a tf.data pipeline of batches, a generator) by its own size, "
+                "not the batch's."
+            )
+        if processes.is_multi_worker(strategy):
+            # Not Keras's distribution of a dataset, which would shard
+            # it again and split its batches.
+            dataset = x if keras_compat.is_tf_dataset(x) else sampler.as_tf_dataset()
+            x = strategy.distribute_datasets_from_function(lambda context: dataset)
+            steps_per_epoch = steps_per_epoch or len(sampler)
+        with keras_compat.distributed_fit(model, strategy):
+            yield x, steps_per_epoch
+        return
     distribution = keras.distribution.distribution()
     if (
         processes.count() == 1
-        or poisson_sampler_of(x) is None
+        or sampler is None
         or not getattr(distribution, "auto_shard_dataset", False)
     ):
-        yield
+        yield x, steps_per_epoch
         return
     distribution.auto_shard_dataset = False
     try:
-        yield
+        yield x, steps_per_epoch
     finally:
         distribution.auto_shard_dataset = True
 

@@ -182,6 +182,66 @@ def restore_attribute(obj, name, saved):
         object.__setattr__(obj, name, saved)
 
 
+def in_strategy_scope():
+    """Whether a `tf.distribute` strategy is in scope (TensorFlow).
+    Checked: Keras 3.10.0-3.15.1."""
+    import tensorflow as tf
+
+    return tf.distribute.has_strategy()
+
+
+@contextlib.contextmanager
+def distributed_fit(model, strategy):
+    """While `fit` trains `model` under the `tf.distribute` strategy
+    `strategy` of several replicas, works around the two places where
+    Keras 3's TensorFlow trainer fails under `MultiWorkerMirroredStrategy`
+    without keras_dp (keras-team/keras#20585), the first also under
+    `MirroredStrategy` with replicas' parts of unequal sizes: the first
+    batch it builds the model from is a mean over the replicas of their
+    parts (which cannot be computed eagerly across workers, nor for parts
+    of different sizes), and the logs are reduced across workers with
+    `axis=0`, which scalars do not have. Here the model is built from this
+    process's first replica's part and scalar logs are averaged over the
+    replicas. Checked: Keras 3.10.0-3.15.1 (under the strategies:
+    3.15.1)."""
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    def local_batch(value):
+        if isinstance(value, tf_trainer.tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    def symbolic_build(iterator=None, data_batch=None):
+        if iterator is not None:
+            for _, _, batches in iterator:
+                data_batch = tree.map_structure(local_batch, next(batches))
+                break
+        with strategy.scope():
+            model._symbolic_build(data_batch=data_batch)
+
+    reduce_per_replica = tf_trainer.reduce_per_replica
+
+    def reduce_logs(values, reduce_strategy, reduction):
+        def reduce(value):
+            shape = tf_trainer.tf.TensorShape(
+                getattr(local_batch(value), "shape", None)
+            )
+            if reduction in ("auto", "mean") and shape.rank == 0:
+                return reduce_strategy.reduce("MEAN", value, axis=None)
+            return reduce_per_replica(value, reduce_strategy, reduction)
+
+        return tree.map_structure(reduce, values)
+
+    saved = override_attribute(model, "_maybe_symbolic_build", symbolic_build)
+    tf_trainer.reduce_per_replica = reduce_logs
+    try:
+        yield
+    finally:
+        tf_trainer.reduce_per_replica = reduce_per_replica
+        restore_attribute(model, "_maybe_symbolic_build", saved)
+
+
 def backend_random_module():
     """The current Keras backend's random module (`keras.random`'s
     functions call its `normal`, `uniform`, `dropout`... by attribute at

@@ -486,6 +486,13 @@ class DPOptimizerMixin:
             stddev = self.noise_stddev / ops.cast(batch.expected_batch_size, "float32")
             if self.gradient_accumulation_steps:
                 stddev = stddev * ops.cast(self._is_update_step(), "float32")
+            backend = backend_lib.get_backend_module()
+            if backend.replicas_in_sync() > 1:
+                # Keras sums the replicas' gradients: one replica's noise
+                # is the whole batch's.
+                stddev = stddev * ops.cast(
+                    ops.equal(backend.replica_id(), 0), "float32"
+                )
             grads = self.noise.add(
                 grads, stddev, self._noise_seed_generator, batch.noise_spaces
             )

@@ -368,7 +368,29 @@ def _private_fit(fit):
     ):
         settings = model._keras_dp
         checks.check_dp_optimizer(model)
-        fit_data.check_replicas(model)
+        fit_data.check_replicas(model, x)
+        strategy = fit_data.multi_worker_strategy(model)
+        if strategy is not None and not keras_compat.in_strategy_scope():
+            # Samplers and checks ask `keras_dp.processes` which worker
+            # this is, which it reads from the strategy in scope.
+            with strategy.scope():
+                return private_fit(
+                    model,
+                    x,
+                    y,
+                    batch_size,
+                    epochs,
+                    verbose,
+                    callbacks,
+                    validation_split,
+                    validation_data,
+                    shuffle,
+                    class_weight,
+                    sample_weight,
+                    initial_epoch,
+                    steps_per_epoch,
+                    **kwargs,
+                )
         _check_augmentation_restored(model)
         optimizer = model.optimizer
         fit_data.check_whole_windows_done(optimizer)
@@ -466,7 +488,10 @@ def _private_fit(fit):
         settings.rows_per_user = rows_per_user
         settings.batch_size_hint = _rows_per_batch(x, batch_size)
         try:
-            with fit_data.sampler_shards(x):
+            with fit_data.sampler_shards(model, x, steps_per_epoch) as (
+                x,
+                steps_per_epoch,
+            ):
                 return fit(
                     model,
                     x=x,
@@ -560,6 +585,14 @@ def _private_train_on_batch(train_on_batch):
         settings = model._keras_dp
         checks.check_dp_optimizer(model)
         fit_data.check_replicas(model)
+        if fit_data.replica_strategy(model) is not None:
+            raise ValueError(
+                "train_on_batch is not supported under a tf.distribute "
+                "strategy of several replicas: each replica would scale its "
+                "part of the batch by the part's size, not the batch's. Train "
+                "with model.fit on in-memory arrays or a keras_dp.data."
+                "PoissonSampler."
+            )
         _check_augmentation_restored(model)
         optimizer = model.optimizer
         if optimizer.noise_multiplier is None:

@@ -1,19 +1,27 @@
 """Training across processes: which process this is, and the values that
 every process must hold alike.
 
-Under JAX multi-process training (`keras.distribution.initialize`, then a
-`keras.distribution.DataParallel` over the devices of every process), each
-process runs the same compiled step on its own part of the global batch.
-What the step computes once for the whole batch (the noise, drawn from a
-replicated key) is only computed once if every process holds the same
-key, and the parts only assemble into one global batch if every process
-pads its part to the same number of rows. This module says how many
-processes there are, hands every process process 0's value of a secret
-drawn on each (`broadcast`), and refuses settings that differ between
-processes (`check_same`).
+Two engines train across processes:
 
-Without `jax.distributed` (one process, or another backend) there is one
-process and nothing is exchanged:
+- JAX (`keras.distribution.initialize`, then a
+  `keras.distribution.DataParallel` over the devices of every process):
+  each process runs the same compiled step on its own part of the global
+  batch. What the step computes once for the whole batch (the noise, drawn
+  from a replicated key) is only computed once if every process holds the
+  same key, and the parts only assemble into one global batch if every
+  process pads its part to the same number of rows.
+- TensorFlow's `tf.distribute.MultiWorkerMirroredStrategy`, while it is
+  in scope (keras_dp's `fit` enters the model's strategy): each worker
+  process is one replica, which clips its part of the batch; Keras sums
+  the replicas' gradients, and replica 0 alone adds the noise
+  (`keras_dp.backend` `replica_id`; the same under a `MirroredStrategy`
+  over the devices of one process, where nothing is exchanged here).
+
+This module says how many processes there are, hands every process
+process 0's value of a secret drawn on each (`broadcast`), and refuses
+settings that differ between processes (`check_same`).
+
+Without either (one process) nothing is exchanged:
 
 ```python
 from keras_dp import processes
@@ -44,15 +52,59 @@ def _jax():
     return jax
 
 
+def is_multi_worker(strategy):
+    """Whether `strategy` is TensorFlow's `MultiWorkerMirroredStrategy`."""
+    if keras.backend.backend() != "tensorflow" or "tensorflow" not in sys.modules:
+        return False
+    import tensorflow as tf
+
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def multi_worker_strategy():
+    """The `tf.distribute.MultiWorkerMirroredStrategy` in scope on the
+    TensorFlow backend, else None."""
+    if keras.backend.backend() != "tensorflow" or "tensorflow" not in sys.modules:
+        return None
+    import tensorflow as tf
+
+    if not tf.distribute.has_strategy():
+        return None
+    strategy = tf.distribute.get_strategy()
+    return strategy if is_multi_worker(strategy) else None
+
+
+def worker_count(strategy):
+    """The worker processes of a `MultiWorkerMirroredStrategy`."""
+    spec = strategy.cluster_resolver.cluster_spec()
+    return sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs)
+
+
+def worker_index(strategy):
+    """This process's index among `worker_count(strategy)`."""
+    # MultiWorkerMirroredStrategy numbers a chief first, then the workers.
+    resolver = strategy.cluster_resolver
+    if resolver.task_type in (None, "chief"):
+        return 0
+    has_chief = "chief" in resolver.cluster_spec().jobs
+    return int(resolver.task_id) + (1 if has_chief else 0)
+
+
 def count():
     """The number of processes that train together (1 without
-    `jax.distributed`)."""
+    `jax.distributed` or a multi-worker strategy in scope)."""
+    strategy = multi_worker_strategy()
+    if strategy is not None:
+        return worker_count(strategy)
     jax = _jax()
     return 1 if jax is None else jax.process_count()
 
 
 def index():
     """This process's index, from 0 to `count() - 1`."""
+    strategy = multi_worker_strategy()
+    if strategy is not None:
+        return worker_index(strategy)
     jax = _jax()
     return 0 if jax is None else jax.process_index()
 
@@ -63,11 +115,27 @@ def broadcast(value):
     `value` itself."""
     if count() == 1:
         return value
-    from jax.experimental import multihost_utils
-
     values = value if isinstance(value, tuple) else (value,)
-    shared = _integers(multihost_utils.broadcast_one_to_all(_words(values)))
+    shared = _integers(_gathered_words(_words(values))[0])
     return tuple(shared) if isinstance(value, tuple) else shared[0]
+
+
+def _gathered_words(words):
+    """Every process's `words` (uint32, (k, 2)), stacked in process order:
+    (count(), k, 2)."""
+    strategy = multi_worker_strategy()
+    if strategy is None:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(words))
+    import tensorflow as tf
+
+    # A sum over the workers of each one's words in its own row: every
+    # worker is one replica (keras_dp refuses several per worker).
+    rows = np.zeros((count(),) + words.shape, np.int64)
+    rows[index()] = words
+    per_replica = strategy.run(lambda: tf.constant(rows))
+    return strategy.reduce("SUM", per_replica, axis=None).numpy().astype(np.uint32)
 
 
 def check_same(values, what):
@@ -77,15 +145,10 @@ def check_same(values, what):
     message."""
     if count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     names = sorted(values)
     local = [int(values[name]) for name in names]
     gathered = np.asarray(
-        [
-            _integers(words)
-            for words in np.asarray(multihost_utils.process_allgather(_words(local)))
-        ]
+        [_integers(words) for words in _gathered_words(_words(local))]
     )
     differ = [
         name for k, name in enumerate(names) if np.any(gathered[:, k] != local[k])

@@ -49,12 +49,14 @@ def data():
     return x, y
 
 
-def build():
+def build(regularizer=None):
     import keras
 
     keras.utils.set_random_seed(1)
     inputs = keras.Input((FEATURES,))
-    hidden = keras.layers.Dense(8, activation="tanh", name="body")(inputs)
+    hidden = keras.layers.Dense(
+        8, activation="tanh", kernel_regularizer=regularizer, name="body"
+    )(inputs)
     out = keras.layers.Dense(OUTPUTS, name="head")(hidden)
     probe = keras.layers.Dense(PROBE, use_bias=False, name="probe")(inputs)
     probe = keras.layers.Dense(OUTPUTS, use_bias=False, name="probe_out")(probe)
@@ -62,11 +64,11 @@ def build():
     return keras.Model(inputs, out)
 
 
-def private_model(noise_multiplier, seed=None):
+def private_model(noise_multiplier, seed=None, loss="mse", regularizer=None):
     """The private model, compiled with DPSGD, and its initial weights."""
     import keras_dp
 
-    model = keras_dp.make_private(build())
+    model = keras_dp.make_private(build(regularizer))
     initial = [w.copy() for w in model.get_weights()]
     model.compile(
         optimizer=keras_dp.DPSGD(
@@ -75,12 +77,12 @@ def private_model(noise_multiplier, seed=None):
             l2_norm_clip=L2_NORM_CLIP,
             seed=seed,
         ),
-        loss="mse",
+        loss=loss,
     )
     return model, initial
 
 
-def train(noise_multiplier, steps, sampler_args=None):
+def train(noise_multiplier, steps, sampler_args=None, loss="mse", regularizer=None):
     """The private model after `steps` updates on the Poisson batches of
     seed `SAMPLING_SEED`, with the weights before and the sampler used.
     `sampler_args` go to `keras_dp.data.PoissonSampler` (the process
@@ -88,7 +90,9 @@ def train(noise_multiplier, steps, sampler_args=None):
     import keras_dp
 
     x, y = data()
-    model, initial = private_model(noise_multiplier, seed=NOISE_SEED)
+    model, initial = private_model(
+        noise_multiplier, seed=NOISE_SEED, loss=loss, regularizer=regularizer
+    )
     sampler = keras_dp.data.PoissonSampler(
         x,
         y,

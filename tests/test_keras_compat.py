@@ -445,6 +445,41 @@ def test_is_tf_dataset_on_a_dataset():
     assert keras_compat.is_tf_dataset(tf.data.Dataset.range(3))
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TF trainer")
+def test_in_strategy_scope():
+    import tensorflow as tf
+
+    assert not keras_compat.in_strategy_scope()
+    with tf.distribute.OneDeviceStrategy("/cpu:0").scope():
+        assert keras_compat.in_strategy_scope()
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TF trainer")
+def test_distributed_fit_mends_the_trainer_and_restores_it():
+    """Inside, the model is built from this worker's own first batch and
+    scalar logs are averaged without an axis (`tests/test_multiworker.py`
+    trains under the real strategy); outside, Keras's own code is back."""
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    model = keras.Sequential([keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    strategy = tf.distribute.get_strategy()
+    reduce_logs = tf_trainer.reduce_per_replica
+    x, y = _data()
+    with keras_compat.distributed_fit(model, strategy):
+        assert tf_trainer.reduce_per_replica is not reduce_logs
+        logs = tf_trainer.reduce_per_replica(
+            {"loss": tf.constant(2.0), "rows": tf.ones((3,))}, strategy, "auto"
+        )
+        assert float(logs["loss"]) == 2.0 and logs["rows"].shape == (3,)
+        batches = iter([(tf.constant(x), tf.constant(y))])
+        model._maybe_symbolic_build(iterator=[(0, 0, batches)])
+        assert model.built and len(model.weights) == 2
+    assert tf_trainer.reduce_per_replica is reduce_logs
+    assert "_maybe_symbolic_build" not in vars(model)
+
+
 def test_print_msg(capsys):
     keras_compat.print_msg("keras_dp says hello")
     assert "keras_dp says hello" in capsys.readouterr().out

@@ -10,12 +10,6 @@ itself is checked without processes.
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import types
 
 import keras
 import numpy as np
@@ -25,9 +19,9 @@ import keras_dp
 import multiprocess_worker as worker
 from keras_dp import accounting
 from keras_dp import fit_data
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(ROOT, "tests", "multiprocess_worker.py")
+from worker_processes import free_port
+from worker_processes import run_workers
+from worker_processes import updates
 
 jax_only = pytest.mark.skipif(
     keras.backend.backend() != "jax",
@@ -35,61 +29,11 @@ jax_only = pytest.mark.skipif(
 )
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def processes(tmp_path_factory):
     """What the two processes wrote: `(arrays, result)` of each."""
     out = tmp_path_factory.mktemp("multiprocess")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["KERAS_BACKEND"] = "jax"
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    port = str(free_port())
-    logs = [out / f"log_{k}.txt" for k in range(2)]
-    started = []
-    for k, log in enumerate(logs):
-        with open(log, "w") as f:
-            started.append(
-                subprocess.Popen(
-                    [sys.executable, WORKER, str(k), port, str(out)],
-                    env=env,
-                    cwd=ROOT,
-                    stdout=f,
-                    stderr=subprocess.STDOUT,
-                )
-            )
-    # A process that fails leaves the other waiting in a collective: stop
-    # it at once rather than at the deadline.
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline:
-            codes = [process.poll() for process in started]
-            if all(code is not None for code in codes) or any(codes):
-                break
-            time.sleep(0.2)
-    finally:
-        for process in started:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
-    texts = [log.read_text() for log in logs]
-    if not all(p.returncode == 0 and "OK" in t for p, t in zip(started, texts)):
-        pytest.fail(
-            "\n".join(
-                f"process {k} (exit code {p.returncode}):\n{t[-4000:]}"
-                for k, (p, t) in enumerate(zip(started, texts))
-            )
-        )
-    results = []
-    for k in range(2):
-        with open(out / f"process_{k}.json") as f:
-            results.append((dict(np.load(out / f"process_{k}.npz")), json.load(f)))
-    return results
+    return run_workers("multiprocess_worker.py", [str(free_port())], "jax", out)
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +56,6 @@ def references():
     finally:
         keras.distribution.set_distribution(None)
     return quiet, (model, update_of(model, initial), sampler)
-
-
-def updates(arrays, prefix):
-    return [
-        arrays[f"{prefix}_{k}"] for k in range(len(arrays)) if f"{prefix}_{k}" in arrays
-    ]
 
 
 def update_of(model, initial):
@@ -335,15 +273,3 @@ def test_user_sampler_shards_users():
         for (bx, _, bw), part in zip(batches, parts):
             users = {int(user_ids[int(v)]) for v in bx[bw > 0, 0]}
             assert users <= {int(u) for u in np.unique(user_ids)[part]}
-
-
-def test_tf_distribute_strategy_of_several_replicas_is_refused():
-    """A model built under a `tf.distribute` strategy of two replicas
-    (what Keras's TensorFlow models report as `distribute_strategy`) is
-    refused before training; one replica trains as without a strategy."""
-    two = types.SimpleNamespace(num_replicas_in_sync=2)
-    with pytest.raises(ValueError, match="keras.distribution.DataParallel"):
-        fit_data.check_replicas(types.SimpleNamespace(distribute_strategy=two))
-    one = types.SimpleNamespace(num_replicas_in_sync=1)
-    fit_data.check_replicas(types.SimpleNamespace(distribute_strategy=one))
-    fit_data.check_replicas(object())

@@ -138,6 +138,11 @@ def replicas_in_sync():
     return 1
 
 
+def replica_id():
+    """0: the one program of a step is its only replica."""
+    return 0
+
+
 def per_example_conv_kernel_grads(x, dy, kernel_size, dilation, pads):
     """Per-example kernel gradients of a stride-1 convolution.
 

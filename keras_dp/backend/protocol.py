@@ -104,6 +104,11 @@ class BackendOps(Protocol):
         the `tf.distribute` strategy's; 1 where one program sees the whole
         batch)."""
 
+    def replica_id(self) -> Any:
+        """This replica's index among `replicas_in_sync()`, in a train
+        step (0 where one program sees the whole batch): replica 0 adds
+        the noise, once for the whole batch."""
+
     def per_example_squared_norms(self, x: Any) -> Optional[Any]:
         """Each example's sum of squares, `(n,)` from an `(n, ...)`
         tensor, in one pass over `x`; None where it cannot run."""

@@ -252,6 +252,13 @@ def replicas_in_sync():
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
+def replica_id():
+    """This replica's index in the `tf.distribute` strategy's replicas (a
+    scalar tensor in a replica's step; 0 without a strategy)."""
+    context = tf.distribute.get_replica_context()
+    return 0 if context is None else context.replica_id_in_sync_group
+
+
 def per_example_squared_norms(x):
     """Each example's sum of squares, `(n,)` from a float32 `(n, ...)`
     tensor, as one compiled op (`keras_dp.native`) that reads `x` once;

@@ -200,6 +200,11 @@ def replicas_in_sync():
     return 1
 
 
+def replica_id():
+    """0: a step is its only replica."""
+    return 0
+
+
 def per_example_squared_norms(x):
     """None: the `keras.ops` form (square, then sum per row) runs."""
     del x

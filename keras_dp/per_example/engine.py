@@ -233,6 +233,11 @@ def private_gradients(
         ops.cast(s, v.dtype)
         for s, v in zip(result["clipped_sum"], model.trainable_variables)
     ]
+    # Under a tf.distribute strategy each replica holds a part of the
+    # batch, and Keras sums the replicas' gradients (it scales the
+    # regularization loss, as every loss, by one over their number) and
+    # averages their logs.
+    replicas = backend_ops.replicas_in_sync()
     reg_loss = 0.0
     if num_regularized_weights(model):
         (reg_loss, _), reg_grads = backend_ops.value_and_grad(
@@ -245,7 +250,7 @@ def private_gradients(
     loss = (
         ops.sum(ops.where(nonfinite, ops.zeros_like(losses), losses)) / expected
         + reg_loss
-    )
+    ) * replicas
     # Units of weight-0 rows (padding) are not counted.
     row_mask = None if sample_weight is None else _row_mask(sample_weight)
     dropped = ops.cast(nonfinite, "float32")
@@ -267,7 +272,7 @@ def private_gradients(
         "static_expected_batch_size": static_expected,
         "clip_counts": result.get("clip_counts"),
         "loss": loss,
-        "nonfinite_examples": ops.sum(dropped),
+        "nonfinite_examples": ops.sum(dropped) * replicas,
         "y_pred": result["y_pred"],
         "non_trainable": result["non_trainable"],
     }

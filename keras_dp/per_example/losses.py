@@ -103,7 +103,10 @@ def example_loss(model, mapping, x, y, y_pred, sample_weight, activity_losses=()
             sample_weight=sample_weight,
             training=True,
         )
-    loss = ops.cast(loss, "float32")
+    # Under a tf.distribute strategy Keras scales the loss by one over the
+    # number of replicas (it sums their gradients); an example's is its own.
+    replicas = backend_lib.get_backend_module().replicas_in_sync()
+    loss = ops.cast(loss, "float32") * replicas
     if sample_weight is not None:
         loss = ops.where(example_is_present(sample_weight), loss, ops.zeros_like(loss))
     return loss
@@ -154,7 +157,6 @@ def batched_example_losses(model, y, y_pred, sw):
         or y is None
         or any(tree.is_nested(t) for t in (y, y_pred, sw))
         or keras_compat.keras_mask(y_pred) is not None
-        or backend_lib.get_backend_module().replicas_in_sync() != 1
     ):
         return None
     if not compiled_loss.built:
