@@ -179,20 +179,12 @@ class _ConvKernelGrads:
             assert all(r is not None and r <= max_rows for r in rows), rows
 
 
-_NO_COMPILED_CONV_KERNEL = pytest.mark.skipif(
-    keras.backend.backend() == "torch",
-    reason="keras_dp's compiled conv kernel exists as a TensorFlow op and a "
-    "JAX XLA FFI handler only: on PyTorch `per_example_conv_kernel_norms` "
-    "returns None and the conv rule takes the other three ways",
-)
-
-
 @pytest.fixture(
     params=[
         "patches",
         "grouped_conv",
         "sum_from_patches",
-        pytest.param("compiled", marks=_NO_COMPILED_CONV_KERNEL),
+        "compiled",
     ]
 )
 def conv_kernel_grads(request, monkeypatch):
@@ -207,11 +199,10 @@ def conv_kernel_grads(request, monkeypatch):
     module = backend_lib.get_backend_module()
     state = _ConvKernelGrads(request.param, monkeypatch)
     if request.param == "compiled":
-        built = (
-            native.tensorflow_ops()
-            if keras.backend.backend() == "tensorflow"
-            else native.jax_target()
-        )
+        built = {
+            "tensorflow": native.tensorflow_ops,
+            "torch": native.c_api,
+        }.get(keras.backend.backend(), native.jax_target)()
         if not built:
             pytest.skip("keras_dp's kernels did not build here")
         original = module.per_example_conv_kernel_norms
@@ -888,19 +879,15 @@ def _mean_over_batch(y_true, y_pred):
         "two_outputs",
         "mask",
         "ignore_class",
-        "replicas",
     ],
 )
-def test_batched_example_losses_only_where_exact(case, monkeypatch):
+def test_batched_example_losses_only_where_exact(case):
     """Losses that may mix examples or weigh them by the batch (user
     functions, `dice`, another axis, masks, `ignore_class`), an overridden
-    `compute_loss`, several outputs and several replicas (whose loss is
-    scaled by their number): None, so the step maps the compiled loss over
-    the examples, and trains like the vmap path."""
-    if case == "replicas":
-        monkeypatch.setattr(
-            backend_lib.get_backend_module(), "replicas_in_sync", lambda: 2
-        )
+    `compute_loss` and several outputs: None, so the step maps the compiled
+    loss over the examples, and trains like the vmap path. (Under a
+    `tf.distribute` strategy both give each example's own loss, unscaled
+    from Keras's 1/replicas: `tests/test_tf_distribute.py`.)"""
     n = 8
     inputs = keras.Input((3,))
     outputs = L.Dense(2)(inputs)

@@ -362,6 +362,19 @@ def _compiled_conv_grads(x, dy, geometry, vector_width):
     strides, dilations, pads before) of 2 values each, vectors at most
     `vector_width` floats wide; (squared norms, grads)."""
     kernel_size, strides, dilations, pads = geometry
+    if keras.backend.backend() == "torch":
+        import torch
+
+        from keras_dp.backend import torch as torch_backend
+
+        return torch_backend.compiled_conv_kernel_grads(
+            native.c_api(),
+            torch.as_tensor(x),
+            torch.as_tensor(dy),
+            list(kernel_size) + list(strides) + list(dilations) + list(pads),
+            keep_grads=True,
+            vector_width=vector_width,
+        )
     if keras.backend.backend() == "tensorflow":
         return native.tensorflow_ops().keras_dp_conv_kernel_grads(
             x,
@@ -411,13 +424,6 @@ _CONV_CASES = pytest.mark.parametrize(
     ],
 )
 
-_NO_COMPILED_CONV_KERNEL = pytest.mark.skipif(
-    keras.backend.backend() == "torch",
-    reason="keras_dp's compiled conv kernel exists as a TensorFlow op and a "
-    "JAX XLA FFI handler only: on PyTorch `per_example_conv_kernel_norms` "
-    "returns None",
-)
-
 
 def _conv_case(input_shape, filters, kernel_size, strides, dilation, padding):
     """A conv layer, 5 examples' inputs and output gradients, and their
@@ -460,10 +466,8 @@ def test_conv_kernel_grads_match_per_example_loop(
     autodiff, one example at a time), for strides, dilations, even
     kernels, same, valid and causal padding, in 1-D and 2-D: the backend's
     grouped convolutions (stride 1, called as the conv rule calls them),
-    `conv_kernel_grad` (their sum; 1-D convs as 2-D) and, on TensorFlow and
-    JAX, keras_dp's compiled kernel at every vector width (on PyTorch
-    `per_example_conv_kernel_norms` gives the protocol's "cannot run
-    here")."""
+    `conv_kernel_grad` (their sum; 1-D convs as 2-D) and keras_dp's
+    compiled kernel at every vector width."""
     from keras_dp.per_example import patches
 
     module = backend_lib.get_backend_module()
@@ -490,14 +494,10 @@ def test_conv_kernel_grads_match_per_example_loop(
     np.testing.assert_allclose(
         ops.convert_to_numpy(total), expected.sum(0).T, rtol=1e-4, atol=1e-4
     )
-    if keras.backend.backend() == "torch":
-        assert (
-            module.per_example_conv_kernel_norms(x_t, dy_t, *conv, keep_grads=True)
-            is None
-        )
-        return
     if keras.backend.backend() == "tensorflow":
         assert native.tensorflow_ops() is not None, "the kernel did not build"
+    elif keras.backend.backend() == "torch":
+        assert native.c_api() is not None, "the kernel did not build"
     else:
         assert native.jax_target() is not None, "the kernel did not build"
     squared, grads = module.per_example_conv_kernel_norms(
@@ -532,7 +532,6 @@ def test_conv_kernel_grads_match_per_example_loop(
         np.testing.assert_allclose(np.asarray(squared), expected_squared, rtol=1e-5)
 
 
-@_NO_COMPILED_CONV_KERNEL
 def test_conv_kernel_grads_kernel_checks_its_arguments(kernel_available):
     x, dy = np.zeros((2, 5, 5, 3), "float32"), np.zeros((2, 5, 5, 4), "float32")
     geometry = ([3, 3], [0, 1], [1, 1], [1, 1])

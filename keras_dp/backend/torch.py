@@ -217,14 +217,71 @@ def gather_patches(x, index):
     return None
 
 
+@torch.compiler.disable
 def per_example_conv_kernel_norms(
     x, dy, kernel_size, strides, dilation, pads, keep_grads
 ):
-    """None: keras_dp has no compiled conv kernel for PyTorch; the conv rule
-    uses grouped convolutions (`per_example_conv_kernel_grads`) or
-    patches."""
-    del x, dy, kernel_size, strides, dilation, pads, keep_grads
-    return None
+    """Squared norms of a 2-D convolution's per-example kernel gradients,
+    by keras_dp's compiled kernel (`keras_dp/native/conv_grads.h`, through
+    ctypes) that reads them in place from the inputs and output
+    gradients: `(squared_norms (n,), grads)`, `grads` the (n, F, K * C)
+    gradients (columns ordered like the kernel's (taps, C) rows) when
+    `keep_grads`, else None. None off the CPU, without the kernel, for 3-D
+    convolutions or other dtypes (the conv rule then uses grouped
+    convolutions, `per_example_conv_kernel_grads`, or patches).
+
+    `x`: (n, H, W, C) inputs; `dy`: (n, Ho, Wo, F) output gradients;
+    `pads`: the (before, after) zeros the convolution reads on each
+    spatial axis (1-D convs come as 2-D). Any stride and dilation.
+    """
+    if (
+        len(kernel_size) != 2
+        or x.dtype != torch.float32
+        or dy.dtype != torch.float32
+        or x.device.type != "cpu"
+        or dy.device.type != "cpu"
+        or x.requires_grad
+        or dy.requires_grad
+    ):
+        return None
+    library = _native_library(x.device)
+    if library is None:
+        return None
+    attributes = (
+        list(kernel_size)
+        + list(strides)
+        + list(dilation)
+        + [before for before, _ in pads]
+    )
+    return compiled_conv_kernel_grads(library, x, dy, attributes, keep_grads)
+
+
+def compiled_conv_kernel_grads(library, x, dy, attributes, keep_grads, vector_width=0):
+    """`per_example_conv_kernel_norms` by the C library `library`, with
+    the conv's 8 `attributes` (kernel size, strides, dilations, pads
+    before) and vectors of at most `vector_width` floats (0: the widest
+    this CPU runs)."""
+    x, dy = x.contiguous(), dy.contiguous()
+    n, filters = x.shape[0], dy.shape[-1]
+    columns = attributes[0] * attributes[1] * x.shape[-1]
+    words = [
+        torch.tensor([int(v) for v in values], dtype=torch.int64)
+        for values in (attributes, x.shape, dy.shape)
+    ]
+    squared_norms = torch.empty(n, dtype=torch.float32)
+    grads = torch.empty((n, filters, columns) if keep_grads else (0,))
+    error = library.KerasDpConvKernelGradsC(
+        *[w.data_ptr() for w in words],
+        x.data_ptr(),
+        dy.data_ptr(),
+        squared_norms.data_ptr(),
+        grads.data_ptr() if keep_grads else None,
+        vector_width,
+        torch.get_num_threads(),
+    )
+    if error is not None:
+        raise ValueError(f"keras_dp's conv kernel: {error.decode()}")
+    return squared_norms, grads if keep_grads else None
 
 
 # Patches are gathered again for the clipped sum of conv layers with no

@@ -28,12 +28,12 @@ On PyTorch the noise comes from a third, plain C library (`c_api.cc`,
 no framework headers) called through ctypes on the tensors' buffers
 (`c_api()`); the same key gives the same numbers as on the other two.
 
-The TensorFlow and JAX libraries also hold the fast path's per-example conv kernel
-gradients (`conv_grads.h`: `KerasDpConvKernelGrads`, a TensorFlow op and
-an XLA FFI handler): a 1-D/2-D conv's per-example kernel gradients and
-their norms, computed in place from the layer's inputs and output
-gradients with no patches (`per_example_conv_kernel_norms` in
-`keras_dp.backend.tensorflow` and `.jax`). The TensorFlow library has
+The three libraries also hold the fast path's per-example conv kernel
+gradients (`conv_grads.h`: `KerasDpConvKernelGrads`, a TensorFlow op,
+an XLA FFI handler and a C function): a 1-D/2-D conv's per-example kernel
+gradients and their norms, computed in place from the layer's inputs and
+output gradients with no patches (`per_example_conv_kernel_norms` in
+`keras_dp.backend.tensorflow`, `.jax` and `.torch`). The TensorFlow library has
 `KerasDpConvPatches` too, conv patches with the padding's zeros written
 in the same pass (`gather_patches`), for the layers that still use
 patches (ghost norms, 3-D). Without the library the fast path uses the
@@ -244,11 +244,14 @@ def _load_c_api():
         i32,
     ]
     library.KerasDpNoisyGradientsC.restype = None
+    library.KerasDpConvKernelGradsC.argtypes = [ptr] * 7 + [i32, i32]
+    library.KerasDpConvKernelGradsC.restype = ctypes.c_char_p
     return library
 
 
 def c_api():
     """The plain C library (`c_api.cc`: `KerasDpStandardNormalC`,
-    `KerasDpNoisyGradientsC`, called through ctypes on CPU buffers, as
-    PyTorch does), or None. It needs no framework headers."""
+    `KerasDpNoisyGradientsC`, `KerasDpConvKernelGradsC`, called through
+    ctypes on CPU buffers, as PyTorch does), or None. It needs no
+    framework headers."""
     return _load("PyTorch", _load_c_api)

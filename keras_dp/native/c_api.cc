@@ -6,6 +6,12 @@
 //   KerasDpNoisyGradientsC(key0, key1, num, offsets, grads, out, stddev,
 //     secure, threads): out[k] = grads[k] + stddev * z over the flat draw z split
 //     at `offsets` (num + 1 entries), in one pass.
+//   KerasDpConvKernelGradsC(attributes, x_dims, dy_dims, x, dy,
+//     squared_norms, grads, vector_width, threads): a 2-D conv's
+//     per-example kernel gradients' squared norms, and the gradients
+//     unless `grads` is null (conv_grads.h, as the XLA FFI and TensorFlow
+//     kernels compute them), in vectors of at most `vector_width` floats
+//     (0: the widest the CPU runs); returns an error message, or null.
 // `secure` (0 or 1): secure mode's sampler (noise.h) instead.
 // `threads`: how many threads share the work (the caller's included).
 // No framework headers: the library builds in a second or two.
@@ -15,15 +21,17 @@
 #include <vector>
 
 #include "chunks.h"
+#include "conv_grads.h"
 #include "noise.h"
 
 namespace {
 
-void RunOnThreads(int64_t num_pairs, int32_t threads,
-                  std::function<void(int64_t, int64_t)> work) {
+void RunOnThreads(int64_t num_units, int32_t threads,
+                  std::function<void(int64_t, int64_t)> work,
+                  int64_t chunk_size = keras_dp::kChunkPairs) {
   std::vector<std::thread> started;
   keras_dp::RunChunks(
-      num_pairs, keras_dp::kChunkPairs, threads > 1 ? threads - 1 : 0,
+      num_units, chunk_size, threads > 1 ? threads - 1 : 0,
       [&started](std::function<void()> task) {
         started.emplace_back(std::move(task));
       },
@@ -59,6 +67,26 @@ void KerasDpNoisyGradientsC(uint32_t key0, uint32_t key1, int64_t num,
                    kdp_noisy_range(key0, key1, &segments, lo, hi);
                  }
                });
+}
+
+const char* KerasDpConvKernelGradsC(const int64_t* attributes,
+                                    const int64_t* x_dims,
+                                    const int64_t* dy_dims, const float* x,
+                                    const float* dy, float* squared_norms,
+                                    float* grads, int32_t vector_width,
+                                    int32_t threads) {
+  keras_dp::ConvGeometry g;
+  const char* error = keras_dp::SetConvGeometry(attributes, x_dims, dy_dims, &g);
+  if (error != nullptr) return error;
+  const int width = keras_dp::ConvGradsVectorWidth(vector_width);
+  RunOnThreads(
+      x_dims[0], threads,
+      [=](int64_t lo, int64_t hi) {
+        keras_dp::ConvKernelGradsOfExamples(g, width, x, dy, squared_norms,
+                                            grads, lo, hi);
+      },
+      1);
+  return nullptr;
 }
 
 }  // extern "C"
