@@ -14,6 +14,7 @@ the framework's sampler).
 
 import math
 import os
+import sys
 import warnings
 
 import keras
@@ -550,3 +551,42 @@ def test_conv_kernel_grads_kernel_checks_its_arguments(kernel_available):
                 pads=[1],
                 keep_grads=True,
             )
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="PyTorch's C library")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps")
+def test_c_library_shares_pytorch_openmp_threads_with_the_same_results(
+    kernel_available,
+):
+    """On Linux the C library runs its kernels on PyTorch's OpenMP team
+    (`native.openmp_parallel`), and gives the numbers it gives on threads
+    of its own: noise over many chunks and conv kernel gradients of many
+    examples, on two threads each way."""
+    import torch
+
+    from keras_dp.backend import torch as torch_backend
+
+    library = native.c_api()
+    runner = native.openmp_parallel()
+    assert runner is not None
+
+    def results():
+        noise = torch.empty(1_000_003)
+        library.KerasDpStandardNormalC(3, 4, noise.data_ptr(), noise.numel(), 0, 2)
+        rng = np.random.default_rng(0)
+        x = torch.as_tensor(rng.standard_normal((33, 9, 9, 5)).astype("float32"))
+        dy = torch.as_tensor(rng.standard_normal((33, 7, 7, 6)).astype("float32"))
+        norms, grads = torch_backend.compiled_conv_kernel_grads(
+            library, x, dy, [3, 3, 1, 1, 1, 1, 0, 0], keep_grads=True
+        )
+        return noise.numpy(), norms.numpy(), grads.numpy()
+
+    shared = results()
+    library.KerasDpSetParallelRunner(None)
+    try:
+        own = results()
+    finally:
+        library.KerasDpSetParallelRunner(runner)
+    for a, b in zip(shared, own):
+        np.testing.assert_array_equal(a, b)
+    assert np.isfinite(shared[0]).all() and shared[1].min() > 0

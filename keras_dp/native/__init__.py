@@ -246,7 +246,40 @@ def _load_c_api():
     library.KerasDpNoisyGradientsC.restype = None
     library.KerasDpConvKernelGradsC.argtypes = [ptr] * 7 + [i32, i32]
     library.KerasDpConvKernelGradsC.restype = ctypes.c_char_p
+    library.KerasDpSetParallelRunner.argtypes = [ptr]
+    library.KerasDpSetParallelRunner.restype = None
+    library.KerasDpSetParallelRunner(openmp_parallel())
     return library
+
+
+def openmp_parallel():
+    """The address of `GOMP_parallel` in the OpenMP runtime loaded in this
+    process (PyTorch's ATen runs its CPU ops on it), or None.
+
+    The C library's kernels share their work with that runtime's threads
+    instead of starting threads of their own: after each parallel op
+    those threads spin for a while on the cores, waiting for the next, and
+    threads of keras_dp's own would compete with them for the cores. Linux
+    only (the runtime is found in `/proc/self/maps`); elsewhere, or without
+    one, the kernels start their own threads.
+    """
+    import ctypes
+    import re
+
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return None
+    paths = set(re.findall(r"(/\S*/lib(?:gomp|iomp5)[^/\s]*\.so[^/\s]*)", maps))
+    # PyTorch's own first, where other libraries brought another.
+    for path in sorted(paths, key=lambda path: ("torch" not in path, path)):
+        try:
+            runtime = ctypes.CDLL(path)
+            return ctypes.cast(runtime.GOMP_parallel, ctypes.c_void_p).value
+        except (OSError, AttributeError):
+            continue
+    return None
 
 
 def c_api():

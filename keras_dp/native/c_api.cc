@@ -13,8 +13,12 @@
 //     kernels compute them), in vectors of at most `vector_width` floats
 //     (0: the widest the CPU runs); returns an error message, or null.
 // `secure` (0 or 1): secure mode's sampler (noise.h) instead.
+//   KerasDpSetParallelRunner(runner): the work of the calls above is
+//     shared by the team of the OpenMP runtime whose `GOMP_parallel` is
+//     `runner` (PyTorch's own threads), or by threads of their own (null).
 // `threads`: how many threads share the work (the caller's included).
 // No framework headers: the library builds in a second or two.
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <thread>
@@ -26,9 +30,30 @@
 
 namespace {
 
+// GOMP_parallel(fn, data, num_threads, flags): runs fn(data) on a team of
+// num_threads threads, the caller's included, and returns when all have.
+using ParallelRunner = void (*)(void (*)(void*), void*, unsigned, unsigned);
+std::atomic<ParallelRunner> parallel_runner{nullptr};
+
+void DrainChunks(void* chunks) {
+  static_cast<keras_dp::Chunks*>(chunks)->Drain();
+}
+
 void RunOnThreads(int64_t num_units, int32_t threads,
                   std::function<void(int64_t, int64_t)> work,
                   int64_t chunk_size = keras_dp::kChunkPairs) {
+  const ParallelRunner runner = parallel_runner.load();
+  if (runner != nullptr && threads > 1) {
+    // The framework's threads, which would otherwise spin waiting for
+    // their next task on the cores that threads of our own would take.
+    keras_dp::Chunks chunks;
+    chunks.num_units = num_units;
+    chunks.chunk_size = chunk_size;
+    chunks.num_chunks = (num_units + chunk_size - 1) / chunk_size;
+    chunks.work = std::move(work);
+    runner(&DrainChunks, &chunks, static_cast<unsigned>(threads), 0);
+    return;
+  }
   std::vector<std::thread> started;
   keras_dp::RunChunks(
       num_units, chunk_size, threads > 1 ? threads - 1 : 0,
@@ -42,6 +67,10 @@ void RunOnThreads(int64_t num_units, int32_t threads,
 }  // namespace
 
 extern "C" {
+
+void KerasDpSetParallelRunner(void* runner) {
+  parallel_runner.store(reinterpret_cast<ParallelRunner>(runner));
+}
 
 void KerasDpStandardNormalC(uint32_t key0, uint32_t key1, float* out,
                             int64_t n, int32_t secure, int32_t threads) {
