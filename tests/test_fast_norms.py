@@ -942,20 +942,27 @@ model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
 model.compile(loss="mse")
 y = np.random.default_rng(0).random((8, 2)).astype("float32")
 y_pred = tf.constant(y[::-1].copy())
-assert tf_backend.replicas_in_sync() == 1
-assert example_losses.batched_example_losses(model, y, y_pred, None) is not None
+mapping = list(zip(model.trainable_variables, model.trainable_variables))
+x = np.zeros((1, 3), "float32")
+
+def losses():
+    batched = example_losses.batched_example_losses(model, y, y_pred, None)
+    one = example_losses.example_loss(model, mapping, x, y[:1], y_pred[:1], None)
+    return tf_backend.replicas_in_sync(), batched, one
+
+replicas, batched, one = losses()
+assert replicas == 1
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 def in_replica():
-    replicas = tf_backend.replicas_in_sync()
-    losses = example_losses.batched_example_losses(model, y, y_pred, None)
-    return tf.constant(replicas), tf.constant(losses is None)
+    replicas, batched, one = losses()
+    return tf.constant(replicas), batched, one
 
 per_replica = strategy.run(tf.function(in_replica))
-for replicas, refused in zip(*(strategy.experimental_local_results(t)
-                               for t in per_replica)):
-    assert int(replicas) == 2, int(replicas)
-    assert bool(refused)
+for got in zip(*(strategy.experimental_local_results(t) for t in per_replica)):
+    assert int(got[0]) == 2, int(got[0])
+    np.testing.assert_allclose(got[1].numpy(), batched.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(got[2].numpy(), one.numpy(), rtol=1e-6)
 print("ok")
 """
 
@@ -964,11 +971,12 @@ print("ok")
     keras.backend.backend() != "tensorflow",
     reason="tf.distribute strategies are TensorFlow's",
 )
-def test_batched_example_losses_refused_under_mirrored_strategy():
+def test_example_losses_are_unscaled_under_mirrored_strategy():
     """Under a real MirroredStrategy of two CPU devices (own process: the
     logical devices must be set before TensorFlow starts), the backend
-    counts two replicas and the batched losses are refused; outside it,
-    one replica and batched losses."""
+    counts two replicas, and an example's loss, batched or through Keras's
+    `compute_loss` (which scales it by 1/2 there), is the one it has
+    without the strategy."""
     result = subprocess.run(
         [sys.executable, "-c", _MIRRORED_REPLICAS_CHECK],
         capture_output=True,

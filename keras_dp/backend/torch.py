@@ -101,8 +101,10 @@ def seeded_random_ops():
     seed (a plain `Dropout(0.1)`) draws from PyTorch's global generator,
     not from its seed state. Inside this context these ops draw instead
     from a counter-based hash of the seed tensor in tensor ops, which
-    `torch.vmap` maps like any other op. These numbers drive dropout masks
-    and augmentation, not the DP noise (`standard_normal`).
+    `torch.vmap` maps like any other op; outside `torch.func`'s transforms
+    (the fast path) they draw from PyTorch's generator keyed by the seed
+    tensor instead. These numbers drive dropout masks and augmentation,
+    not the DP noise (`standard_normal`).
     """
     module = keras_compat.backend_random_module()
     with _replaced(
@@ -135,23 +137,42 @@ def _seed_words(seed):
     return torch.as_tensor(words).to(torch.int64) & _MASK32
 
 
-def _uniform_bits(count, seed):
+def _uniform_bits(count, words):
     """`count` hashed uint32 words (int64 tensor) of the counters
-    `0..count-1` under the seed's two words."""
-    words = _seed_words(seed)
+    `0..count-1` under the seed's two `words`."""
     key = _mix32((words[0] * 0x9E3779B9 + words[1]) & _MASK32)
     counters = torch.arange(count, dtype=torch.int64, device=words.device)
     h = _mix32((counters * 0x9E3779B9 + key) & _MASK32)
     return _mix32(h ^ words[1])
 
 
+def _splitmix64(high, low):
+    """splitmix64's finalizer of the 64-bit word `(high, low)`: every bit
+    of the result depends on every bit of the seed (PyTorch's CPU
+    generator keeps only the low 32 bits of its seed)."""
+    z = (((high << 32) | low) + 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
+
+
 def _unit_uniform(shape, seed, dtype):
     """Uniform numbers in [0, 1) of `shape`, 24 bits each."""
     shape = tuple(int(d) for d in shape)
+    words = _seed_words(seed)
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        # Outside `torch.vmap` and `torch.func` (the fast path's batched
+        # pass): PyTorch's generator keyed by the seed's two words, as
+        # Keras's own PyTorch random ops draw (the key is read on the
+        # host); the hash below costs a dozen integer passes per number.
+        generator = torch.Generator(device=words.device)
+        generator.manual_seed(_splitmix64(*words.tolist()))
+        unit = torch.rand(shape, generator=generator, device=words.device)
+        return unit.to(dtype)
     count = 1
     for d in shape:
         count *= d
-    bits = _uniform_bits(count, seed)
+    bits = _uniform_bits(count, words)
     unit = (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))
     return unit.reshape(shape).to(dtype)
 
