@@ -133,3 +133,51 @@ def test_recurrent_dropout_trains_on_the_vmap_path(mask):
     history = model.fit(tokens, labels, batch_size=8, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][-1])
     assert not model.layers[1].unroll  # restored after tracing
+
+
+def test_recurrent_dropout_trains_on_a_batch_of_one_row():
+    """A batch of one row in a step traced for batches of any size (the
+    last of 9 examples in batches of 8; on TensorFlow a graph): TF's pfor
+    used to give the recurrent dropout loop's results wrong shapes there.
+    The update moves the weights and stays finite."""
+    model = keras.Sequential(
+        [
+            keras.Input((STEPS,), dtype="int32"),
+            keras.layers.Embedding(VOCAB, 8),
+            keras.layers.LSTM(5, dropout=0.2),
+            keras.layers.Dense(3),
+        ]
+    )
+    model = keras_dp.make_private(model, per_example="vmap", poisson_sampling=False)
+    model.compile(
+        optimizer=keras_dp.DPSGD(learning_rate=0.1, noise_multiplier=0.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    before = [w.copy() for w in model.get_weights()] if model.built else None
+    history = model.fit(
+        _tokens(9, seed=5), np.zeros((9,), "int64"), batch_size=8, verbose=0
+    )
+    assert np.isfinite(history.history["loss"][-1])
+    if before is not None:
+        assert any(
+            not np.array_equal(a, b) for a, b in zip(before, model.get_weights())
+        )
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TF graphs")
+def test_rows_of_unknown_number_are_mapped_once_each():
+    """`_map_rows` in a graph of any batch size: the results of 0, 1 and 3
+    rows, each row's own (the copy that one row gets is dropped)."""
+    import tensorflow as tf
+
+    from keras_dp.per_example import vmap_path
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 2), tf.float32)])
+    def doubled(rows):
+        return vmap_path._map_rows(lambda row: (row * 2, tf.reduce_sum(row)), rows)
+
+    for n in (0, 1, 3):
+        rows = np.arange(2 * n, dtype="float32").reshape(n, 2)
+        twice, sums = doubled(rows)
+        np.testing.assert_array_equal(twice.numpy(), rows * 2)
+        np.testing.assert_array_equal(sums.numpy(), rows.sum(1))

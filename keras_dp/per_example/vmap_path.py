@@ -111,7 +111,7 @@ def _vectorized_clipped_sum(
             (loss, aux), grads = grad_fn(trainable, non_trainable, example)
             return grads, loss, aux
 
-        grads, losses, (y_pred, new_nt) = ops.vectorized_map(one_example, chunk)
+        grads, losses, (y_pred, new_nt) = _map_rows(one_example, chunk)
         parts = space.project([ops.cast(g, "float32") for g in grads])
         squared_norms = [
             sum(
@@ -196,6 +196,26 @@ def _vectorized_clipped_sum(
             model, new_nt, state_mask, loss_fn.updated_positions, non_trainable
         ),
     }
+
+
+def _map_rows(fn, rows):
+    """`ops.vectorized_map(fn, rows)`, with one row mapped twice where the
+    number of rows is not static (a TensorFlow graph traced for batches of
+    any size) and is 1 when the step runs: over one row, the loop that
+    TensorFlow's pfor falls back to for per-example random ops (an LSTM's
+    dropout) gives its results wrong shapes ("Incompatible shapes: [20,
+    20,5] vs. [20,1,5,20]", TensorFlow 2.21). The copy's results are
+    dropped."""
+    first = tree.flatten(rows)[0]
+    if first.shape[0] is not None:
+        return ops.vectorized_map(fn, rows)
+    count = ops.shape(first)[0]
+    index = ops.arange(count + ops.cast(ops.equal(count, 1), "int32"))
+    index = index % ops.maximum(count, 1)
+    mapped = ops.vectorized_map(
+        fn, tree.map_structure(lambda t: ops.take(t, index, axis=0), rows)
+    )
+    return tree.map_structure(lambda t: t[:count], mapped)
 
 
 def _reduce_non_trainable(model, stacked, mask, updated_positions, before):
