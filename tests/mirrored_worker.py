@@ -12,7 +12,6 @@ also checks that what cannot train under the strategy is refused with
 what to do.
 """
 
-import json
 import os
 import sys
 
@@ -26,7 +25,6 @@ def main():
     import warnings
 
     warnings.simplefilter("ignore")
-    import numpy as np
     import tensorflow as tf
 
     (cpu,) = tf.config.list_physical_devices("CPU")
@@ -53,8 +51,7 @@ def main():
     for prefix, arguments in runs.items():
         with strategy.scope():
             model, initial, _ = common.train(**arguments)
-        for k, (w, w0) in enumerate(zip(model.get_weights(), initial)):
-            arrays[f"{prefix}_{k}"] = w - w0
+        arrays.update(common.named(prefix, common.update_of(model, initial)))
 
     x, y = common.data()
     with strategy.scope():
@@ -71,10 +68,7 @@ def main():
         lambda: model.train_on_batch(x[:4], y[:4]),
         ["train_on_batch is not supported", "model.fit"],
     )
-    np.savez(os.path.join(out, "process_0.npz"), **arrays)
-    with open(os.path.join(out, "process_0.json"), "w") as f:
-        json.dump({}, f)
-    print("OK", flush=True)
+    common.write_results(out, 0, arrays, {})
 
 
 if __name__ == "__main__":

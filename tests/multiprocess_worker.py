@@ -112,7 +112,7 @@ def train_unseeded():
     x, y = data()
     model, initial = private_model(NOISE_MULTIPLIER)
     model.fit(x, y, batch_size=BATCH_SIZE, steps_per_epoch=1, verbose=0)
-    return [w - w0 for w, w0 in zip(model.get_weights(), initial)]
+    return update_of(model, initial)
 
 
 def epsilon(model):
@@ -120,6 +120,27 @@ def epsilon(model):
 
     steps = ledger_lib.optimizer_steps(model)
     return steps, model.optimizer.privacy_ledger.epsilon(steps, DELTA)
+
+
+def update_of(model, initial):
+    """Each weight's change since `initial`."""
+    return [w - w0 for w, w0 in zip(model.get_weights(), initial)]
+
+
+def named(prefix, update):
+    """`update` as the arrays `prefix_0, prefix_1, ...` a worker writes."""
+    return {f"{prefix}_{k}": u for k, u in enumerate(update)}
+
+
+def write_results(out, index, arrays, result):
+    """Process `index`'s arrays and result into `out`, then OK: what
+    `tests/worker_processes.run_workers` reads."""
+    import numpy as np
+
+    np.savez(os.path.join(out, f"process_{index}.npz"), **arrays)
+    with open(os.path.join(out, f"process_{index}.json"), "w") as f:
+        json.dump(result, f)
+    print("OK", flush=True)
 
 
 def expect_error(fn, words):
@@ -143,7 +164,6 @@ def main():
     warnings.simplefilter("ignore")
     import jax
     import keras
-    import numpy as np
 
     import keras_dp
 
@@ -166,17 +186,10 @@ def main():
     }
     arrays = {
         "sampled": sampler.part_units(0),
-        **{
-            f"quiet_{k}": w - w0
-            for k, (w, w0) in enumerate(zip(quiet.get_weights(), quiet_initial))
-        },
-        **{
-            f"noisy_{k}": w - w0
-            for k, (w, w0) in enumerate(zip(noisy.get_weights(), noisy_initial))
-        },
+        **named("quiet", update_of(quiet, quiet_initial)),
+        **named("noisy", update_of(noisy, noisy_initial)),
+        **named("unseeded", train_unseeded()),
     }
-
-    arrays.update({f"unseeded_{k}": u for k, u in enumerate(train_unseeded())})
 
     # A sampler that does not shard, or one built differently on each
     # process, is refused (on every process: no process is left waiting).
@@ -191,10 +204,7 @@ def main():
         ),
         ["differs between the 2 processes", "batch_size: 24, 25"],
     )
-    np.savez(os.path.join(out, f"process_{process_id}.npz"), **arrays)
-    with open(os.path.join(out, f"process_{process_id}.json"), "w") as f:
-        json.dump(result, f)
-    print("OK", flush=True)
+    write_results(out, process_id, arrays, result)
 
 
 if __name__ == "__main__":

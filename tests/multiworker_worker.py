@@ -52,7 +52,6 @@ def main():
     import warnings
 
     warnings.simplefilter("ignore")
-    import numpy as np
     import tensorflow as tf
 
     import keras_dp
@@ -79,18 +78,9 @@ def main():
     }
     arrays = {
         "sampled": sampler.part_units(0),
-        **{
-            f"quiet_{k}": w - w0
-            for k, (w, w0) in enumerate(zip(quiet.get_weights(), quiet_initial))
-        },
-        **{
-            f"noisy_{k}": w - w0
-            for k, (w, w0) in enumerate(zip(noisy.get_weights(), noisy_initial))
-        },
-        **{
-            f"mapped_{k}": w - w0
-            for k, (w, w0) in enumerate(zip(mapped.get_weights(), mapped_initial))
-        },
+        **common.named("quiet", common.update_of(quiet, quiet_initial)),
+        **common.named("noisy", common.update_of(noisy, noisy_initial)),
+        **common.named("mapped", common.update_of(mapped, mapped_initial)),
     }
 
     # Built in the scope, trained outside it (as TensorFlow's tutorials
@@ -100,12 +90,7 @@ def main():
     with strategy.scope():
         model, initial = common.private_model(common.NOISE_MULTIPLIER)
     model.fit(x, y, batch_size=common.BATCH_SIZE, steps_per_epoch=1, verbose=0)
-    arrays.update(
-        {
-            f"unseeded_{k}": w - w0
-            for k, (w, w0) in enumerate(zip(model.get_weights(), initial))
-        }
-    )
+    arrays.update(common.named("unseeded", common.update_of(model, initial)))
 
     # A sampler that does not shard, or one built differently on each
     # worker, is refused (on every worker: none is left waiting).
@@ -139,10 +124,7 @@ def main():
         lambda: model.train_on_batch(x[:4], y[:4]),
         ["train_on_batch is not supported", "model.fit"],
     )
-    np.savez(os.path.join(out, f"process_{worker_id}.npz"), **arrays)
-    with open(os.path.join(out, f"process_{worker_id}.json"), "w") as f:
-        json.dump(result, f)
-    print("OK", flush=True)
+    common.write_results(out, worker_id, arrays, result)
 
 
 if __name__ == "__main__":

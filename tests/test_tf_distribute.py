@@ -17,11 +17,13 @@ import keras
 import numpy as np
 import pytest
 
-import keras_dp
 import multiprocess_worker as worker
 import multiworker_worker
-from keras_dp import accounting
 from keras_dp import fit_data
+from worker_processes import assert_ledgers_count_global_steps
+from worker_processes import assert_noise_of_one_draw
+from worker_processes import assert_shards_are_one_sample
+from worker_processes import assert_update_without_noise_equals
 from worker_processes import free_port
 from worker_processes import run_workers
 from worker_processes import updates
@@ -61,8 +63,7 @@ def references():
         model, initial, sampler = worker.train(
             sigma, steps, loss=loss, regularizer=regularizer
         )
-        update = [w - w0 for w, w0 in zip(model.get_weights(), initial)]
-        runs.append((model, update, sampler))
+        runs.append((model, worker.update_of(model, initial), sampler))
     return runs
 
 
@@ -91,11 +92,7 @@ def test_mirrored_update_without_noise_equals_one_device(mirrored, references):
 def assert_updates_without_noise_equal(arrays, references):
     """A run's `quiet` and `mapped` updates equal the references'."""
     for prefix, (_, reference, _) in zip(("quiet", "mapped"), references[::2]):
-        got = updates(arrays, prefix)
-        assert len(got) == len(reference)
-        for a, b in zip(got, reference):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-        assert any(np.abs(u).max() > 1e-3 for u in reference)
+        assert_update_without_noise_equals(updates(arrays, prefix), reference)
 
 
 @tensorflow_only
@@ -103,11 +100,8 @@ def test_noise_is_added_once(workers, references):
     """sigma > 0: both workers end with identical weights (also with the
     noise and sampling seeds left to keras_dp and `fit` called outside
     the scope), equal to one process's under the same seeds: replica 0's
-    noise is the same single draw. The probe's update is noise alone,
-    `NOISY_STEPS` draws of std `sigma * C / B`: its standard deviation
-    over 9,216 coordinates has a relative standard error of 0.7%; noise
-    added by both replicas would make it sqrt(2) (independent draws) or 2
-    (the same draw) times larger. Tolerance 5%."""
+    noise is the same single draw, and the probe moved by one draw of the
+    noise (`assert_noise_of_one_draw`)."""
     (first, _), (second, _) = workers
     for prefix in ("noisy", "unseeded"):
         got = list(zip(updates(first, prefix), updates(second, prefix)))
@@ -121,30 +115,8 @@ def test_noise_is_added_once(workers, references):
 def test_mirrored_noise_is_added_once(mirrored, references):
     """Under `MirroredStrategy` too: the update equals one device's under
     the same seeds, and the probe's noise has one draw's standard
-    deviation (tolerance as above)."""
+    deviation."""
     assert_noise_of_one_draw(updates(mirrored, "noisy"), references[1])
-
-
-def assert_noise_of_one_draw(noisy, reference_run):
-    """`noisy` (a run's updates) equals the reference run's update, and
-    its probe moved by one draw of the noise per step."""
-    model, reference, _ = reference_run
-    assert len(noisy) == len(reference)
-    for a, b in zip(noisy, reference):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    names = [v.path for v in model.trainable_variables]
-    probe = np.concatenate(
-        [u.ravel() for name, u in zip(names, noisy) if name.startswith("probe")]
-    )
-    assert probe.size == worker.PROBE * (worker.FEATURES + worker.OUTPUTS)
-    expected = (
-        worker.LEARNING_RATE
-        * worker.NOISE_MULTIPLIER
-        * worker.L2_NORM_CLIP
-        / worker.BATCH_SIZE
-        * np.sqrt(worker.NOISY_STEPS)
-    )
-    assert abs(np.std(probe) / expected - 1) < 0.05, (np.std(probe), expected)
 
 
 @tensorflow_only
@@ -152,35 +124,14 @@ def test_ledger_counts_global_steps(workers, references):
     """Each worker's ledger holds the global steps at the global rate
     q = B / n, and its epsilon is one process's for the same q, sigma and
     steps."""
-    model, _, sampler = references[1]
-    steps, epsilon = worker.epsilon(model)
-    entries = model.optimizer.privacy_ledger.get_config()["entries"]
-    assert steps == worker.NOISY_STEPS
-    assert sampler.sample_rate == worker.BATCH_SIZE / worker.N
-    direct = accounting.compute_epsilon(
-        worker.NOISE_MULTIPLIER, sampler.sample_rate, steps, worker.DELTA
-    )
-    assert epsilon == pytest.approx(direct, rel=1e-12)
-    for _, result in workers:
-        assert result["steps"] == steps
-        assert result["entries"] == entries
-        assert result["epsilon"] == pytest.approx(epsilon, rel=1e-12)
+    assert_ledgers_count_global_steps(workers, references[1])
 
 
 @tensorflow_only
 def test_workers_sample_their_shards(workers):
     """The workers' first batches are the parts, in their own shards, of
     the one-process sampler's batch."""
-    x, y = worker.data()
-    whole = keras_dp.data.PoissonSampler(
-        x, y, batch_size=worker.BATCH_SIZE, steps_per_epoch=1, seed=worker.SAMPLING_SEED
-    )
-    (first, r0), (second, _) = workers
-    whole.epoch = r0["sampled_epoch"]
-    half = worker.N // 2
-    assert np.all(first["sampled"] < half) and np.all(second["sampled"] >= half)
-    union = np.concatenate([first["sampled"], second["sampled"]])
-    np.testing.assert_array_equal(np.sort(union), np.sort(whole.sample_indices(0)))
+    assert_shards_are_one_sample(workers)
 
 
 @tensorflow_only
