@@ -263,10 +263,10 @@ def check_replicas(model, x=None):
     replicas per worker, and what would run per replica (adaptive
     clipping's thresholds, gradient accumulation) or is untested across
     replicas (a `UserSampler`) are refused with what to do."""
-    strategy = getattr(model, "distribute_strategy", None)
-    replicas = getattr(strategy, "num_replicas_in_sync", 1)
-    if replicas == 1:
+    strategy = replica_strategy(model)
+    if strategy is None:
         return
+    replicas = strategy.num_replicas_in_sync
     if processes.is_multi_worker(strategy):
         workers = processes.worker_count(strategy)
         if workers != replicas:
@@ -326,9 +326,7 @@ def replica_strategy(model):
 def multi_worker_strategy(model):
     """The TensorFlow `MultiWorkerMirroredStrategy` `model` trains under,
     else None."""
-    strategy = getattr(model, "distribute_strategy", None)
-    if getattr(strategy, "num_replicas_in_sync", 1) == 1:
-        return None
+    strategy = replica_strategy(model)
     return strategy if processes.is_multi_worker(strategy) else None
 
 

@@ -52,23 +52,29 @@ def _jax():
     return jax
 
 
-def is_multi_worker(strategy):
-    """Whether `strategy` is TensorFlow's `MultiWorkerMirroredStrategy`."""
+def _tensorflow():
+    """TensorFlow, if it is the Keras backend and imported (a strategy
+    can only exist then)."""
     if keras.backend.backend() != "tensorflow" or "tensorflow" not in sys.modules:
-        return False
+        return None
     import tensorflow as tf
 
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    return tf
+
+
+def is_multi_worker(strategy):
+    """Whether `strategy` is TensorFlow's `MultiWorkerMirroredStrategy`."""
+    tf = _tensorflow()
+    return tf is not None and isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy
+    )
 
 
 def multi_worker_strategy():
     """The `tf.distribute.MultiWorkerMirroredStrategy` in scope on the
     TensorFlow backend, else None."""
-    if keras.backend.backend() != "tensorflow" or "tensorflow" not in sys.modules:
-        return None
-    import tensorflow as tf
-
-    if not tf.distribute.has_strategy():
+    tf = _tensorflow()
+    if tf is None or not tf.distribute.has_strategy():
         return None
     strategy = tf.distribute.get_strategy()
     return strategy if is_multi_worker(strategy) else None
@@ -128,12 +134,11 @@ def _gathered_words(words):
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(words))
-    import tensorflow as tf
-
+    tf = _tensorflow()
     # A sum over the workers of each one's words in its own row: every
     # worker is one replica (keras_dp refuses several per worker).
-    rows = np.zeros((count(),) + words.shape, np.int64)
-    rows[index()] = words
+    rows = np.zeros((worker_count(strategy),) + words.shape, np.int64)
+    rows[worker_index(strategy)] = words
     per_replica = strategy.run(lambda: tf.constant(rows))
     return strategy.reduce("SUM", per_replica, axis=None).numpy().astype(np.uint32)
 

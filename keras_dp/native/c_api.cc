@@ -46,11 +46,7 @@ void RunOnThreads(int64_t num_units, int32_t threads,
   if (runner != nullptr && threads > 1) {
     // The framework's threads, which would otherwise spin waiting for
     // their next task on the cores that threads of our own would take.
-    keras_dp::Chunks chunks;
-    chunks.num_units = num_units;
-    chunks.chunk_size = chunk_size;
-    chunks.num_chunks = (num_units + chunk_size - 1) / chunk_size;
-    chunks.work = std::move(work);
+    keras_dp::Chunks chunks(num_units, chunk_size, std::move(work));
     runner(&DrainChunks, &chunks, static_cast<unsigned>(threads), 0);
     return;
   }

@@ -23,6 +23,13 @@ namespace keras_dp {
 constexpr int64_t kChunkPairs = 16 * KDP_BLOCK;
 
 struct Chunks {
+  Chunks(int64_t num_units, int64_t chunk_size,
+         std::function<void(int64_t, int64_t)> work)
+      : num_units(num_units),
+        chunk_size(chunk_size),
+        num_chunks((num_units + chunk_size - 1) / chunk_size),
+        work(std::move(work)) {}
+
   int64_t num_units;
   int64_t chunk_size;
   int64_t num_chunks;
@@ -50,11 +57,7 @@ struct Chunks {
 template <typename Schedule>
 void RunChunks(int64_t num_units, int64_t chunk_size, int64_t helpers,
                Schedule schedule, std::function<void(int64_t, int64_t)> work) {
-  auto chunks = std::make_shared<Chunks>();
-  chunks->num_units = num_units;
-  chunks->chunk_size = chunk_size;
-  chunks->num_chunks = (num_units + chunk_size - 1) / chunk_size;
-  chunks->work = std::move(work);
+  auto chunks = std::make_shared<Chunks>(num_units, chunk_size, std::move(work));
   if (helpers > chunks->num_chunks - 1) helpers = chunks->num_chunks - 1;
   // A task that starts after the call returned finds no chunk left and
   // touches nothing but `chunks`, which it keeps alive.
