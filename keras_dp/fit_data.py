@@ -288,7 +288,7 @@ def check_replicas(model, x=None):
             "keras.distribution.DataParallel (README, 'Training at scale')."
         )
     optimizer = model.optimizer
-    sampler = poisson_sampler_of(x) if x is not None else None
+    sampler = poisson_sampler_of(x)
     unsupported = [
         name
         for name, used in (

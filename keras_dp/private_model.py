@@ -584,7 +584,6 @@ def _private_train_on_batch(train_on_batch):
     ):
         settings = model._keras_dp
         checks.check_dp_optimizer(model)
-        fit_data.check_replicas(model)
         if fit_data.replica_strategy(model) is not None:
             raise ValueError(
                 "train_on_batch is not supported under a tf.distribute "
