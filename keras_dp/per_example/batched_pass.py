@@ -15,8 +15,9 @@ Instead of one forward/backward per example (the vmap path):
    of this package, or a user's: `register_per_example_rule`).
 
 Rules run in the order the layers' output gradients become available, each
-after the previous one (`backend.after`), so that the intermediates of one
-layer at a time are in memory; otherwise TensorFlow runs whatever is ready
+after the previous one (`backend.after`, on tensors with positions: see
+`_after_if_positional`), so that the intermediates of one layer at a time
+are in memory; otherwise TensorFlow runs whatever is ready
 and XLA may compute a layer's patches during the forward pass and hold them
 until the backward pass. On TensorFlow the rules run inside the backward
 pass (see `batched_pass`), so that output gradients do not pile up
@@ -111,8 +112,10 @@ def _run_rule(entry, record, own_grads, make_context, backend_ops, previous=()):
     The layer's inputs are read only once its output gradients exist (not
     in the forward pass, which would hold e.g. its patches until then).
     """
-    own_grads = backend_ops.after(list(previous), own_grads)
-    tensors = backend_ops.after(list(own_grads.values()), tensor_leaves(record.args))
+    own_grads = _after_if_positional(backend_ops, list(previous), own_grads)
+    tensors = _after_if_positional(
+        backend_ops, list(own_grads.values()), tensor_leaves(record.args)
+    )
     record.args = replace_tensor_leaves(record.args, tensors)
     context = make_context(entry, record)
     call_and_grads = (record.args, rule_grads(entry, record, own_grads))
@@ -121,6 +124,27 @@ def _run_rule(entry, record, own_grads, make_context, backend_ops, previous=()):
     (args, kwargs), grads = call_and_grads
     terms = entry.rule.fn(entry.layer, RecordedCall(args, kwargs), grads, context)
     return _ordered_terms(entry, terms, context)
+
+
+def _after_if_positional(backend_ops, dependencies, structure):
+    """`structure` with `backend_ops.after(dependencies, ...)` applied to its
+    tensors of more than two axes (a batch of sequences or maps).
+
+    Ordering bounds the memory of what rules build from such tensors
+    (patches, Gram matrices over positions, per-example gradients). From a
+    `(batch, features)` tensor the built-in rules build nothing larger
+    than it, and on XLA:CPU the ordering's `+ 0 * d` keeps the squared-norm
+    reductions from fusing with their input, which then is written out once
+    more (`benchmarks/RESULTS.md`, "JAX MLP, fixed batches").
+    """
+    leaves = keras.tree.flatten(structure)
+    positional = [i for i, t in enumerate(leaves) if len(getattr(t, "shape", ())) > 2]
+    if not positional:
+        return structure
+    gated = backend_ops.after(dependencies, [leaves[i] for i in positional])
+    for i, t in zip(positional, gated):
+        leaves[i] = t
+    return keras.tree.pack_sequence_as(structure, leaves)
 
 
 def _units_for_rule(entry, call_and_grads, rows_per_unit):
