@@ -129,6 +129,10 @@ def brute_force_gradients(model, x, y):
             with tf.GradientTape() as tape:
                 loss = LOSS(yi, model(xi, training=True))
             grads = tape.gradient(loss, model.trainable_variables)
+            grads = [
+                ops.zeros(v.shape) if g is None else g
+                for v, g in zip(model.trainable_variables, grads)
+            ]
         elif keras.backend.backend() == "torch":
             import torch
 
@@ -242,6 +246,44 @@ def test_registered_rule_step_matches_brute_force(registered):
 
     assert fallbacks == []
     assert set(spy.layers) == {"scale"}  # (TensorFlow may trace twice)
+    assert model._keras_dp.per_example_path == ("fast", None)
+    assert_updates_close(update, expected)
+
+
+class Doubled(keras.layers.Layer):
+    """`2 x`, with a trainable weight it does not use."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=input_shape[-1:], initializer="ones", name="w")
+
+    def call(self, x):
+        return 2.0 * x
+
+
+def unused_weight_rule(layer, call, grads, context):
+    return [instantiated_terms(layer.w, ops.zeros_like(ops.cast(grads, "float32")))]
+
+
+def test_rule_of_a_layer_whose_output_depends_on_no_weight(registered):
+    """A layer on the model's input whose output depends on no trainable
+    value has no autograd history on PyTorch, where the other taps' output
+    gradients come from their outputs' histories; its rule still gets its
+    output gradients, and the step equals the brute-force one."""
+    spy = registered(Doubled, unused_weight_rule)
+    keras.utils.set_random_seed(1)
+    inputs = keras.Input((4,))
+    h = Doubled(name="doubled")(inputs)
+    h = keras.layers.Dense(5, activation="tanh", name="hidden")(h)
+    model = keras.Model(inputs, keras.layers.Dense(NUM_CLASSES, name="head")(h))
+    x, y = _data()
+    grads = brute_force_gradients(model, x, y)
+    C = median_norm(grads)
+    expected = reference_update(grads, C)
+
+    model, update, fallbacks = dp_step_update(model, x, y, C)
+
+    assert fallbacks == []
+    assert set(spy.layers) == {"doubled"}
     assert model._keras_dp.per_example_path == ("fast", None)
     assert_updates_close(update, expected)
 

@@ -52,14 +52,19 @@ def _make_run(model, trainable, non_trainable, x, y, sw, rows_per_unit=1):
         {"training": True} if keras_compat.call_has_training_arg(model) else {}
     )
 
-    def run():
+    def run(track_trainable=False):
+        values = trainable
+        if track_trainable:
+            # PyTorch: with trainable values that autograd tracks, every
+            # tapped output has a gradient of its own (see `batched_pass`).
+            values = [t.detach().requires_grad_() for t in trainable]
         y_pred, new_nt, losses = model.stateless_call(
-            trainable, non_trainable, x, return_losses=True, **call_kwargs
+            values, non_trainable, x, return_losses=True, **call_kwargs
         )
         if len(losses) > num_regularized:
             raise Unsupported("the model adds losses in call (activity regularization)")
         new_nt = list(new_nt)
-        losses = per_example_losses(model, trainable, new_nt, x, y, y_pred, sw)
+        losses = per_example_losses(model, values, new_nt, x, y, y_pred, sw)
         # The taps' gradients are those of the units' losses.
         losses = unit_losses(losses, sw, rows_per_unit)
         return losses, y_pred, new_nt
@@ -286,30 +291,38 @@ def batched_pass(entries, run, make_context, backend_ops):
     if backend == "torch":
         import torch
 
-        # Eager: the gradient of the summed loss with respect to a zero
-        # probe added at each tap is that tap's output gradient; no weight
-        # gradient is computed. The rules then run without a graph.
-        probes = {}
+        # Eager: the trainable values are tracked, so each tapped output
+        # is in the autograd graph, and the gradient of the summed loss
+        # with respect to it is the tap's output gradient. Only the
+        # gradients on the way to the taps are computed, no weight
+        # gradient. An output that depends on no tracked value gets a zero
+        # probe added instead, whose gradient is the same; probes at every
+        # tap would cost two activation-sized writes each. The rules then
+        # run without a graph.
+        taps = {}
 
         def tap(index, key, z):
-            probes[key] = torch.zeros_like(z, requires_grad=True)
-            return z + probes[key]
+            if z.requires_grad:
+                taps[key] = z
+                return z
+            taps[key] = torch.zeros_like(z, requires_grad=True)
+            return z + taps[key]
 
         # Random layers draw from their seed states (advancing them), as on
         # the vmap path, not from PyTorch's global generator.
         with torch.enable_grad(), backend_ops.seeded_random_ops():
             recorder = Recorder(entries, tap)
             with recorder:
-                losses, y_pred, new_nt = run()
-            keys = list(probes)
+                losses, y_pred, new_nt = run(track_trainable=True)
+            keys = list(taps)
             total = torch.sum(losses)
             values = [None] * len(keys)
             if keys and total.requires_grad:
                 values = torch.autograd.grad(
-                    total, [probes[k] for k in keys], allow_unused=True
+                    total, [taps[k] for k in keys], allow_unused=True
                 )
         grads = {
-            k: torch.zeros_like(probes[k]) if g is None else g
+            k: torch.zeros_like(taps[k]) if g is None else g
             for k, g in zip(keys, values)
         }
         losses, y_pred, new_nt = tree_detach((losses, y_pred, new_nt))
