@@ -277,13 +277,15 @@ class PoissonBatches(keras.utils.PyDataset):
         seed, so it knows the size of every other part without asking."""
         update, part = divmod(index, self.accumulation_steps)
         logical = self._logical_batch(update)
-        owner = np.searchsorted(self._bounds, logical, side="right") - 1
-        own = logical[owner == self.process_index]
-        counts = np.bincount(owner, minlength=self.process_count)
-        # np.array_split's part sizes: the first `c % k` parts get one more.
+        if self.process_count == 1:
+            own, counts = logical, (len(logical),)
+        else:
+            owner = np.searchsorted(self._bounds, logical, side="right") - 1
+            own = logical[owner == self.process_index]
+            counts = np.bincount(owner, minlength=self.process_count).tolist()
         k = self.accumulation_steps
-        largest = int((counts // k + (part < counts % k)).max(initial=0))
-        return np.array_split(own, k)[part], self.padded_rows(largest)
+        largest = max(accumulation_part_size(c, k, part) for c in counts)
+        return accumulation_part(own, k, part), self.padded_rows(largest)
 
     def padded_rows(self, units):
         """Units of a padded batch whose largest part (over the processes)
@@ -406,6 +408,18 @@ def sample_weights(sample_weight, n):
     return weights
 
 
+def accumulation_part_size(count, parts, part):
+    """Units in part `part` of `count` units split into `parts` parts as
+    `np.array_split` splits them (the first `count % parts` get one more)."""
+    return count // parts + (part < count % parts)
+
+
+def accumulation_part(units, parts, part):
+    """`np.array_split(units, parts)[part]`, without building the others."""
+    start = part * (len(units) // parts) + min(part, len(units) % parts)
+    return units[start : start + accumulation_part_size(len(units), parts, part)]
+
+
 def take_padded(structure, indices, rows, positions=None):
     """The rows `indices` of each array, then zeros up to `rows` rows
     (None: `len(indices)` rows). `positions`: the output rows that receive
@@ -414,21 +428,27 @@ def take_padded(structure, indices, rows, positions=None):
     count = len(indices) if rows is None else rows
     if positions is None:
         positions = slice(0, len(indices))
-    # One gather of `count` rows, whose padding rows (any row: the first)
-    # are then blanked: gathering into a separate zero-filled batch would
-    # hold two batch-sized buffers at once, which the allocator maps and
-    # faults in afresh for every batch.
-    source = np.zeros((count,), dtype=np.intp)
-    source[positions] = indices
-    is_padding = np.ones((count,), dtype=bool)
-    is_padding[positions] = False
+        padding_rows = slice(len(indices), count)
+    else:
+        padding_rows = np.ones((count,), dtype=bool)
+        padding_rows[positions] = False
 
     def take(array):
         array = np.asarray(array)
         if len(array) == 0:
             return padding((count,) + array.shape[1:], array.dtype)
-        out = array[source]
-        out[is_padding] = padding((), array.dtype)
+        # One batch-sized buffer, each row written once: a zero-filled
+        # batch with the rows copied in would write the batch twice and
+        # hold two batch-sized buffers, and blanking the padding rows by a
+        # mask over all rows costs as much as the gather.
+        out = np.empty((count,) + array.shape[1:], dtype=array.dtype)
+        if isinstance(positions, slice):
+            # `mode="clip"` takes straight into `out` (the default mode
+            # buffers); the sampler's indices are always in range.
+            np.take(array, indices, axis=0, out=out[positions], mode="clip")
+        else:
+            out[positions] = array[indices]
+        out[padding_rows] = padding((), array.dtype)
         return out
 
     return tree.map_structure(take, structure)

@@ -999,3 +999,19 @@ def test_take_padded_matches_a_zero_filled_batch(tmp_path, with_positions):
             want[slice(0, count) if positions is None else positions] = array[indices]
             assert type(got[key]) is np.ndarray and got[key].dtype == want.dtype
             np.testing.assert_array_equal(got[key], want)
+
+
+def test_accumulation_parts_split_as_array_split():
+    """A logical batch's accumulation parts (and their sizes, which every
+    process computes for every process) are `np.array_split`'s."""
+    from keras_dp.poisson_batches import accumulation_part
+    from keras_dp.poisson_batches import accumulation_part_size
+
+    units = np.arange(100, 123)
+    for count in range(0, 24):
+        for parts in range(1, 6):
+            want = np.array_split(units[:count], parts)
+            for part in range(parts):
+                got = accumulation_part(units[:count], parts, part)
+                np.testing.assert_array_equal(got, want[part])
+                assert accumulation_part_size(count, parts, part) == len(want[part])
