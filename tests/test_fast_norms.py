@@ -737,6 +737,46 @@ def test_group_normalization_input_far_from_zero_mean():
     assert_matches_brute_force(model, x, _labels(5))
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(groups=2),
+        dict(groups=3, axis=1, scale=False),
+        dict(groups=2, center=False),
+        dict(groups=3, dtype="mixed_bfloat16"),
+    ],
+    ids=["group", "group_axis1", "no_center", "mixed_bfloat16"],
+)
+def test_group_normalization_forward_is_the_layers_call(kwargs):
+    """The batched pass computes GroupNormalization's output itself, to keep
+    its statistics: the same output (values, dtype) as the layer's call,
+    and statistics that give the layer's normalized input."""
+    from keras_dp.per_example.normalization import normalization_forward
+
+    rng = np.random.RandomState(0)
+    layer = L.GroupNormalization(**kwargs)
+    x = (rng.normal(size=(4, 6, 5, 6)) * 3 + 1).astype("float32")
+    layer.build(x.shape)
+    for variable in layer.trainable_variables:
+        variable.assign(rng.normal(size=variable.shape).astype("float32"))
+    inputs = ops.cast(x, layer.compute_dtype)  # as `__call__` hands them on
+    saved = {}
+    got = normalization_forward(layer, layer.call, (inputs,), {}, saved)
+    want = layer.call(inputs)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(ops.cast(got, "float32")),
+        ops.convert_to_numpy(ops.cast(want, "float32")),
+    )
+    axis = layer.axis % 4
+    grouped = np.moveaxis(ops.convert_to_numpy(ops.cast(inputs, "float32")), axis, -1)
+    grouped = grouped.reshape(4, -1, layer.groups, 6 // layer.groups)
+    mean = grouped.mean(axis=(1, 3))
+    inv = 1 / np.sqrt(grouped.var(axis=(1, 3)) + layer.epsilon)
+    np.testing.assert_allclose(ops.convert_to_numpy(saved["mean"]), mean, rtol=1e-5)
+    np.testing.assert_allclose(ops.convert_to_numpy(saved["inv"]), inv, rtol=1e-4)
+
+
 class _DiscardsALayer(keras.Model):
     def __init__(self):
         super().__init__()

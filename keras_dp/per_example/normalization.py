@@ -49,16 +49,33 @@ def _grouped_shape(layer, shape):
     )
 
 
-def _group_normalization_stats(layer, x):
-    """GroupNormalization's per-example `(mean, inv)` for input `x`, as its
-    `call` computes them, with shape `(n, groups)`: `xhat = (x - mean) *
-    inv` within each group."""
-    dtype = keras.backend.result_type(x.dtype, "float32")
-    xg = ops.cast(ops.reshape(x, _grouped_shape(layer, x.shape)), dtype)
-    axis = layer.axis % len(x.shape)
+def _group_normalization_call(layer, inputs, saved):
+    """GroupNormalization's output for `inputs`, computed as Keras 3's stock
+    `call` computes it, with its per-example statistics kept in `saved`:
+    `mean` and `inv` of shape `(n, groups)`, `xhat = (x - mean) * inv`
+    within each group. The layer's own call would compute the statistics
+    without handing them out, and computing them again beside it costs
+    two more passes over the input."""
+    dtype = keras.backend.result_type(inputs.dtype, "float32")
+    grouped = _grouped_shape(layer, inputs.shape)
+    xg = ops.cast(ops.reshape(inputs, grouped), dtype)
+    axis = layer.axis % len(inputs.shape)
     reduce_axes = [a for a in range(1, len(xg.shape)) if a != axis]
-    mean, variance = ops.moments(ops.stop_gradient(xg), axes=reduce_axes)
-    return mean, ops.rsqrt(variance + layer.epsilon)
+    mean, variance = ops.moments(xg, axes=reduce_axes, keepdims=True)
+    inv = ops.rsqrt(variance + layer.epsilon)
+    saved.update(
+        mean=ops.stop_gradient(ops.reshape(mean, (-1, layer.groups))),
+        inv=ops.stop_gradient(ops.reshape(inv, (-1, layer.groups))),
+    )
+    broadcast = [1] * len(xg.shape)
+    broadcast[axis : axis + 2] = grouped[axis : axis + 2]
+    if layer.scale:
+        inv = inv * ops.cast(ops.reshape(layer.gamma, broadcast), dtype)
+    shift = -mean * inv
+    if layer.center:
+        shift = shift + ops.cast(ops.reshape(layer.beta, broadcast), dtype)
+    outputs = ops.cast(xg * inv + shift, inputs.dtype)
+    return ops.cast(ops.reshape(outputs, ops.shape(inputs)), layer.compute_dtype)
 
 
 def _group_normalization_sums(layer, x, saved, dy):
@@ -87,14 +104,11 @@ def _group_normalization_sums(layer, x, saved, dy):
 def normalization_forward(layer, call, args, kwargs, saved):
     """A normalization layer's output in the batched pass, keeping in
     `saved` what the rule needs (see the module docstring)."""
-    # The rule is registered for the stock `call` only, so
-    # GroupNormalization's statistics are the ones
-    # `_group_normalization_stats` computes.
+    # The rule is registered for the stock `call` only, which
+    # `_group_normalization_call` computes.
     if isinstance(layer, keras.layers.GroupNormalization):
         inputs = args[0] if args else kwargs["inputs"]
-        mean, inv = _group_normalization_stats(layer, inputs)
-        saved.update(mean=mean, inv=inv)
-        return call(*args, **kwargs)
+        return _group_normalization_call(layer, inputs, saved)
     scale, center, axes = normalization_weights(layer)
     weights = [w for w in (scale, center) if w is not None]
     # Read inside the pass's stateless scope: the traced values.
