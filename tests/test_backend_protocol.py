@@ -124,6 +124,28 @@ def test_optional_fast_ops_return_none_or_a_result():
     assert module.noisy_gradients([keras.ops.ones((3,), "float16")], 1.0, seed) is None
 
 
+def test_per_example_squared_norms_are_sums_of_squares():
+    """Where a backend has its own float32 reduction, each example's sum
+    of squares matches float64's to float32 rounding, for examples of
+    several axes, a batch of none and values far from 1."""
+    module = backend_lib.get_backend_module()
+    rng = np.random.default_rng(0)
+    for shape, scale in (
+        ((5, 3, 7), 1.0),
+        ((4, 300), 1e-12),
+        ((3, 2), 1e12),
+        ((0, 4), 1.0),
+    ):
+        x = (rng.normal(size=shape) * scale).astype("float32")
+        sq = module.per_example_squared_norms(keras.ops.convert_to_tensor(x))
+        if sq is None:
+            continue
+        want = np.sum(x.astype("float64") ** 2, axis=tuple(range(1, len(shape))))
+        got = keras.ops.convert_to_numpy(sq)
+        assert got.shape == (shape[0],)
+        np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
 def _dropout_masks(seed_state, rows=4):
     """Masks of an unseeded Dropout layer (PyTorch: drawn from the global
     generator outside `seeded_random_ops`) from a given seed state."""

@@ -206,7 +206,7 @@ def _dropout(inputs, rate, noise_shape=None, seed=None):
     )
     keep = _unit_uniform(shape, seed, torch.float32) >= rate
     keep = torch.broadcast_to(keep, inputs.shape)
-    return torch.where(keep, inputs / (1.0 - rate), torch.zeros_like(inputs))
+    return torch.where(keep, inputs / (1.0 - rate), 0.0)
 
 
 def multiply_no_nan(x, y):
@@ -227,9 +227,13 @@ def replica_id():
 
 
 def per_example_squared_norms(x):
-    """None: the `keras.ops` form (square, then sum per row) runs."""
-    del x
-    return None
+    """Each example's sum of squares, `(n,)` from a float32 `(n, ...)`
+    tensor, by one reduction that reads `x` once (the squared 2-norm);
+    squaring and then summing writes a squared copy and reads it again.
+    None for other dtypes (the caller then squares and sums)."""
+    if x.dtype != torch.float32:
+        return None
+    return torch.square(torch.linalg.vector_norm(torch.flatten(x, 1), dim=1))
 
 
 def gather_patches(x, index):
