@@ -35,7 +35,7 @@ class Recorder:
 
     `tap(index, key, z)` returns the tensor to use in place of `z`, the
     output of the entry with that index (JAX adds a zero probe,
-    TensorFlow watches `z`).
+    TensorFlow watches `z`, PyTorch keeps `z`: see `batched_pass`).
     """
 
     def __init__(self, entries, tap):
