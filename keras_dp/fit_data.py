@@ -260,9 +260,10 @@ def check_replicas(model, x=None):
     each batch between its devices) and `MultiWorkerMirroredStrategy` with
     one replica per worker process (each worker reads its own shard of
     every Poisson batch, `keras_dp.processes`). Other strategies, several
-    replicas per worker, and what would run per replica (adaptive
-    clipping's thresholds, gradient accumulation) or is untested across
-    replicas (a `UserSampler`) are refused with what to do."""
+    replicas per worker, what would run per replica (adaptive clipping's
+    thresholds), what Keras itself cannot run under a strategy (gradient
+    accumulation) and what is untested across replicas (a `UserSampler`)
+    are refused with what to do."""
     strategy = replica_strategy(model)
     if strategy is None:
         return
@@ -290,11 +291,24 @@ def check_replicas(model, x=None):
     optimizer = model.optimizer
     sampler = poisson_sampler_of(x)
     unsupported = [
-        name
-        for name, used in (
-            ("adaptive clipping", optimizer.adaptive_clipping is not None),
-            ("gradient_accumulation_steps", optimizer.gradient_accumulation_steps),
-            ("a UserSampler", isinstance(sampler, data_lib.UserSampler)),
+        reason
+        for reason, used in (
+            (
+                "adaptive clipping (each replica would update its own "
+                "clipping thresholds)",
+                optimizer.adaptive_clipping is not None,
+            ),
+            (
+                "gradient_accumulation_steps (Keras's own gradient "
+                "accumulation fails under a tf.distribute strategy, also "
+                "without keras_dp: its update sits in a conditional that "
+                "holds the replicas' synchronization)",
+                optimizer.gradient_accumulation_steps,
+            ),
+            (
+                "a UserSampler (user-level sampling is not tested across replicas)",
+                isinstance(sampler, data_lib.UserSampler),
+            ),
         )
         if used
     ]
@@ -302,11 +316,8 @@ def check_replicas(model, x=None):
         raise ValueError(
             f"Training under a tf.distribute strategy of {replicas} replicas "
             f"({type(strategy).__name__}) does not support "
-            f"{', '.join(unsupported)} yet (each replica would update its own "
-            "clipping thresholds or accumulate its own gradients; user-level "
-            "sampling is untested across replicas). Train without them, "
-            "without the strategy, or on the JAX backend "
-            "(README, 'Training at scale')."
+            f"{'; '.join(unsupported)} yet. Train without them, without the "
+            "strategy, or on the JAX backend (README, 'Training at scale')."
         )
 
 

@@ -8,8 +8,9 @@ The process trains the model of `multiprocess_worker.train` (Keras splits
 each Poisson batch between the two replicas) without noise, with noise,
 and without noise for a loss keras_dp evaluates example by example and a
 weight regularizer, and writes the updates to `OUTDIR/process_0.npz`. It
-also checks that what cannot train under the strategy is refused with
-what to do.
+also checks that what cannot train under the strategy (fixed-size
+batches, gradient accumulation, `train_on_batch`) is refused with what to
+do.
 """
 
 import os
@@ -63,6 +64,18 @@ def main():
     common.expect_error(
         lambda: fixed.fit(x, y, batch_size=common.BATCH_SIZE, verbose=0),
         ["needs Poisson-sampled data", "PoissonSampler"],
+    )
+    with strategy.scope():
+        accumulating = keras_dp.make_private(common.build())
+        accumulating.compile(
+            optimizer=keras_dp.DPSGD(
+                learning_rate=0.1, noise_multiplier=1.0, gradient_accumulation_steps=2
+            ),
+            loss="mse",
+        )
+    common.expect_error(
+        lambda: accumulating.fit(x, y, batch_size=common.BATCH_SIZE, verbose=0),
+        ["does not support gradient_accumulation_steps", "also without keras_dp"],
     )
     common.expect_error(
         lambda: model.train_on_batch(x[:4], y[:4]),
