@@ -432,6 +432,7 @@ def take_padded(structure, indices, rows, positions=None):
     else:
         padding_rows = np.ones((count,), dtype=bool)
         padding_rows[positions] = False
+    low, high = (int(indices.min()), int(indices.max())) if len(indices) else (0, -1)
 
     def take(array):
         array = np.asarray(array)
@@ -442,9 +443,11 @@ def take_padded(structure, indices, rows, positions=None):
         # hold two batch-sized buffers, and blanking the padding rows by a
         # mask over all rows costs as much as the gather.
         out = np.empty((count,) + array.shape[1:], dtype=array.dtype)
-        if isinstance(positions, slice):
+        if isinstance(positions, slice) and 0 <= low and high < len(array):
             # `mode="clip"` takes straight into `out` (the default mode
-            # buffers); the sampler's indices are always in range.
+            # buffers); it would clip an index out of range, so it only
+            # takes indices in range. Others index as NumPy does (negative
+            # ones wrap, ones beyond the array raise IndexError).
             np.take(array, indices, axis=0, out=out[positions], mode="clip")
         else:
             out[positions] = array[indices]

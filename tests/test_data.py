@@ -1001,6 +1001,22 @@ def test_take_padded_matches_a_zero_filled_batch(tmp_path, with_positions):
             np.testing.assert_array_equal(got[key], want)
 
 
+def test_take_padded_indexes_as_numpy_does():
+    """Indices beyond an array raise IndexError (an array with fewer rows
+    than the others is never read out of bounds), and negative ones count
+    from its end, with and without positions."""
+    from keras_dp.poisson_batches import take_padded
+
+    long, short = np.arange(10.0), np.arange(5.0)
+    for positions in (None, np.array([0, 2])):
+        with pytest.raises(IndexError):
+            take_padded({"long": long, "short": short}, [1, 7], 4, positions)
+        got = take_padded(short, [-1, 2], 4, positions)
+        want = np.zeros(4)
+        want[slice(0, 2) if positions is None else positions] = [4.0, 2.0]
+        np.testing.assert_array_equal(got, want)
+
+
 def test_accumulation_parts_split_as_array_split():
     """A logical batch's accumulation parts (and their sizes, which every
     process computes for every process) are `np.array_split`'s."""
