@@ -507,6 +507,21 @@ def optimizer_iterations(optimizer):
     return optimizer._iterations
 
 
+def backend_optimizer_class(optimizer_class):
+    """The class that Keras instantiates for `optimizer_class` on the
+    current backend. On PyTorch, `TorchOptimizer.__new__` swaps Keras's
+    built-in optimizers (SGD, Adam, AdamW, ...) for versions that update
+    all variables with `torch._foreach_*` calls; a subclass is not swapped
+    and updates its variables one by one, with a new tensor per variable.
+    Elsewhere: `optimizer_class`. Checked: Keras 3.10.0-3.15.1."""
+    import keras
+
+    if keras.backend.backend() != "torch":
+        return optimizer_class
+    # `__new__` alone (no `__init__`): the object is only asked its type.
+    return type(optimizer_class.__new__(optimizer_class))
+
+
 def track_variable(optimizer, variable):
     """Makes `variable` one of `optimizer.variables` (saved with it, and
     threaded through JAX's stateless steps): `BaseOptimizer._track_variable`.

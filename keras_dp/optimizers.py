@@ -698,7 +698,7 @@ def make_dp_optimizer(optimizer_class):
         name = "DP" + optimizer_class.__name__
         dp_class = type(
             name,
-            (DPOptimizerMixin, optimizer_class),
+            (DPOptimizerMixin, keras_compat.backend_optimizer_class(optimizer_class)),
             {
                 "__doc__": (
                     f"Differentially private `{optimizer_class.__name__}`.\n\n"

@@ -419,6 +419,13 @@ def test_optimizer_iterations_counts_micro_steps():
     assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 2
 
 
+def test_backend_optimizer_class_is_the_class_keras_instantiates():
+    for cls in (keras.optimizers.SGD, keras.optimizers.Adam, keras.optimizers.Lamb):
+        found = keras_compat.backend_optimizer_class(cls)
+        assert found is type(cls())
+        assert issubclass(found, cls)
+
+
 def test_track_variable():
     optimizer = keras.optimizers.SGD()
     optimizer.build([keras.Variable(np.zeros(2, "float32"))])

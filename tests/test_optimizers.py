@@ -119,6 +119,57 @@ def test_dp_classes_subclass_keras_optimizers():
         assert isinstance(opt, keras.optimizers.Optimizer)
 
 
+def test_dp_classes_update_as_the_class_keras_instantiates():
+    # On PyTorch Keras instantiates `keras.optimizers.SGD` (Adam, AdamW)
+    # as a class that updates all variables with `torch._foreach_*` ops;
+    # a DP class must subclass that one, not the per-variable base.
+    for dp_cls, keras_cls in [
+        (keras_dp.DPSGD, keras.optimizers.SGD),
+        (keras_dp.DPAdam, keras.optimizers.Adam),
+        (keras_dp.DPAdamW, keras.optimizers.AdamW),
+        (
+            keras_dp.make_dp_optimizer(keras.optimizers.RMSprop),
+            keras.optimizers.RMSprop,
+        ),
+    ]:
+        assert isinstance(dp_cls(learning_rate=0.01), type(keras_cls())), dp_cls
+
+
+@pytest.mark.parametrize(
+    "dp_cls, keras_cls, kwargs",
+    [
+        (keras_dp.DPSGD, keras.optimizers.SGD, {}),
+        (keras_dp.DPSGD, keras.optimizers.SGD, {"momentum": 0.9, "nesterov": True}),
+        (keras_dp.DPAdam, keras.optimizers.Adam, {}),
+        (keras_dp.DPAdamW, keras.optimizers.AdamW, {"weight_decay": 0.1}),
+    ],
+    ids=["sgd", "sgd-nesterov", "adam", "adamw"],
+)
+def test_noise_free_dp_steps_equal_the_keras_optimizers_steps(
+    dp_cls, keras_cls, kwargs
+):
+    # No noise and a clip above every gradient norm: three private steps
+    # equal three of the Keras optimizer on the mean loss.
+    x, y = _regression_data(n=8)
+    reference = _dense_model()
+    initial = _weights(reference)
+    model = keras_dp.make_private(_dense_model())
+    model.set_weights(initial)
+    model.compile(
+        optimizer=dp_cls(
+            learning_rate=0.1, noise_multiplier=0.0, l2_norm_clip=1e6, **kwargs
+        ),
+        loss="mse",
+    )
+    reference.compile(optimizer=keras_cls(learning_rate=0.1, **kwargs), loss="mse")
+    for _ in range(3):
+        model.train_on_batch(x, y)
+        reference.train_on_batch(x, y)
+    for got, want, before in zip(_weights(model), _weights(reference), initial):
+        assert not np.allclose(want, before)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_make_dp_optimizer_adagrad_end_to_end():
     dp_adagrad = keras_dp.make_dp_optimizer(keras.optimizers.Adagrad)
     assert keras_dp.make_dp_optimizer(keras.optimizers.Adagrad) is dp_adagrad
