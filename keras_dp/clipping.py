@@ -194,7 +194,12 @@ def weighted_sum(per_example_grads, factors, partitions=None, zero_rows=False):
 def rows_of(values, x):
     """`values` (batch,) as `x.dtype`, shaped to broadcast along the rows
     of `x` (batch, ...)."""
-    return ops.reshape(ops.cast(values, x.dtype), (-1,) + (1,) * (len(x.shape) - 1))
+    values = ops.cast(values, x.dtype)
+    # Axes added one by one: `expand_dims` dispatches faster than
+    # `reshape` on eager PyTorch, and compilers fold either.
+    for _ in range(len(x.shape) - 1):
+        values = ops.expand_dims(values, -1)
+    return values
 
 
 def multiply_no_nan(x, y):

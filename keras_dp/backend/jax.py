@@ -110,6 +110,9 @@ def after(dependencies, tensors):
 # conditional also copies its predicate to the host at every step.
 NONFINITE_SUMS_IN_CONDITIONAL = False
 
+# XLA orders ops by their data dependencies only (`after`).
+RUNS_IN_PROGRAM_ORDER = False
+
 
 # The conv fallback's settings (CONV_CLIPPED_SUM_FROM_PATCHES and
 # GROUPED_CONV_*): where keras_dp's compiled kernel runs, 1-D/2-D conv

@@ -57,6 +57,11 @@ class BackendOps(Protocol):
     under `ops.cond`, only in steps that have one (else in every step;
     `keras_dp.per_example.clip_factors.sums_leaving_out_nonfinite`)."""
 
+    RUNS_IN_PROGRAM_ORDER: bool
+    """Whether every op runs when it is called, in program order (eager
+    PyTorch): `after` then returns its tensors as they are, and callers
+    skip gathering them."""
+
     def value_and_grad(self, fn: Callable) -> Callable:
         """`fn(params, *args) -> (value, aux)` becomes
         `g(params, *args) -> ((value, aux), grads)`: the gradient of the

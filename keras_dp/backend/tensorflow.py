@@ -138,6 +138,9 @@ CONV_CLIPPED_SUM_FROM_PATCHES = True
 # in a step that has such an example.
 NONFINITE_SUMS_IN_CONDITIONAL = True
 
+# Graphs run ops in any order their data dependencies allow (`after`).
+RUNS_IN_PROGRAM_ORDER = False
+
 
 def per_example_conv_kernel_grads(x, dy, kernel_size, dilation, pads):
     """Per-example kernel gradients of a stride-1 1-D/2-D convolution.

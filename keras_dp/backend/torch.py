@@ -319,6 +319,9 @@ CONV_CLIPPED_SUM_FROM_PATCHES = False
 # in a step that has such an example.
 NONFINITE_SUMS_IN_CONDITIONAL = True
 
+# Eager: each op runs when it is called, so `after` is the identity.
+RUNS_IN_PROGRAM_ORDER = True
+
 # Stride-1 1-D/2-D convolutions with at least this many output positions
 # take `per_example_conv_kernel_grads` (grouped convolutions), in chunks of
 # about this many bytes of inputs and output gradients; smaller maps use

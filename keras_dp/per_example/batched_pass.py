@@ -41,6 +41,7 @@ from keras_dp.per_example.registry import Unsupported
 from keras_dp.per_example.rows import InstantiatedTerms
 from keras_dp.per_example.rows import f32
 from keras_dp.per_example.rows import replace_tensor_leaves
+from keras_dp.per_example.rows import shaped_like
 from keras_dp.per_example.rows import tensor_leaves
 from keras_dp.per_example.units import unit_losses
 from keras_dp.per_example.units import unit_rows
@@ -118,10 +119,9 @@ def _run_rule(entry, record, own_grads, make_context, backend_ops, previous=()):
     in the forward pass, which would hold e.g. its patches until then).
     """
     own_grads = _after_if_positional(backend_ops, list(previous), own_grads)
-    tensors = _after_if_positional(
-        backend_ops, list(own_grads.values()), tensor_leaves(record.args)
+    record.args = _after_if_positional(
+        backend_ops, list(own_grads.values()), record.args
     )
-    record.args = replace_tensor_leaves(record.args, tensors)
     context = make_context(entry, record)
     call_and_grads = (record.args, rule_grads(entry, record, own_grads))
     if context.rows_per_unit > 1:
@@ -142,9 +142,15 @@ def _after_if_positional(backend_ops, dependencies, structure):
     reductions from fusing with their input, which then is written out once
     more (`benchmarks/RESULTS.md`, "JAX MLP, fixed batches").
     """
+    if backend_ops.RUNS_IN_PROGRAM_ORDER:
+        return structure
     leaves = keras.tree.flatten(structure)
-    positional = [i for i, t in enumerate(leaves) if len(getattr(t, "shape", ())) > 2]
+    positional = [
+        i for i, t in enumerate(leaves) if ops.is_tensor(t) and len(t.shape) > 2
+    ]
     if not positional:
+        # The structure itself: rebuilding it costs eager PyTorch a tree
+        # traversal per layer and step.
         return structure
     gated = backend_ops.after(dependencies, [leaves[i] for i in positional])
     for i, t in zip(positional, gated):
@@ -454,7 +460,7 @@ def per_example_norms_and_sums(
         whose factor is 0 are left out exactly even where their tensors
         are not finite (see `keras_dp.per_example.registry`)."""
         return [
-            ops.reshape(f32(fn(ops.cast(c, "float32"), safe)), ops.shape(t))
+            shaped_like(f32(fn(ops.cast(c, "float32"), safe)), t)
             for fn, c, t in zip(fns, factors, trainable)
         ]
 

@@ -54,10 +54,16 @@ def _activations(call, grads):
     A = f32(call.inputs)
     B = f32(grads)
     T = static_prod(A.shape[1:-1])
-    rows = T if T is not None else -1
-    A3 = ops.reshape(A, (-1, rows, A.shape[-1]))
-    B3 = ops.reshape(B, (-1, rows, B.shape[-1]))
-    return A3, B3, B, T
+    return _with_positions(A, T), _with_positions(B, T), B, T
+
+
+def _with_positions(t, T):
+    """`t` (n, ..., features) as (n, T, features)."""
+    if len(t.shape) == 3:
+        return t
+    if len(t.shape) == 2:
+        return ops.expand_dims(t, 1)
+    return ops.reshape(t, (-1, T if T is not None else -1, t.shape[-1]))
 
 
 def dense_rule(layer, call, grads, context):

@@ -255,7 +255,9 @@ def private_gradients(
     row_mask = None if sample_weight is None else _row_mask(sample_weight)
     dropped = ops.cast(nonfinite, "float32")
     if sample_weight is not None:
-        dropped = dropped * unit_mask(rows[2], rows_per_unit)
+        # Without units (or augmentation) the units are the rows.
+        units = row_mask if rows_per_unit == 1 else unit_mask(rows[2], rows_per_unit)
+        dropped = dropped * units
     padded = settings.expected_batch_size is not None and sample_weight is not None
     if padded and rows_per_unit > 1:
         # The metrics' rows are the copies.

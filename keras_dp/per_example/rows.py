@@ -111,6 +111,15 @@ def sharded_terms(grads, partition):
     return sq, clipped
 
 
+def shaped_like(x, reference):
+    """`x` reshaped to `reference`'s shape; `x` itself where the static
+    shapes already agree (a reshape is one of Keras's costliest ops to
+    dispatch on eager PyTorch)."""
+    if None not in x.shape and tuple(x.shape) == tuple(reference.shape):
+        return x
+    return ops.reshape(x, ops.shape(reference))
+
+
 def static_prod(dims):
     """The product of `dims`, or None if one of them is not static."""
     total = 1
@@ -125,6 +134,9 @@ def row_mask(sample_weight):
     """1.0 for rows with any non-zero sample weight, else 0.0."""
     flags = []
     for w in tree.flatten(sample_weight):
+        if len(w.shape) == 1:
+            flags.append(ops.not_equal(w, 0))
+            continue
         w = ops.reshape(w, (ops.shape(w)[0], -1))
         flags.append(ops.any(ops.not_equal(w, 0), axis=1))
     present = flags[0]
