@@ -146,6 +146,30 @@ def test_per_example_squared_norms_are_sums_of_squares():
         np.testing.assert_allclose(got, want, rtol=2e-6)
 
 
+def test_after_returns_its_tensors_where_ops_run_in_program_order():
+    module = backend_lib.get_backend_module()
+    x = keras.ops.ones((2, 3, 4))
+    gated = module.after([keras.ops.ones((2,))], [x])
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(gated[0]), np.ones((2, 3, 4))
+    )
+    if module.RUNS_IN_PROGRAM_ORDER:
+        # Callers skip `after` there: it must change nothing.
+        assert gated[0] is x
+
+
+def test_shaped_like_reshapes_only_where_the_shapes_differ():
+    from keras_dp.per_example.rows import shaped_like
+
+    x = keras.ops.reshape(keras.ops.arange(6, dtype="float32"), (2, 3))
+    assert shaped_like(x, keras.ops.zeros((2, 3))) is x
+    y = shaped_like(x, keras.ops.zeros((3, 2)))
+    assert tuple(y.shape) == (3, 2)
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(y), np.arange(6, dtype="float32").reshape(3, 2)
+    )
+
+
 def _dropout_masks(seed_state, rows=4):
     """Masks of an unseeded Dropout layer (PyTorch: drawn from the global
     generator outside `seeded_random_ops`) from a given seed state."""
