@@ -56,6 +56,7 @@ from keras import tree
 from keras_dp import arguments
 from keras_dp.poisson_batches import PADDING_STDDEVS  # noqa: F401 (public)
 from keras_dp.poisson_batches import PoissonBatches
+from keras_dp.poisson_batches import check_rows
 from keras_dp.poisson_batches import lists_as_tuples
 from keras_dp.poisson_batches import num_examples  # noqa: F401 (public)
 from keras_dp.poisson_batches import padded_batch_size  # noqa: F401 (public)
@@ -217,6 +218,7 @@ class ArrayExamples:
     per-example weights, gathered by row."""
 
     def __init__(self, x, y, sample_weight):
+        check_rows("PoissonSampler", x=x, y=y)
         self.x = x
         self.y = y
         self.n = num_examples(x)

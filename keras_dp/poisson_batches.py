@@ -88,6 +88,28 @@ def num_examples(x):
     return int(tree.flatten(x)[0].shape[0])
 
 
+def check_rows(sampler, **arrays):
+    """Raises a ValueError unless every array in `arrays` (name: an array or
+    a structure of arrays) has as many rows as the first: a shorter one
+    would fail only when a draw first reaches past its end."""
+    sizes = {}
+    for name, structure in arrays.items():
+        leaves = tree.flatten(structure)
+        for k, leaf in enumerate(leaves):
+            if leaf is None:
+                continue
+            label = name if len(leaves) == 1 else f"{name}[{k}]"
+            shape = getattr(leaf, "shape", ())
+            sizes[label] = int(shape[0]) if len(shape) else None
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{label}: {rows}" for label, rows in sizes.items())
+        raise ValueError(
+            f"{sampler} needs one row per example in every array, but their "
+            f"rows differ ({listed}; None: not an array with a row axis). "
+            "Pass arrays that all hold the same examples, in the same order."
+        )
+
+
 class PoissonBatches(keras.utils.PyDataset):
     """Base of the Poisson samplers (see the module docstring).
 

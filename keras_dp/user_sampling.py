@@ -28,6 +28,7 @@ import numpy as np
 
 from keras_dp import arguments
 from keras_dp.poisson_batches import PoissonBatches
+from keras_dp.poisson_batches import check_rows
 from keras_dp.poisson_batches import lists_as_tuples
 from keras_dp.poisson_batches import num_examples
 from keras_dp.poisson_batches import sample_weights
@@ -126,6 +127,7 @@ class UserSampler(PoissonBatches):
             max_examples_per_user,
             hint="the most examples of one user in a batch, M >= 1",
         )
+        check_rows("UserSampler", x=x, y=y)
         self.x, self.y = x, y
         n = num_examples(x)
         self.sample_weight = sample_weights(sample_weight, n)

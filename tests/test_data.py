@@ -676,6 +676,29 @@ def test_invalid_sampler_arguments():
         data_lib.PoissonSampler(x, y, batch_size=0)
 
 
+def test_arrays_with_different_row_counts_are_refused():
+    x, y = make_arrays(50)
+    with pytest.raises(ValueError, match=r"rows differ \(x: 50, y: 40"):
+        data_lib.PoissonSampler(x, y[:40], batch_size=10)
+    with pytest.raises(ValueError, match=r"x\[1\]: 49"):
+        data_lib.PoissonSampler([x, x[:49]], y, batch_size=10)
+    with pytest.raises(ValueError, match=r"UserSampler needs one row per example"):
+        keras_dp.data.UserSampler(
+            x,
+            y[:40],
+            user_ids=np.arange(50) // 2,
+            users_per_batch=5,
+            max_examples_per_user=2,
+        )
+    # Through fit on a private model, before any step (Keras's own
+    # cardinality check is not on this path).
+    model = private_model()
+    xr, yr = make_regression(40)
+    with pytest.raises(ValueError, match="rows differ"):
+        model.fit(xr, yr[:30], batch_size=10, epochs=1, verbose=0)
+    assert steps_taken(model) == 0
+
+
 def test_fit_with_batch_larger_than_dataset_raises():
     x, y = make_regression(10)
     model = private_model()
