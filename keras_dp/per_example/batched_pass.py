@@ -149,8 +149,6 @@ def _after_if_positional(backend_ops, dependencies, structure):
         i for i, t in enumerate(leaves) if ops.is_tensor(t) and len(t.shape) > 2
     ]
     if not positional:
-        # The structure itself: rebuilding it costs eager PyTorch a tree
-        # traversal per layer and step.
         return structure
     gated = backend_ops.after(dependencies, [leaves[i] for i in positional])
     for i, t in zip(positional, gated):
