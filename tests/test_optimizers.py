@@ -148,26 +148,31 @@ def test_dp_classes_update_as_the_class_keras_instantiates():
 def test_noise_free_dp_steps_equal_the_keras_optimizers_steps(
     dp_cls, keras_cls, kwargs
 ):
-    # No noise and a clip above every gradient norm: three private steps
-    # equal three of the Keras optimizer on the mean loss.
+    _assert_noise_free_steps_equal(
+        dp_cls(learning_rate=0.1, noise_multiplier=0.0, l2_norm_clip=1e6, **kwargs),
+        keras_cls(learning_rate=0.1, **kwargs),
+        steps=3,
+    )
+
+
+def _assert_noise_free_steps_equal(dp_optimizer, keras_optimizer, steps):
+    """No noise and a clip above every gradient norm: `steps` private steps
+    equal as many of the Keras optimizer on the mean loss (the sum of the
+    gradients over B). Returns the private model and its initial weights."""
     x, y = _regression_data(n=8)
     reference = _dense_model()
     initial = _weights(reference)
     model = keras_dp.make_private(_dense_model())
     model.set_weights(initial)
-    model.compile(
-        optimizer=dp_cls(
-            learning_rate=0.1, noise_multiplier=0.0, l2_norm_clip=1e6, **kwargs
-        ),
-        loss="mse",
-    )
-    reference.compile(optimizer=keras_cls(learning_rate=0.1, **kwargs), loss="mse")
-    for _ in range(3):
+    model.compile(optimizer=dp_optimizer, loss="mse")
+    reference.compile(optimizer=keras_optimizer, loss="mse")
+    for _ in range(steps):
         model.train_on_batch(x, y)
         reference.train_on_batch(x, y)
     for got, want, before in zip(_weights(model), _weights(reference), initial):
         assert not np.allclose(want, before)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    return model, initial
 
 
 def test_make_dp_optimizer_adagrad_end_to_end():
@@ -177,29 +182,16 @@ def test_make_dp_optimizer_adagrad_end_to_end():
     assert issubclass(dp_adagrad, keras_dp.DPOptimizerMixin)
     assert dp_adagrad.__name__ == "DPAdagrad"
 
-    x, y = _regression_data(n=8)
-    reference = _dense_model()
-    initial = _weights(reference)
-
-    # No noise and a clip far above every gradient norm: the private step
-    # must then equal Adagrad on the mean loss (sum of gradients / B).
-    model = keras_dp.make_private(_dense_model())
-    model.set_weights(initial)
-    model.compile(
-        optimizer=dp_adagrad(learning_rate=0.5, noise_multiplier=0.0, l2_norm_clip=1e6),
-        loss="mse",
+    model, initial = _assert_noise_free_steps_equal(
+        dp_adagrad(learning_rate=0.5, noise_multiplier=0.0, l2_norm_clip=1e6),
+        keras.optimizers.Adagrad(learning_rate=0.5),
+        steps=1,
     )
-    model.train_on_batch(x, y)
     assert isinstance(model.optimizer, keras.optimizers.Adagrad)
     assert int(ops.convert_to_numpy(model.optimizer.iterations)) == 1
 
-    reference.compile(optimizer=keras.optimizers.Adagrad(learning_rate=0.5), loss="mse")
-    reference.train_on_batch(x, y)
-    for got, want, before in zip(_weights(model), _weights(reference), initial):
-        assert not np.allclose(want, before)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-
     # And with noise it still trains (finite, different from noise-free).
+    x, y = _regression_data(n=8)
     noisy = keras_dp.make_private(_dense_model())
     noisy.set_weights(initial)
     noisy.compile(
