@@ -672,7 +672,9 @@ _DP_CLASSES = {}
 def make_dp_optimizer(optimizer_class):
     """Returns the DP version of a Keras optimizer class.
 
-    The returned class subclasses `optimizer_class`, takes all its arguments
+    The returned class subclasses `optimizer_class` (on PyTorch, through
+    the class Keras instantiates for it, which updates all variables with
+    `torch._foreach_*` ops), takes all its arguments
     plus the DP arguments of `DPOptimizerMixin`, and is registered for Keras
     serialization as `keras_dp>DP<Name>`. To load a saved model that used it,
     call `make_dp_optimizer` for the same class before `load_model`.
